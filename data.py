@@ -1,0 +1,609 @@
+"""Data for long-video RL: the record format, frame sampling, the prompt, and a synthetic task.
+
+Everything that turns files on disk into what the model sees lives here:
+
+- `load_records` reads a LongVideo-Reason style JSONL file (one question per line) into `Record`s, and
+  when a line is bad it says which file, line and field.
+- `sample_indices` / `load_frames` pick frames from a video with decord: a fixed number spread evenly
+  over the whole video (training), or a fixed rate in frames per second (inference), both capped at
+  `max_frames` (8,192 in the paper).
+- `build_prompt` / `format_response` fix the text around the video and the think-then-answer format
+  that the rewards in rl.py check.
+- `synth` writes a small long-video task (a video is a run of coloured scenes; every question needs the
+  whole video) as real H.264 mp4 files, so every stage runs end to end on a CPU.
+
+Run it:
+    python data.py synth --out data/synth --n 200 --seed 0            # videos/, train.jsonl, test.jsonl
+    python data.py check data/synth/train.jsonl                        # validate a record file
+    python data.py frames data/synth/videos/synth-000000.mp4 --fps 1   # which frames get sampled
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import decord
+import numpy as np
+from tqdm import tqdm
+
+log = logging.getLogger("data")
+
+PROBLEM_TYPES = ("multiple_choice", "numerical", "free_form")
+MAX_FRAMES = 8192  # the paper's maximum frames per video (at inference)
+
+
+# ---- records ----
+
+class RecordError(ValueError):
+    """A bad line in a record file. The message names the file, the line and the field, e.g.
+    "train.jsonl line 7, field 'answer': 'E' is not one of the 4 options (A-D)"."""
+
+    def __init__(self, path, line: int | None, field: str | None, reason: str):
+        self.path, self.line, self.field, self.reason = str(path), line, field, reason
+        where = self.path if line is None else f"{self.path} line {line}"
+        super().__init__(f"{where}: {reason}" if field is None else f"{where}, field '{field}': {reason}")
+
+
+class VideoError(RuntimeError):
+    """A video that cannot be read; the message names the file and what is wrong with it."""
+
+
+class _FieldError(Exception):
+    """Raised while parsing one record; load_records_report adds the file and line."""
+
+    def __init__(self, field: str | None, reason: str):
+        self.field, self.reason = field, reason
+
+
+@dataclass
+class Record:
+    """One video question. `answer` is normalised: an option letter for multiple choice, the number as
+    text for numerical, plain text for free form. `labels` holds every other string field of the line
+    (duration, category, ...) for eval's breakdowns."""
+
+    problem_id: str
+    video: str
+    problem: str
+    options: list[str]
+    problem_type: str
+    reasoning: str
+    answer: str
+    subtitles: str | None = None
+    labels: dict = field(default_factory=dict)
+
+
+_RECORD_FIELDS = {"problem_id", "videos", "problem", "options", "problem_type", "reasoning", "answer",
+                  "subtitles"}
+_MISSING = object()
+_ANSWER_TAG = re.compile(r"^\s*<answer>(.*)</answer>\s*$", re.DOTALL)
+
+
+def option_letter(i: int) -> str:
+    """The letter of the i-th option: option_letter(0) == "A", option_letter(3) == "D"."""
+    if not 0 <= i < 26:
+        raise ValueError(f"option index {i} is outside A-Z")
+    return chr(ord("A") + i)
+
+
+def _get(obj: dict, name: str, types: tuple, default=_MISSING):
+    """obj[name], checked against `types` (bool never counts as a number)."""
+    if name not in obj:
+        if default is _MISSING:
+            raise _FieldError(name, "missing")
+        return default
+    value = obj[name]
+    if not isinstance(value, types) or isinstance(value, bool):
+        expected = " or ".join(t.__name__ for t in types)
+        raise _FieldError(name, f"expected {expected}, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _video_path(value, data_root: Path) -> str:
+    # The public release writes `videos` as a one-element list; we take a plain string too.
+    if isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], str):
+            raise _FieldError("videos", f"expected one video path, got {value!r:.80}")
+        value = value[0]
+    path = os.path.abspath(data_root / value)  # an absolute `videos` ignores data_root
+    if not os.path.isfile(path):
+        raise _FieldError("videos", f"video file not found: {path}")
+    return path
+
+
+def _answer_letter(answer: str, options: list[str]) -> str:
+    """A multiple-choice answer as its option letter; a letter is read as a letter before as option text."""
+    letters = [option_letter(i) for i in range(len(options))]
+    if answer in letters:
+        return answer
+    if answer in options:
+        return letters[options.index(answer)]
+    span = f"{len(options)} options (A-{letters[-1]})"
+    if len(answer) == 1 and answer.isalpha():
+        raise _FieldError("answer", f"{answer!r} is not one of the {span}")
+    raise _FieldError("answer", f"{answer!r:.60} is neither a letter nor the text of one of the {span}")
+
+
+def _normalise_answer(answer, problem_type: str, options: list[str]) -> str:
+    answer = str(answer)  # a JSON number is fine for numerical answers
+    tagged = _ANSWER_TAG.match(answer)  # the release writes "<answer>B</answer>"
+    answer = (tagged.group(1) if tagged else answer).strip()
+    if not answer:
+        raise _FieldError("answer", "empty")
+    if problem_type == "multiple_choice":
+        return _answer_letter(answer, options)
+    if problem_type == "numerical":
+        try:
+            ok = math.isfinite(float(answer))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise _FieldError("answer", f"{answer!r:.60} is not a number")
+    return answer
+
+
+def _parse_record(obj, data_root: Path) -> Record:
+    """Check one JSON object and turn it into a Record; raises _FieldError on the first problem."""
+    if not isinstance(obj, dict):
+        raise _FieldError(None, f"expected a JSON object, got {type(obj).__name__}")
+    problem_type = _get(obj, "problem_type", (str,))
+    if problem_type not in PROBLEM_TYPES:
+        raise _FieldError("problem_type", f"{problem_type!r} is not one of {', '.join(PROBLEM_TYPES)}")
+    options = _get(obj, "options", (list,), default=[])
+    if not all(isinstance(o, str) for o in options):
+        raise _FieldError("options", "every option must be a string")
+    if len(options) > 26:
+        raise _FieldError("options", f"{len(options)} options; at most 26 (A-Z)")
+    if problem_type == "multiple_choice" and not options:
+        raise _FieldError("options", "empty, but the problem is multiple_choice")
+    return Record(
+        problem_id=str(_get(obj, "problem_id", (str, int))),  # the release numbers its problems
+        video=_video_path(_get(obj, "videos", (str, list)), data_root),
+        problem=_get(obj, "problem", (str,)),
+        options=list(options),
+        problem_type=problem_type,
+        reasoning=_get(obj, "reasoning", (str,), default=""),  # RL-only data needs no reasoning
+        answer=_normalise_answer(_get(obj, "answer", (str, int, float)), problem_type, options),
+        subtitles=_get(obj, "subtitles", (str, type(None)), default=None),
+        # Extra string fields are labels for eval's breakdowns; other extras (e.g. duration_s) are ignored.
+        labels={k: v for k, v in obj.items() if k not in _RECORD_FIELDS and isinstance(v, str)},
+    )
+
+
+def load_records_report(path, data_root=None) -> tuple[list[Record], list[RecordError]]:
+    """Read a JSONL record file, keeping the good records and a RecordError for each bad line.
+
+    Video paths are relative to `data_root`, by default the folder that holds the file.
+
+    >>> records, errors = load_records_report("my_data.jsonl")
+    >>> [(e.line, e.field) for e in errors]
+    [(7, 'answer')]
+    """
+    path = Path(path)
+    data_root = Path(data_root) if data_root is not None else path.parent
+    records, errors, first_line = [], [], {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise _FieldError(None, f"invalid JSON ({e})") from None
+                record = _parse_record(obj, data_root)
+                if record.problem_id in first_line:
+                    raise _FieldError("problem_id", f"duplicate {record.problem_id!r} "
+                                                    f"(first on line {first_line[record.problem_id]})")
+            except _FieldError as e:
+                errors.append(RecordError(path, line_no, e.field, e.reason))
+                continue
+            first_line[record.problem_id] = line_no
+            records.append(record)
+    return records, errors
+
+
+def load_records(path, data_root=None, skip_bad=False) -> list[Record]:
+    """Read and validate a JSONL record file. A bad line raises RecordError unless skip_bad, which
+    skips bad lines and logs a warning listing each one.
+
+    >>> records = load_records("data/synth/train.jsonl")   # python data.py synth --out data/synth
+    >>> records[0].problem, records[0].options, records[0].answer
+    ('What colour is the first scene?', ['blue', 'yellow', 'cyan', 'red'], 'D')
+    """
+    records, errors = load_records_report(path, data_root)
+    if errors and not skip_bad:
+        if len(errors) > 1:
+            errors[0].add_note(f"{len(errors) - 1} more bad line(s); `python data.py check {path}` lists all")
+        raise errors[0]
+    if errors:
+        reasons = "\n".join(f"  {e}" for e in errors)
+        log.warning("skipped %d of %d records in %s:\n%s", len(errors), len(errors) + len(records), path,
+                    reasons)
+    if not records:
+        raise RecordError(path, None, None, "no usable records")
+    return records
+
+
+# ---- frame sampling ----
+
+@dataclass
+class FrameSampling:
+    """Which frames of a video the model sees: `num_frames` spread evenly over the whole video, or `fps`
+    frames per second of video; either way at most `max_frames`. Setting `fps` selects fps mode (then
+    `num_frames` is ignored and set to None), so `FrameSampling(fps=0.5)` just works."""
+
+    num_frames: int | None = 16
+    fps: float | None = None
+    max_frames: int = MAX_FRAMES
+
+    def __post_init__(self):
+        if self.fps is not None:
+            if not (math.isfinite(self.fps) and self.fps > 0):
+                raise ValueError(f"fps must be a positive number, got {self.fps}")
+            self.num_frames = None
+        elif self.num_frames is None or self.num_frames < 1:
+            raise ValueError(f"set num_frames >= 1 or fps > 0 (got num_frames={self.num_frames})")
+        if self.max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {self.max_frames}")
+
+    def key(self) -> str:
+        """A short stable string for cache keys: "n16-max8192" or "fps0.5-max8192"."""
+        mode = f"n{self.num_frames}" if self.fps is None else f"fps{float(self.fps)!r}"
+        return f"{mode}-max{self.max_frames}"
+
+
+def _centres(total: int, n: int) -> np.ndarray:
+    """The middle index of each of n equal segments of range(total): floor((i + 0.5) * total / n),
+    in integers so it is exact for any length. _centres(10, 2) -> [2, 7]."""
+    i = np.arange(n, dtype=np.int64)
+    return ((2 * i + 1) * total) // (2 * n)
+
+
+def sample_indices(total_frames: int, video_fps: float, sampling: FrameSampling
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The frames to decode and their times: (indices int64 [T], timestamps float64 [T] seconds).
+
+    num_frames mode takes the centre frame of num_frames equal segments; a video with fewer frames than
+    asked gives every frame once (never duplicates). fps mode takes the frame showing at times
+    (k + 0.5) / fps for every such time inside the video (at least the middle frame; a rate above the
+    video's own gives each frame once). Then, if T > max_frames, T is cut to max_frames evenly.
+    A timestamp is the start time of the frame taken: index / video_fps.
+
+    >>> sample_indices(100, 10.0, FrameSampling(num_frames=4))
+    (array([12, 37, 62, 87]), array([1.2, 3.7, 6.2, 8.7]))
+    >>> sample_indices(100, 10.0, FrameSampling(fps=0.5))[0]   # one frame per 2 s of a 10 s video
+    array([10, 30, 50, 70, 90])
+    """
+    if total_frames < 1:
+        raise ValueError(f"total_frames must be >= 1, got {total_frames}")
+    if not (math.isfinite(video_fps) and video_fps > 0):
+        raise ValueError(f"video_fps must be a positive number, got {video_fps}")
+    if sampling.fps is None:
+        indices = _centres(total_frames, min(sampling.num_frames, total_frames))  # n >= total: every frame
+    else:
+        duration = total_frames / video_fps
+        times = (np.arange(int(duration * sampling.fps) + 1) + 0.5) / sampling.fps
+        times = times[times < duration]
+        if len(times) == 0:  # video shorter than half a sampling period
+            times = np.array([duration / 2])
+        # The 1e-6 keeps float error in t * video_fps (e.g. 1.9999999) from landing one frame early.
+        indices = np.minimum(np.floor(times * video_fps + 1e-6).astype(np.int64), total_frames - 1)
+        indices = np.unique(indices)
+    if len(indices) > sampling.max_frames:
+        indices = indices[_centres(len(indices), sampling.max_frames)]
+    return indices, indices / video_fps
+
+
+def _open_video(path, image_size: int) -> decord.VideoReader:
+    """A decord reader that resizes frames to image_size x image_size, or VideoError."""
+    path = str(path)
+    # Check the file ourselves first: decord's messages for these cases name no reason.
+    if not os.path.isfile(path):
+        raise VideoError(f"{path}: video file not found")
+    if os.path.getsize(path) == 0:
+        raise VideoError(f"{path}: video file is empty (0 bytes)")
+    try:
+        vr = decord.VideoReader(path, ctx=decord.cpu(0), width=image_size, height=image_size, num_threads=1)
+    except (RuntimeError, decord.DECORDError) as e:
+        raise VideoError(f"{path}: cannot decode video ({str(e).splitlines()[0]})") from e
+    if len(vr) == 0:
+        raise VideoError(f"{path}: video has no frames")
+    return vr
+
+
+def _video_fps(vr: decord.VideoReader, path, sampling: FrameSampling) -> float:
+    """The video's frame rate. Broken metadata (0, nan, inf) falls back to the frame count over the end
+    time of the last frame; if that fails too, fps mode is impossible (VideoError) while num_frames
+    mode goes on with timestamps counted in frames (fps 1.0) and a warning."""
+    fps = float(vr.get_avg_fps())
+    if math.isfinite(fps) and fps > 0:
+        return fps
+    try:
+        end = float(vr.get_frame_timestamp([len(vr) - 1])[0, 1])
+        estimate = len(vr) / end
+    except (RuntimeError, decord.DECORDError, ZeroDivisionError, IndexError):
+        estimate = float("nan")
+    if math.isfinite(estimate) and estimate > 0:
+        log.warning("%s: frame rate metadata is %s; estimated %.3f fps from frame times", path, fps, estimate)
+        return estimate
+    if sampling.fps is not None:
+        raise VideoError(f"{path}: frame rate unknown (metadata {fps}, no frame times); cannot sample by fps")
+    log.warning("%s: frame rate unknown; timestamps are frame indices", path)
+    return 1.0
+
+
+def _strip_row_padding(frame: np.ndarray) -> np.ndarray:
+    """Undo a decord bug (dmlc/decord#336): when ffmpeg pads each RGB row to the CPU's alignment and the
+    padded row happens to be a multiple of the width (e.g. width 16: 48 bytes -> 96), decord reports the
+    frame as [H, W, padded / W] and get_batch fails. The pixels are the first 3 * W bytes of each row."""
+    height, width, channels = frame.shape
+    return frame.reshape(height, width * channels)[:, : width * 3].reshape(height, width, 3)
+
+
+def _get_frames(vr: decord.VideoReader, indices: np.ndarray, path) -> np.ndarray:
+    try:
+        try:
+            return vr.get_batch(indices.tolist()).asnumpy()
+        except decord.DECORDError:  # a width hit by the padding bug above: read frame by frame
+            return np.stack([_strip_row_padding(vr[int(i)].asnumpy()) for i in indices])
+    except (RuntimeError, decord.DECORDError) as e:
+        raise VideoError(f"{path}: cannot decode frames ({str(e).splitlines()[0]})") from e
+
+
+def load_frames(path, image_size: int, sampling: FrameSampling) -> tuple[np.ndarray, np.ndarray]:
+    """Decode the sampled frames of a video, resized to a square (no cropping):
+    (frames uint8 [T, image_size, image_size, 3] RGB, timestamps float64 [T] seconds).
+
+    >>> frames, times = load_frames("clip.mp4", 224, FrameSampling(fps=1.0))   # a 60 s clip
+    >>> frames.shape, times[:2]
+    ((60, 224, 224, 3), array([0.5, 1.5]))
+    """
+    vr = _open_video(path, image_size)
+    indices, timestamps = sample_indices(len(vr), _video_fps(vr, path, sampling), sampling)
+    return _get_frames(vr, indices, path), timestamps
+
+
+# ---- prompt and response ----
+
+THINK_ANSWER_INSTRUCTION = ("Think step by step inside <think> </think>, "
+                            "then give the final answer inside <answer> </answer>.")
+
+
+def build_prompt(record: Record, subtitles: str | None = None) -> tuple[str, str]:
+    """The prompt as (text before the video, text after it); model.py puts the video embeddings
+    between the two and the response follows the second directly. `subtitles` is the subtitle text
+    (eval reads .srt files); None leaves it out.
+
+    >>> before, after = build_prompt(record)   # a multiple-choice record with options red, green
+    >>> print(before + "<video>" + after)
+    Watch the video.
+    <video>
+    Question: What colour is the first scene?
+    Options:
+    A. red
+    B. green
+    Think step by step inside <think> </think>, then give the final answer inside <answer> </answer>. An...
+    Response:
+    """
+    after = f"\nSubtitles: {subtitles}\n" if subtitles else "\n"
+    after += f"Question: {record.problem}\n"
+    if record.options:
+        after += "Options:\n" + "".join(f"{option_letter(i)}. {o}\n" for i, o in enumerate(record.options))
+    after += THINK_ANSWER_INSTRUCTION
+    if record.problem_type == "multiple_choice":
+        after += " Answer with the option letter."
+    return "Watch the video.\n", after + "\nResponse: "
+
+
+def format_response(reasoning: str, answer: str) -> str:
+    """The target response for SFT: format_response("Red is first.", "A") ==
+    "<think>Red is first.</think><answer>A</answer>"."""
+    return f"<think>{reasoning}</think><answer>{answer}</answer>"
+
+
+# ---- the synthetic long-video task ----
+
+PALETTE = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220),
+           "yellow": (220, 220, 30), "magenta": (220, 30, 220), "cyan": (30, 220, 220)}
+QUESTION_TYPES = ("count", "after", "first", "last")
+
+
+def plan_scenes(rng: np.random.Generator, min_scenes: int, max_scenes: int) -> list[str]:
+    """The colour of each scene; neighbouring scenes always differ, so every cut is visible."""
+    scenes = [str(rng.choice(list(PALETTE)))]
+    for _ in range(int(rng.integers(min_scenes, max_scenes + 1)) - 1):
+        scenes.append(str(rng.choice([c for c in PALETTE if c != scenes[-1]])))
+    return scenes
+
+
+def scene_frames(scenes: list[str], frames_per_scene: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The video as frames uint8 [T, size, size, 3]: solid colours plus per-pixel noise (+-12), enough
+    that the encoder has real work to do but far less than the distance between palette colours."""
+    colours = np.repeat(np.array([PALETTE[s] for s in scenes], dtype=np.int16), frames_per_scene, axis=0)
+    noise = rng.integers(-12, 13, size=(len(colours), size, size, 3), dtype=np.int16)
+    return np.clip(colours[:, None, None, :] + noise, 0, 255).astype(np.uint8)
+
+
+def write_mp4(path, frames, fps: float, crf: int = 18) -> None:
+    """Write RGB frames (uint8 [T, H, W, 3], H and W even) as an H.264 (yuv420p) mp4."""
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for frame in frames:
+            picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            container.mux(stream.encode(picture))
+        container.mux(stream.encode())  # flush the frames the encoder still holds
+
+
+def _scene_list(numbers: list[int]) -> str:
+    """[1] -> "scene 1"; [1, 4] -> "scenes 1 and 4"; [1, 3, 5] -> "scenes 1, 3 and 5"."""
+    if len(numbers) == 1:
+        return f"scene {numbers[0]}"
+    return "scenes " + ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}"
+
+
+def _other_colours(colour: str) -> list[str]:
+    return [c for c in PALETTE if c != colour]
+
+
+def ask(category: str, scenes: list[str], rng: np.random.Generator):
+    """One question about the scenes: (problem, truth, distractor pool, last reasoning sentence), or
+    None when this plan cannot carry the question (no colour occurs once before the last scene)."""
+    if category == "count":
+        colour = str(rng.choice(sorted(set(scenes))))
+        where = [i + 1 for i, s in enumerate(scenes) if s == colour]
+        n = len(where)
+        verb = f"there is 1 {colour} scene" if n == 1 else f"there are {n} {colour} scenes"
+        return (f"How many scenes are {colour}?", str(n),
+                [str(k) for k in range(max(len(scenes), 3) + 1) if k != n],
+                f"{colour.capitalize()} appears in {_scene_list(where)}, so {verb}.")
+    if category == "after":
+        once = [i for i, s in enumerate(scenes[:-1]) if scenes.count(s) == 1]
+        if not once:
+            return None
+        i = int(rng.choice(once))
+        truth = scenes[i + 1]
+        return (f"Which colour comes right after the {scenes[i]} scene?", truth, _other_colours(truth),
+                f"The {scenes[i]} scene is scene {i + 1}; scene {i + 2} after it is {truth}.")
+    if category in ("first", "last"):
+        truth = scenes[0] if category == "first" else scenes[-1]
+        return (f"What colour is the {category} scene?", truth, _other_colours(truth),
+                f"The {category} scene is {truth}.")
+    raise ValueError(f"unknown question type {category!r}; one of {QUESTION_TYPES}")
+
+
+def synth_record(index: int, category: str, answer_pos: int, rng: np.random.Generator, args
+                 ) -> tuple[dict, np.ndarray]:
+    """One record of the synthetic task (a dict, as written to JSONL) and its video frames.
+    `args` carries the `synth` flags (min_scenes, max_scenes, frames_per_scene, video_fps, size)."""
+    while True:  # re-plan until the plan can carry this question type
+        scenes = plan_scenes(rng, args.min_scenes, args.max_scenes)
+        question = ask(category, scenes, rng)
+        if question is not None:
+            break
+    problem, truth, pool, conclusion = question
+    options = [str(o) for o in rng.choice(pool, size=3, replace=False)]
+    options.insert(answer_pos, truth)
+    problem_id = f"synth-{index:06d}"
+    walk = " ".join(f"Scene {i + 1} is {s}." for i, s in enumerate(scenes))
+    k = len(scenes)
+    record = {
+        "problem_id": problem_id, "videos": f"videos/{problem_id}.mp4", "problem": problem,
+        "options": options, "problem_type": "multiple_choice", "reasoning": f"{walk} {conclusion}",
+        "answer": option_letter(answer_pos),
+        "duration": "short" if k <= 4 else "medium" if k <= 6 else "long", "category": category,
+        "duration_s": k * args.frames_per_scene / args.video_fps,
+    }
+    return record, scene_frames(scenes, args.frames_per_scene, args.size, rng)
+
+
+def cmd_synth(args) -> int:
+    """Write args.n videos and their questions to args.out/{videos/, train.jsonl, test.jsonl}."""
+    if args.min_scenes < 2 or args.max_scenes < args.min_scenes:
+        raise SystemExit("need 2 <= --min-scenes <= --max-scenes (an 'after' question needs two scenes)")
+    if args.size % 2:
+        raise SystemExit("--size must be even (yuv420p halves the colour resolution)")
+    out = Path(args.out)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(args.seed)  # one stream, so --n 6 writes the first 6 videos of --n 200
+    records = []
+    for i in tqdm(range(args.n), desc="synth videos"):
+        if i % 4 == 0:  # each block of 4 videos has every question type and every answer letter once
+            categories, answer_pos = rng.permutation(QUESTION_TYPES), rng.permutation(4)
+        record, frames = synth_record(i, str(categories[i % 4]), int(answer_pos[i % 4]), rng, args)
+        write_mp4(out / record["videos"], frames, args.video_fps)
+        records.append(record)
+    n_test = round(args.n * args.test_frac)  # one video per record, so the split never shares a video
+    for name, part in (("train", records[:args.n - n_test]), ("test", records[args.n - n_test:])):
+        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in part)
+        print(f"wrote {len(part)} records to {out / name}.jsonl")
+    return 0
+
+
+# ---- command line ----
+
+def cmd_check(args) -> int:
+    """Validate a record file, print what it holds; 1 if anything is wrong (0 with --skip-bad)."""
+    records, errors = load_records_report(args.file, args.data_root)
+    for e in errors:
+        print(f"error: {e}")
+    print(f"{len(records)} good records, {len(errors)} bad, in {args.file}")
+    for problem_type, n in sorted(Counter(r.problem_type for r in records).items()):
+        print(f"  problem_type {problem_type}: {n}")
+    for (label, value), n in sorted(Counter(kv for r in records for kv in r.labels.items()).items()):
+        print(f"  {label} {value}: {n}")
+    return int(not records or (bool(errors) and not args.skip_bad))
+
+
+def cmd_frames(args) -> int:
+    """Print which frames a sampling setting takes from a video."""
+    sampling = FrameSampling(num_frames=args.num_frames, fps=args.fps, max_frames=args.max_frames)
+    vr = _open_video(args.video, args.image_size)
+    video_fps = _video_fps(vr, args.video, sampling)
+    indices, timestamps = sample_indices(len(vr), video_fps, sampling)
+    pixels = _get_frames(vr, indices, args.video)
+    print(f"{args.video}: {len(vr)} frames at {video_fps:g} fps ({len(vr) / video_fps:.2f} s)")
+    print(f"sampling {sampling.key()}: {len(indices)} frames")
+    print("indices:   ", np.array2string(indices, separator=", ", threshold=64))
+    print("timestamps:", np.array2string(timestamps, separator=", ", threshold=64, precision=3))
+    print(f"frames: {pixels.dtype} {pixels.shape}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = commands.add_parser("synth", formatter_class=fmt, help="write the synthetic long-video task")
+    p.add_argument("--out", required=True, help="output folder (videos/, train.jsonl, test.jsonl)")
+    p.add_argument("--n", type=int, default=200, help="number of videos, one question each")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same data")
+    p.add_argument("--min-scenes", type=int, default=3, help="fewest scenes in a video")
+    p.add_argument("--max-scenes", type=int, default=8, help="most scenes in a video")
+    p.add_argument("--frames-per-scene", type=int, default=8, help="frames in each scene")
+    p.add_argument("--video-fps", type=float, default=4.0, help="frame rate of the written videos")
+    p.add_argument("--size", type=int, default=64, help="frame width and height in pixels (even)")
+    p.add_argument("--test-frac", type=float, default=0.2, help="fraction of videos in test.jsonl")
+    p.set_defaults(run=cmd_synth)
+
+    p = commands.add_parser("check", formatter_class=fmt, help="validate a JSONL record file")
+    p.add_argument("file", help="the .jsonl file")
+    p.add_argument("--data-root", default=None, help="folder the video paths are relative to; "
+                                                     "None means the file's folder")
+    p.add_argument("--skip-bad", action="store_true", help="exit 0 when bad lines are only skipped")
+    p.set_defaults(run=cmd_check)
+
+    p = commands.add_parser("frames", formatter_class=fmt, help="show the frames sampled from a video")
+    p.add_argument("video", help="a video file")
+    p.add_argument("--num-frames", type=int, default=16, help="frames spread evenly over the video")
+    p.add_argument("--fps", type=float, default=None,
+                   help="frames per second of video; overrides --num-frames")
+    p.add_argument("--max-frames", type=int, default=MAX_FRAMES, help="cap on the number of frames")
+    p.add_argument("--image-size", type=int, default=64, help="frames are resized to this square size")
+    p.set_defaults(run=cmd_frames)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except (RecordError, VideoError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -39,7 +39,7 @@ PRESETS = {
     "tiny": dict(
         image_size=32, patch_size=8,  # 4x4 patches -> 2x2 merge -> 4 tokens per frame
         vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
-        llm=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+        llm=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2),
         vocab_size=1024,
     ),
@@ -233,9 +233,11 @@ class VideoLM(nn.Module):
             logp = torch.log_softmax(logits, dim=-1)
             pieces.append(logp.gather(1, tgt[start:start + chunk_rows, None]).squeeze(1))  # [n]
         out = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)  # [B, S]
-        if pieces:
-            out = out.masked_scatter(mask, torch.cat(pieces))
-        return out
+        if not pieces:
+            # Nothing to score (e.g. a sequence-parallel shard that is all video): stay connected to the
+            # graph anyway, so backward still runs the collectives that the other SP ranks wait in.
+            return out + 0 * hidden.sum()
+        return out.masked_scatter(mask, torch.cat(pieces))
 
     # ---- save / load ----
 
@@ -373,7 +375,7 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -389,7 +391,7 @@ def main():
     init.add_argument("--seed", type=int, default=0, help="initialisation seed")
     info = sub.add_parser("info", formatter_class=fmt, help="print a checkpoint's shapes and sizes")
     info.add_argument("path", help="checkpoint folder")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     if args.cmd == "init":
         if bool(args.llm) != bool(args.vision_tower):

@@ -1,0 +1,538 @@
+"""MR-SP: Multi-modal Reinforcement Sequence Parallelism.
+
+An RL step on a long video runs the same long sequence many times: rollout prefill, old-policy and
+reference log-probs, and the policy update. MR-SP makes that affordable in two stages.
+
+Stage 1, video encoding. The frames of a video are split across the ranks of a sequence-parallel (SP)
+group; each rank encodes its share with the (frozen) vision tower, and an all-gather rebuilds the whole
+video embedding on every rank (`stage1_encode`). The result is cached (`VideoEmbeddingCache`) and reused
+by rollout and by every training pass, so the vision tower runs once per video, not once per pass.
+
+Stage 2, the long sequence. Every SP rank holds the same batch but runs the LLM on a contiguous 1/sp
+slice of the sequence (`shard_sequence`), with global position ids. Only attention needs the whole
+sequence: DeepSpeed-Ulysses swaps the sequence split for a head split with one all-to-all before
+attention and swaps it back after (`ulysses_attention`):
+
+    q, k, v  [B, H, S/sp, D]  --all-to-all-->  [B, H/sp, S, D]  --causal attention over all S-->
+    out      [B, S, H/sp, D]  --all-to-all-->  [B, S/sp, H, D]
+
+Per-token log-probs are gathered back to the full length (`sp_token_logprobs`), so the loss code of
+rl.py never sees shards. Each rank's activations are 1/sp of the sequence's.
+
+Layout. `init_distributed(sp_size)` reads the torchrun environment and builds a (dp x sp) device mesh;
+consecutive global ranks form an SP group (they share one sample, and on a node they share the fast
+links that the per-layer all-to-alls need); the dp dimension spreads different samples.
+
+    torchrun --nproc-per-node 4 rl.py --sp-size 2     # 2 data-parallel groups of 2 SP ranks
+
+Gradient accounting (the rule rl.py follows). Every SP rank computes the same loss on the full gathered
+log-probs. `gather_sequence`'s backward keeps the local slice of that gradient, so after backward a rank's
+parameter gradients hold the contribution of its own tokens only (the all-to-all backward already routed
+the attention gradients to the ranks that own the tokens). The full gradient of one sample group is
+therefore the SUM over the SP group; across DP groups, gradients are AVERAGED as usual.
+`allreduce_gradients(model, ps)` does exactly that for the plain (non-FSDP) path. With FSDP2, we
+recommend sharding over a 1-D mesh of all world ranks (`init_device_mesh(device_type, (world_size,))`;
+given the 2-D `ps.mesh`, FSDP2 would replicate over dp and shard over sp) and calling
+`set_gradient_divide_factor(ps.dp_size)` on every `fully_shard`ed module: FSDP's reduce-scatter then sums
+over all ranks and divides by dp_size, the SP sum and the DP mean in one collective. (Keeping FSDP's
+default mean over dp*sp ranks and multiplying the loss by sp_size gives the same gradients. Sharding
+over the dp dimension only and all-reducing over sp by hand also works, but keeps sp copies of every
+parameter shard.)
+
+Run the checks: `python -m pytest tests/test_mrsp.py`.
+"""
+import copy
+import hashlib
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model import IGNORE, SequenceBatch, VideoLM
+
+ULYSSES = "ulysses"  # the attention implementation name registered with transformers
+
+
+# ---- process groups ----
+
+def group_size(group) -> int:
+    """Ranks in `group`. Here `group=None` means "no parallelism": a group of one, no communication."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+@dataclass
+class ParallelState:
+    """Where this process sits in the (dp x sp) layout.
+
+    A single process started without torchrun gets the defaults: world of one, no process group, and
+    `dp_group = sp_group = None`, which every function here treats as a group of one.
+    """
+    rank: int = 0
+    world_size: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+    sp_rank: int = 0
+    sp_size: int = 1
+    dp_group: dist.ProcessGroup | None = None
+    sp_group: dist.ProcessGroup | None = None
+    device: torch.device = torch.device("cpu")
+    mesh: DeviceMesh | None = None  # the ("dp", "sp") mesh, e.g. for FSDP2; None outside torchrun
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_groups(cls, sp_group, dp_group=None, device="cpu") -> "ParallelState":
+        """For code that created its process groups itself (tests that spawn their own processes)."""
+        return cls(rank=dist.get_rank() if dist.is_initialized() else 0,
+                   world_size=dist.get_world_size() if dist.is_initialized() else 1,
+                   dp_rank=group_rank(dp_group), dp_size=group_size(dp_group),
+                   sp_rank=group_rank(sp_group), sp_size=group_size(sp_group),
+                   dp_group=dp_group, sp_group=sp_group, device=torch.device(device))
+
+
+def init_distributed(sp_size: int = 1) -> ParallelState:
+    """Join the torchrun job (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and build the dp x sp mesh.
+
+    nccl on CUDA (device = cuda:LOCAL_RANK), gloo on CPU. Ranks r*sp ... r*sp + sp-1 form SP group r.
+    Without torchrun (no RANK in the environment) this is a single process: no process group is created
+    and `ParallelState()` is returned, so `python rl.py` runs on a laptop unchanged.
+
+    Example: WORLD_SIZE=4, sp_size=2 -> SP groups {0,1}, {2,3}; DP groups {0,2}, {1,3}.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if sp_size < 1 or world_size % sp_size:
+        raise ValueError(f"world size {world_size} is not a multiple of sp_size {sp_size} "
+                         f"(start {sp_size}k processes, e.g. torchrun --nproc-per-node {sp_size})")
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if "RANK" not in os.environ and not dist.is_initialized():
+        return ParallelState(device=device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    mesh = init_device_mesh(device.type, (world_size // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
+    return ParallelState(rank=dist.get_rank(), world_size=world_size,
+                         dp_rank=mesh.get_local_rank("dp"), dp_size=world_size // sp_size,
+                         sp_rank=mesh.get_local_rank("sp"), sp_size=sp_size,
+                         dp_group=mesh.get_group("dp"), sp_group=mesh.get_group("sp"),
+                         device=device, mesh=mesh)
+
+
+# ---- communication with autograd ----
+
+def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
+    """Cut `x` into sp equal pieces along `scatter_dim`, send piece i to SP rank i, and concatenate the
+    pieces received, in rank order, along `gather_dim`. No autograd; see `AllToAll`.
+
+    Example (sp=2, Ulysses before attention): scatter_dim=1, gather_dim=2 take [B, H, S/2, D] to [B, H/2, S, D].
+    """
+    sp = group_size(group)
+    if sp == 1:
+        return x
+    if x.shape[scatter_dim] % sp:
+        raise ValueError(f"dim {scatter_dim} of shape {tuple(x.shape)} does not split into {sp} pieces")
+    send = torch.stack(x.tensor_split(sp, dim=scatter_dim))  # [..., N, ...] -> [sp, ..., N/sp, ...]
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)           # recv[i] is SP rank i's piece for this rank
+    return torch.cat(recv.unbind(0), dim=gather_dim)          # [sp, ..., M, ...] -> [..., sp*M, ...]
+
+
+class AllToAll(torch.autograd.Function):
+    """`all_to_all` whose backward is the same all-to-all with the dims swapped: the gradient of each
+    piece goes back to the rank it came from."""
+
+    @staticmethod
+    def forward(ctx, x, scatter_dim: int, gather_dim: int, group):
+        ctx.dims, ctx.group = (scatter_dim, gather_dim), group
+        return all_to_all(x, scatter_dim, gather_dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scatter_dim, gather_dim = ctx.dims
+        return all_to_all(grad.contiguous(), gather_dim, scatter_dim, ctx.group), None, None, None
+
+
+class _GatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim: int, group):
+        ctx.dim, ctx.group = dim, group
+        pieces = [torch.empty_like(x) for _ in range(group_size(group))]
+        dist.all_gather(pieces, x.contiguous(), group=group)  # sp x [..., n, ...]
+        return torch.cat(pieces, dim=dim)                      # [..., sp*n, ...]
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every SP rank computed the same loss from the same gathered tensor, so `grad` is identical on
+        # all of them and already the full gradient: keep this rank's slice. (A reduce-scatter sum here
+        # would count each token's gradient sp times.)
+        pieces = grad.chunk(group_size(ctx.group), dim=ctx.dim)  # [..., sp*n, ...] -> sp x [..., n, ...]
+        local = pieces[group_rank(ctx.group)]
+        return local.contiguous(), None, None
+
+
+def gather_sequence(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """All-gather equal shards along `dim`, in SP rank order: [..., n, ...] -> [..., sp*n, ...].
+
+    Backward contract: every SP rank computes the SAME loss from the gathered tensor (true in MR-SP: the
+    ranks of an SP group hold the same batch). The backward then keeps the local slice of the incoming
+    gradient, and parameter gradients must afterwards be summed over the SP group (`allreduce_gradients`).
+    """
+    return x if group_size(group) == 1 else _GatherSequence.apply(x, dim, group)
+
+
+# ---- Ulysses attention ----
+
+def kv_head_repeats(num_heads: int, num_kv_heads: int, sp_size: int) -> int:
+    """Copies of each key/value head that Ulysses needs so that every SP rank gets whole GQA groups.
+
+    Query heads are split evenly over the ranks, so sp_size must divide num_heads. Key/value heads are
+    repeated (repeat_interleave) up to lcm(num_kv_heads, sp_size), which sp_size divides and which keeps
+    every query head next to its own key/value head. Example: 4 query heads, 2 KV heads, sp=4 -> 2 copies
+    [k0 k0 k1 k1]; rank r gets query head r and KV copy r, and query head r uses k(r // 2). With sp <= the
+    KV head count and dividing it, nothing is copied.
+    """
+    if num_heads % sp_size:
+        raise ValueError(f"sp_size {sp_size} does not divide {num_heads} query heads")
+    return math.lcm(num_kv_heads, sp_size) // num_kv_heads
+
+
+@dataclass
+class UlyssesSetup:
+    """What `enable_ulysses` attaches to every attention module (as `module.ulysses`)."""
+    sp_group: dist.ProcessGroup | None
+    inner: str             # the attention that runs on the full sequence: "sdpa" or "flash_attention_2"
+    inner_attention: Callable  # transformers' function registered under `inner`
+    inner_config: object   # a copy of the LLM config that names `inner` (flash-attn reads the name from it)
+
+
+class _LocalHeadsView:
+    """The attention module as the inner attention function must see it on one rank: the inner
+    implementation's config and this rank's ratio of query to key/value heads; all else is the module."""
+
+    def __init__(self, module, config, num_key_value_groups: int):
+        self._module, self.config, self.num_key_value_groups = module, config, num_key_value_groups
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def ulysses_attention(module, query, key, value, attention_mask, **kwargs):
+    """Attention over the full sequence for a sequence shard: the `AttentionInterface` entry "ulysses".
+
+    transformers calls it with this rank's shard, query [B, Hq, S/sp, D] and key/value [B, Hkv, S/sp, D],
+    and expects [B, S/sp, Hq, D] back. The model built no mask: "ulysses" has no entry in transformers'
+    `AttentionMaskInterface` on purpose, so `create_causal_mask` returns None (a mask built from the
+    local length S/sp would be wrong for the full S). The inner attention runs with is_causal=True over
+    all S positions instead; sequences are right-padded, so no padding mask is needed.
+    """
+    setup: UlyssesSetup = module.ulysses
+    if attention_mask is not None:
+        raise ValueError("Ulysses attention is causal over the full sequence and takes no attention mask; "
+                         "right-pad the batch instead")
+    if kwargs.get("sliding_window") is not None:
+        raise NotImplementedError("Ulysses attention does not implement sliding-window layers")
+    kwargs.pop("position_ids", None)  # the shard's; the inner attention sees all S positions
+    group, sp = setup.sp_group, group_size(setup.sp_group)
+    repeats = kv_head_repeats(query.shape[1], key.shape[1], sp)
+    key = key.repeat_interleave(repeats, dim=1)                  # [B, Hkv, S/sp, D] -> [B, Hkv*r, S/sp, D]
+    value = value.repeat_interleave(repeats, dim=1)              # [B, Hkv, S/sp, D] -> [B, Hkv*r, S/sp, D]
+    query = AllToAll.apply(query, 1, 2, group)                   # [B, Hq, S/sp, D] -> [B, Hq/sp, S, D]
+    key = AllToAll.apply(key, 1, 2, group)                       # [B, Hkv*r, S/sp, D] -> [B, Hkv*r/sp, S, D]
+    value = AllToAll.apply(value, 1, 2, group)                   # [B, Hkv*r, S/sp, D] -> [B, Hkv*r/sp, S, D]
+    view = _LocalHeadsView(module, setup.inner_config, query.shape[1] // key.shape[1])
+    out, _ = setup.inner_attention(view, query, key, value, None, is_causal=True,
+                                   **kwargs)                     # -> [B, S, Hq/sp, D]
+    return AllToAll.apply(out, 1, 2, group), None                # [B, S, Hq/sp, D] -> [B, S/sp, Hq, D]
+
+
+def _attention_modules(model: VideoLM):
+    return [layer.self_attn for layer in model.llm.get_decoder().layers]
+
+
+def enable_ulysses(model: VideoLM, sp_group) -> None:
+    """Switch `model.llm` to Ulysses attention over `sp_group`, wrapping its current attention.
+
+    The current implementation (sdpa, or flash_attention_2 on a GPU) becomes the inner attention; the
+    group is remembered on every attention module. Raises ValueError when the heads cannot be split.
+    While enabled, every forward of the LLM must be a sharded one run by all SP ranks together
+    (`sp_token_logprobs`); call `disable_ulysses` before generating with it. Enable it on every model
+    that runs sharded (policy and reference), after any copy.deepcopy of it.
+    """
+    from transformers import AttentionInterface  # imported on first use, as in model.py: it is slow
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    AttentionInterface.register(ULYSSES, ulysses_attention)
+    cfg = model.llm.config
+    kv_head_repeats(cfg.num_attention_heads, cfg.num_key_value_heads, group_size(sp_group))
+    inner = cfg._attn_implementation
+    if inner == ULYSSES:  # enabled before: keep the inner attention, take the new group
+        inner = _attention_modules(model)[0].ulysses.inner
+    if inner != "sdpa" and not inner.startswith("flash_attention"):
+        raise ValueError(f"Ulysses wraps sdpa or flash_attention_*, which take is_causal; this model uses "
+                         f"{inner!r}: load it with attn_implementation='sdpa'")
+    inner_config = copy.copy(cfg)
+    inner_config._attn_implementation = inner
+    for attn in _attention_modules(model):
+        attn.ulysses = UlyssesSetup(sp_group, inner, ALL_ATTENTION_FUNCTIONS[inner], inner_config)
+    model.llm.set_attn_implementation(ULYSSES)
+
+
+def disable_ulysses(model: VideoLM) -> None:
+    """Back to the plain inner attention over whole sequences (e.g. for generation)."""
+    if model.llm.config._attn_implementation != ULYSSES:
+        return
+    inner = _attention_modules(model)[0].ulysses.inner
+    for attn in _attention_modules(model):
+        del attn.ulysses
+    model.llm.set_attn_implementation(inner)
+
+
+# ---- stage 2: sequence shards ----
+
+def shard_sequence(batch: SequenceBatch, sp_rank: int, sp_size: int) -> SequenceBatch:
+    """SP rank `sp_rank`'s contiguous slice of the sequence, as if S were padded up to a multiple of sp_size.
+
+    Padding goes at the end: zero embeddings, IGNORE targets, positions continuing. A causal LM never
+    lets a real token see a later one, so padding changes no real token's result. Position ids stay
+    global. Only the shard is copied, never the full sequence. Example: S=10, sp=3 -> shards of 4;
+    rank 1 gets positions 4..7, rank 2 gets 8, 9 and two padding positions 10, 11.
+    """
+    S = batch.targets.shape[1]
+    n = -(-S // sp_size)                                                   # shard length: ceil(S / sp)
+    start = sp_rank * n
+    real = slice(min(start, S), min(start + n, S))                         # may be empty when S < sp
+    pad = n - (real.stop - real.start)
+    embeds = F.pad(batch.inputs_embeds[:, real], (0, 0, 0, pad))           # [B, n-pad, D] -> [B, n, D]
+    targets = F.pad(batch.targets[:, real], (0, pad), value=IGNORE)        # [B, n-pad] -> [B, n]
+    padded = torch.arange(start + n - pad, start + n, device=batch.position_ids.device)  # their global indices
+    extra = batch.position_ids[:, -1:] + (padded - S + 1)                  # [B, 1] + [pad] -> [B, pad]
+    positions = torch.cat([batch.position_ids[:, real], extra], dim=1)     # [B, n]
+    return SequenceBatch(embeds, targets, positions)
+
+
+def sp_token_logprobs(model: VideoLM, batch: SequenceBatch, sp_group,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """`model.token_logprobs(batch)` computed sequence-parallel: [B, S], the full length on every SP rank.
+
+    Each rank runs the LLM on its shard (Ulysses attention must be enabled for sp > 1), then the
+    shards' log-probs are gathered and the padding dropped. Gradients flow back into the local shard
+    (see `gather_sequence` for the contract); sum parameter gradients over the SP group afterwards.
+    """
+    sp_rank, sp_size = group_rank(sp_group), group_size(sp_group)
+    enabled = model.llm.config._attn_implementation == ULYSSES
+    ulysses_group = _attention_modules(model)[0].ulysses.sp_group if enabled else None
+    if (enabled or sp_size > 1) and ulysses_group is not sp_group:
+        raise RuntimeError("sequence-parallel log-probs need Ulysses attention over this sp_group: "
+                           "call enable_ulysses(model, sp_group) first")
+    S = batch.targets.shape[1]
+    shard = shard_sequence(batch, sp_rank, sp_size)
+    local = model.token_logprobs(shard, temperature)                          # [B, S_pad/sp]
+    return gather_sequence(local, dim=1, group=sp_group)[:, :S]               # [B, S_pad/sp] -> [B, S]
+
+
+def allreduce_gradients(model: torch.nn.Module, ps: ParallelState) -> None:
+    """Turn per-rank gradients into the step's gradient: SUM over the SP group, MEAN over DP groups.
+
+    Use after backward, before clipping and the optimizer step, when the model is not wrapped by FSDP
+    (module docstring: gradient accounting). A trainable parameter that got no gradient on this rank
+    counts as zero, so every rank runs the same collectives in the same order.
+    """
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if ps.sp_size > 1:
+            dist.all_reduce(p.grad, group=ps.sp_group)
+        if ps.dp_size > 1:
+            dist.all_reduce(p.grad, group=ps.dp_group)
+            p.grad.div_(ps.dp_size)
+
+
+# ---- stage 1: frame-sharded video encoding ----
+
+def frame_split(num_frames: int, sp_size: int) -> list[int]:
+    """Frames per SP rank, in frame order: the first num_frames % sp_size ranks take one more.
+    frame_split(7, 3) -> [3, 2, 2]; frame_split(1, 2) -> [1, 0]."""
+    return [num_frames // sp_size + (r < num_frames % sp_size) for r in range(sp_size)]
+
+
+@torch.no_grad()
+def stage1_encode(model: VideoLM, frames, sp_group, chunk_size: int = 32) -> torch.Tensor:
+    """MR-SP stage 1: frames [T, H, W, 3] -> video embeddings [T * tokens_per_frame, D] on every SP rank.
+
+    Every rank passes the same frames; each encodes its contiguous share (`frame_split`) and an
+    all-gather rebuilds the whole embedding in frame order. Shares may differ by one frame and may be
+    empty (T < sp): they are padded to the largest share for the all-gather and trimmed after.
+    Runs without autograd: the vision tower and projector are frozen in RL (LongVILA-R1), which is also
+    what makes the embeddings cacheable.
+    """
+    sp_rank, sp_size = group_rank(sp_group), group_size(sp_group)
+    if len(frames) == 0:
+        raise ValueError("no frames to encode")
+    counts = frame_split(len(frames), sp_size)
+    start = sum(counts[:sp_rank])
+    tpf, D = model.config.tokens_per_frame, model.config.llm_hidden
+    if counts[sp_rank]:
+        local = model.encode_video(frames[start:start + counts[sp_rank]], chunk_size)  # [n_r * tpf, D]
+    else:
+        dtype = next(model.mm_projector.parameters()).dtype
+        local = torch.zeros(0, D, dtype=dtype, device=model.device)                    # [0, D]
+    if sp_size == 1:
+        return local
+    padded = F.pad(local, (0, 0, 0, max(counts) * tpf - len(local)))   # [n_r * tpf, D] -> [max_n * tpf, D]
+    pieces = [torch.empty_like(padded) for _ in range(sp_size)]
+    dist.all_gather(pieces, padded, group=sp_group)                    # sp x [max_n * tpf, D]
+    return torch.cat([p[:n * tpf] for p, n in zip(pieces, counts)])   # [T * tpf, D]
+
+
+# ---- the video-embedding cache ----
+
+def vision_fingerprint(model: VideoLM) -> str:
+    """A short hash of everything that decides a video's embeddings besides its frames: the vision
+    tower's and projector's weights (names, dtypes, shapes, bytes) and the VideoLM settings."""
+    h = hashlib.sha256(json.dumps(asdict(model.config), sort_keys=True).encode())
+    for prefix, module in (("vision_tower.", model.vision_tower), ("mm_projector.", model.mm_projector)):
+        for name, t in module.state_dict().items():
+            t = t.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{prefix}{name}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+class VideoEmbeddingCache:
+    """Video embeddings by (video file, frame sampling, vision weights): in memory, optionally on disk.
+
+        cache = VideoEmbeddingCache(model, cache_dir="runs/embeds", sp_group=ps.sp_group)
+        video_embeds = cache.get(path, sampling,
+                                 frames_fn=lambda: data.load_frames(path, image_size, sampling)[0],
+                                 encode_fn=lambda frames: stage1_encode(model, frames, ps.sp_group))
+
+    Frames are loaded and encoded only on a miss. The key is (absolute path, file size, mtime_ns,
+    sampling.key(), vision_fingerprint(model)): editing or touching the video, changing the sampling, or
+    different vision weights all miss. The fingerprint is computed once, at construction, so the cache is
+    valid only while the vision tower and projector are frozen (RL). If they train, call `clear()` after
+    every optimizer step: it empties memory and re-fingerprints, so old disk entries are never hit.
+
+    On disk: one safetensors file per key, named sha256(key), with the full key and the shape in its
+    metadata, written to a temporary name and renamed. A file that is unreadable (truncated, garbage),
+    holds another key, or has a shape that is not [frames * tokens_per_frame, D] is recomputed and
+    rewritten, never used (the release this follows could substitute another video's embeddings).
+
+    Within an SP group all ranks call `get` with the same arguments in the same order (a miss runs the
+    collective `stage1_encode`); with `sp_group`, ranks also agree on disk hits, since another DP group
+    may finish writing a file between two ranks' reads. Only SP rank 0 writes.
+    `max_items` bounds the in-memory entries (least recently used go first); None keeps all.
+    """
+
+    def __init__(self, model: VideoLM, cache_dir=None, sp_group=None, max_items: int | None = None):
+        self.model, self.sp_group, self.max_items = model, sp_group, max_items
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        if any(p.requires_grad for p in [*model.vision_tower.parameters(), *model.mm_projector.parameters()]):
+            warnings.warn("the vision tower or projector is trainable: cached video embeddings go stale when "
+                          "it trains; call cache.clear() after every optimizer step (or model.freeze_vision())")
+        self.vision_id = vision_fingerprint(model)
+        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = self.vision_runs = 0
+        self._warned = False
+
+    def key(self, video_path, sampling) -> str:
+        path = os.path.abspath(video_path)
+        st = os.stat(path)
+        sampling_key = sampling if isinstance(sampling, str) else sampling.key()
+        return json.dumps([path, st.st_size, st.st_mtime_ns, sampling_key, self.vision_id])
+
+    def get(self, video_path, sampling, frames_fn, encode_fn) -> torch.Tensor:
+        """Video embeddings [T * tokens_per_frame, D]: from memory, else disk, else encode_fn(frames_fn())."""
+        key = self.key(video_path, sampling)
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            self.hits += 1
+            return self._memory[key]
+        embeds = self._load(key)
+        if self._all_ranks_agree(embeds is not None):
+            self.hits += 1
+        else:
+            self.misses += 1
+            embeds = encode_fn(frames_fn())
+            self.vision_runs += 1
+            self._save(key, embeds)
+        self._memory[key] = embeds
+        if self.max_items is not None and len(self._memory) > self.max_items:
+            self._memory.popitem(last=False)
+        return embeds
+
+    def clear(self) -> None:
+        """Forget the in-memory entries and re-fingerprint the vision weights (after they trained)."""
+        self._memory.clear()
+        self.vision_id = vision_fingerprint(self.model)
+
+    def path(self, key: str) -> Path:
+        return self.cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()}.safetensors"
+
+    def _load(self, key: str) -> torch.Tensor | None:
+        if self.cache_dir is None or not self.path(key).exists():
+            return None
+        path = self.path(key)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                embeds = f.get_tensor("video_embeds")
+        except Exception as e:  # truncated or garbage: safetensors raises its own error types
+            return self._reject(path, f"unreadable ({e})")
+        if meta.get("key") != key:
+            return self._reject(path, "written for another video, sampling or vision tower")
+        tpf, D = self.model.config.tokens_per_frame, self.model.config.llm_hidden
+        shape = list(embeds.shape)
+        if json.loads(meta.get("shape", "null")) != shape or len(shape) != 2 or shape[1] != D \
+                or shape[0] == 0 or shape[0] % tpf:
+            return self._reject(path, f"shape {shape}, expected [frames * {tpf}, {D}] as recorded")
+        return embeds.to(self.model.device)
+
+    def _reject(self, path: Path, why: str) -> None:
+        if not self._warned:
+            warnings.warn(f"video-embedding cache file {path} is {why}; recomputing it "
+                          "(further bad files are recomputed silently)")
+            self._warned = True
+        return None
+
+    def _save(self, key: str, embeds: torch.Tensor) -> None:
+        if self.cache_dir is None or group_rank(self.sp_group) != 0:
+            return
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({"video_embeds": embeds.detach().cpu().contiguous()}, tmp,
+                      metadata={"key": key, "shape": json.dumps(list(embeds.shape))})
+            os.replace(tmp, self.path(key))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _all_ranks_agree(self, found: bool) -> bool:
+        """True only if every rank of the SP group found the entry (a MIN all-reduce)."""
+        if group_size(self.sp_group) == 1:
+            return found
+        flag = torch.tensor([int(found)], device=self.model.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.sp_group)
+        return bool(flag.item())

@@ -1,0 +1,49 @@
+"""Run a function on N real processes, as torchrun would: for distributed tests on a CPU (gloo).
+
+    results = run_ranks(my_job, 2, "some", "args")   # [rank 0's return value, rank 1's]
+
+Each process gets the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a
+free local port) and one CPU thread, calls `fn(*args)`, and returns its result through a torch.save
+file. `fn` must be importable by name (a module-level function), because processes are spawned.
+A rank that raises fails the whole run with its traceback; a run that hangs is killed after `timeout`.
+"""
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        result = fn(*args)
+    finally:
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+
+
+def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.start_processes(_entry, args=(world_size, free_port(), out_dir, fn, args),
+                                 nprocs=world_size, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=1.0):  # raises if a rank failed
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise TimeoutError(f"{fn.__name__} on {world_size} ranks did not finish in {timeout:.0f} s")
+        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

@@ -214,12 +214,14 @@ class VideoLM(nn.Module):
     # ---- log-probs ----
 
     def token_logprobs(self, batch: SequenceBatch, temperature: float = 1.0,
-                       chunk_rows: int = 4096) -> torch.Tensor:
+                       chunk_rows: int = 4096, num_chunks: int | None = None) -> torch.Tensor:
         """Log-prob of every target token under the LLM: [B, S], zero where targets == IGNORE.
 
         Logits are computed only at scored positions and `chunk_rows` at a time: a long video is
         hundreds of thousands of positions and a full [S, vocab] logit tensor would not fit.
         `batch` may be a sequence-parallel shard (mrsp.py): positions then come from `position_ids`.
+        `num_chunks` fixes how many times the LM head runs (some chunks may be empty): under FSDP every
+        rank must make the same calls, however many positions its shard scores.
         """
         hidden = self.llm.get_decoder()(inputs_embeds=batch.inputs_embeds, position_ids=batch.position_ids,
                                         use_cache=False).last_hidden_state       # [B, S, D]
@@ -227,16 +229,16 @@ class VideoLM(nn.Module):
         h = hidden[mask]                                                          # [N, D]
         tgt = batch.targets[mask]                                                 # [N]
         lm_head = self.llm.get_output_embeddings()
+        num_chunks = num_chunks or max(1, math.ceil(len(h) / chunk_rows))
         pieces = []
-        for start in range(0, len(h), chunk_rows):
-            logits = lm_head(h[start:start + chunk_rows]).float() / temperature   # [n, V]
+        for rows in torch.tensor_split(torch.arange(len(h), device=h.device), num_chunks):
+            logits = lm_head(h[rows]).float() / temperature                      # [n, V]
             logp = torch.log_softmax(logits, dim=-1)
-            pieces.append(logp.gather(1, tgt[start:start + chunk_rows, None]).squeeze(1))  # [n]
+            pieces.append(logp.gather(1, tgt[rows, None]).squeeze(1))              # [n]
         out = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)  # [B, S]
-        if not pieces:
-            # Nothing to score (e.g. a sequence-parallel shard that is all video): stay connected to the
-            # graph anyway, so backward still runs the collectives that the other SP ranks wait in.
-            return out + 0 * hidden.sum()
+        # Even with nothing to score (a sequence-parallel shard that is all video) the result goes through
+        # the LM head and the decoder: every rank's graph has the same shape, so backward runs the same
+        # collectives (Ulysses all-to-alls, FSDP reduce-scatters) in the same order everywhere.
         return out.masked_scatter(mask, torch.cat(pieces))
 
     # ---- save / load ----

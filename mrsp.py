@@ -329,7 +329,7 @@ def shard_sequence(batch: SequenceBatch, sp_rank: int, sp_size: int) -> Sequence
 
 
 def sp_token_logprobs(model: VideoLM, batch: SequenceBatch, sp_group,
-                      temperature: float = 1.0) -> torch.Tensor:
+                      temperature: float = 1.0, num_chunks: int | None = None) -> torch.Tensor:
     """`model.token_logprobs(batch)` computed sequence-parallel: [B, S], the full length on every SP rank.
 
     Each rank runs the LLM on its shard (Ulysses attention must be enabled for sp > 1), then the
@@ -344,7 +344,7 @@ def sp_token_logprobs(model: VideoLM, batch: SequenceBatch, sp_group,
                            "call enable_ulysses(model, sp_group) first")
     S = batch.targets.shape[1]
     shard = shard_sequence(batch, sp_rank, sp_size)
-    local = model.token_logprobs(shard, temperature)                          # [B, S_pad/sp]
+    local = model.token_logprobs(shard, temperature, num_chunks=num_chunks)   # [B, S_pad/sp]
     return gather_sequence(local, dim=1, group=sp_group)[:, :S]               # [B, S_pad/sp] -> [B, S]
 
 

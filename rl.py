@@ -1,0 +1,364 @@
+"""Stage 2: GRPO reinforcement learning of a VideoLM on long-video QA, with MR-SP and a rollout engine.
+
+One step (shared/DESIGN.md, "How a GRPO step flows"):
+  1. sample      each data-parallel rank takes --batch-size records
+  2. encode      MR-SP stage 1: each video's frames are encoded once, split over the SP group, and
+                 cached; every later use in this step (and later steps: the vision tower is frozen)
+                 reuses that encoding
+  3. rollout     the prompt embeddings (text + cached video) go to the engine, which samples
+                 --group-size responses per prompt from one prefill
+  4. rewards     0.9 x accuracy + 0.1 x format (weights configurable)
+  5. advantages  group-normalised: (r - mean) / (std + 1e-6), or without the std (Dr. GRPO)
+  6. update      old-policy and reference log-probs, then the clipped policy loss with a k3 KL term;
+                 the long sequences are sharded over the SP group (MR-SP stage 2, Ulysses attention)
+  7. sync        the new LLM weights go into the engine in place; metrics; checkpoint
+
+Run:
+    python rl.py --init runs/sft/final --data data/synth/train.jsonl --out runs/rl
+    torchrun --nproc-per-node 2 rl.py --init runs/sft/final --data data/synth/train.jsonl --out runs/rl --sp-size 2
+Writes OUT/metrics.jsonl (one row per step), OUT/checkpoint-STEP/, OUT/final/ and OUT/rl_curves.png.
+"""
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import data
+import eval as evaluation
+import model as M
+import mrsp
+import rollout
+import sft
+
+# ---- rewards ----
+
+def format_reward(response: str) -> float:
+    """1.0 when the whole response is <think>...</think><answer>...</answer>, nothing nested, answer not empty.
+
+    Example: format_reward("<think>red</think><answer>B</answer>") == 1.0; format_reward("<answer>B</answer>") == 0.0
+    """
+    return 1.0 if evaluation.is_well_formed(response) else 0.0
+
+
+def accuracy_reward(record: data.Record, response: str) -> float:
+    """1.0 when the answer matches the ground truth (option letter, number within tolerance, or exact text)."""
+    return 1.0 if evaluation.score_answer(record, response)[0] else 0.0
+
+
+# ---- GRPO: advantages, policy loss, KL ----
+
+def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantage of each response relative to its group.   rewards: [N, G] -> [N, G]
+
+        A_ij = (r_ij - mean_j r_ij) / (std_j r_ij + eps)      (scale_by_std=False: r_ij - mean_j r_ij, Dr. GRPO)
+
+    std is the unbiased sample std. A group whose rewards are all equal gets A = 0: it carries no signal.
+    Example: [[1, 0, 0, 1]] -> [[0.866, -0.866, -0.866, 0.866]].
+    """
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if not scale_by_std:
+        return centred
+    return centred / (rewards.std(dim=1, keepdim=True) + eps)
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(policy || reference) from samples of the policy:
+
+        k3 = exp(ref - logp) - (ref - logp) - 1   >= 0, unbiased, low variance (Schulman, "Approximating KL").
+    """
+    log_ratio = ref_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Reduce a per-token loss [B, S] to a scalar over the response tokens (mask [B, S]).
+
+        token-mean           sum_i sum_t l_it / sum_i |o_i|          every token weighs the same (default, DAPO)
+        seq-mean-token-mean  1/B sum_i (1/|o_i|) sum_t l_it         the original GRPO: long answers weigh less per token
+        seq-mean-token-sum   1/B sum_i sum_t l_it                   Dr. GRPO style: no length normalisation
+    """
+    mask = mask.to(per_token.dtype)
+    if mode == "token-mean":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    per_seq = (per_token * mask).sum(dim=1)
+    if mode == "seq-mean-token-mean":
+        per_seq = per_seq / mask.sum(dim=1).clamp(min=1)
+    elif mode != "seq-mean-token-sum":
+        raise ValueError(f"unknown --loss-agg {mode!r}")
+    return per_seq.mean()
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_high=0.3, dual_clip=3.0,
+                loss_agg="token-mean"):
+    """Clipped-ratio policy-gradient loss with separate low/high clip and dual clip.   all inputs [B, S]
+
+        r = exp(logp - logp_old)
+        l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))
+        l = min(l, -A dual_clip)   where A < 0   (bounds the loss when a bad action became very likely)
+
+    Returns (loss, clip_fraction): the share of response tokens where clipping changed the loss.
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    per_token = torch.where(advantages < 0, torch.minimum(per_token, -advantages * dual_clip), per_token)
+    clip_frac = ((clipped > unclipped) & mask).sum() / mask.sum().clamp(min=1)
+    return aggregate(per_token, mask, loss_agg), clip_frac.detach()
+
+
+# ---- the step's data ----
+
+@dataclass
+class Episode:
+    """One sampled response with everything the update needs."""
+    record: data.Record
+    sample: rollout.Sample
+    reward: float
+    accuracy: float
+    format: float
+    advantage: float = 0.0
+
+
+def score_group(record: data.Record, samples: list, tokenizer, args) -> list[Episode]:
+    episodes = []
+    for s in samples:
+        acc, fmt = accuracy_reward(record, s.text), format_reward(s.text)
+        episodes.append(Episode(record, s, args.accuracy_weight * acc + args.format_weight * fmt, acc, fmt))
+    return episodes
+
+
+def broadcast_episodes(groups, ps: mrsp.ParallelState):
+    """Rollout runs on the first rank of each SP group; the others receive its samples."""
+    if ps.sp_size == 1:
+        return groups
+    box = [groups]
+    dist.broadcast_object_list(box, group_src=0, group=ps.sp_group)
+    return box[0]
+
+
+def batch_logprobs(model, prompt_fn, episodes, ps, temperature) -> torch.Tensor:
+    """Per-token log-probs [B, S] of the episodes' responses under `model` (sharded over SP)."""
+    batch = model.build_sequence_batch([prompt_fn(e.record) for e in episodes],
+                                       [e.sample.token_ids for e in episodes])
+    return sft.sequence_logprobs(model, batch, ps, temperature), batch.loss_mask
+
+
+def sync_engine(engine, model, ps):
+    """Push the trainer's current LLM weights into the engine (collective: every rank gathers)."""
+    weights = sft.full_state_dict(model, ps)
+    if engine is not None:
+        engine.sync_weights((k[len("llm."):], v) for k, v in weights.items() if k.startswith("llm."))
+
+
+# ---- main ----
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--init", required=True, help="checkpoint to start from (usually the SFT run's final/)")
+    ap.add_argument("--data", required=True, help="training records (.jsonl)")
+    ap.add_argument("--out", required=True, help="output folder")
+    sft.add_video_args(ap)
+    ap.add_argument("--steps", type=int, default=30, help="GRPO steps (one rollout batch each)")
+    ap.add_argument("--batch-size", type=int, default=8, help="prompts per step per data-parallel rank")
+    ap.add_argument("--group-size", type=int, default=5, help="responses sampled per prompt (G)")
+    ap.add_argument("--mini-batches", type=int, default=1,
+                    help="optimizer updates per rollout batch (the batch is split; >1 makes the clip matter)")
+    ap.add_argument("--micro-batch-size", type=int, default=16, help="sequences per forward/backward")
+    ap.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (the paper's 1e-6 suits 7B)")
+    ap.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
+    ap.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
+    ap.add_argument("--kl-coef", type=float, default=1e-2, help="weight of the k3 KL to the reference (0: no reference)")
+    ap.add_argument("--clip-low", type=float, default=0.2, help="ratio clip below: 1 - clip_low")
+    ap.add_argument("--clip-high", type=float, default=0.3, help="ratio clip above: 1 + clip_high")
+    ap.add_argument("--dual-clip", type=float, default=3.0, help="dual-clip bound for negative advantages")
+    ap.add_argument("--loss-agg", default="token-mean",
+                    choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"], help="see aggregate()")
+    ap.add_argument("--no-std-norm", action="store_true", help="advantages without the std division (Dr. GRPO)")
+    ap.add_argument("--accuracy-weight", type=float, default=0.9, help="reward weight of accuracy")
+    ap.add_argument("--format-weight", type=float, default=0.1, help="reward weight of the think/answer format")
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="longest response")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    ap.add_argument("--top-p", type=float, default=0.99, help="nucleus sampling")
+    ap.add_argument("--engine", choices=["vllm", "torch"], default="vllm", help="rollout engine")
+    ap.add_argument("--max-model-len", type=int, default=8192, help="engine's longest prompt + response")
+    ap.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
+                    help="keep the vision tower and projector fixed, as LongVILA-R1 (required for the cache)")
+    ap.add_argument("--embed-cache-dir", default=None, help="also keep video embeddings on disk here")
+    ap.add_argument("--sp-size", type=int, default=1, help="sequence-parallel group size (MR-SP)")
+    ap.add_argument("--grad-checkpointing", action="store_true", help="recompute LLM activations in backward")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
+                    help="bf16 autocast (default on a GPU)")
+    ap.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps (0: only final)")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    ap.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
+    args = ap.parse_args(argv)
+    if not args.freeze_vision:
+        ap.error("this implementation trains RL with a frozen vision tower (as LongVILA-R1): "
+                 "the cached video embeddings would go stale otherwise")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ps = mrsp.init_distributed(args.sp_size)
+    torch.manual_seed(args.seed + ps.rank)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    resume_from = sft.latest_checkpoint(out) if args.resume else None
+    start = Path(resume_from or args.init)
+
+    # ---- policy, reference, optimizer, engine ----
+    policy = M.VideoLM.load(start, device=ps.device)
+    policy.freeze_vision()
+    if args.grad_checkpointing:
+        policy.llm.gradient_checkpointing_enable()
+    reference = None
+    if args.kl_coef > 0:
+        reference = M.VideoLM.load(args.init, device=ps.device).eval()  # the reference stays the initial policy
+        reference.requires_grad_(False)
+    if ps.sp_size > 1:
+        for m in (policy, reference):
+            if m is not None:
+                mrsp.enable_ulysses(m, ps.sp_group)
+    sft.shard_model(policy, ps)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    start_step = sft.load_trainer_state(resume_from, policy, optimizer, ps)["step"] if resume_from else 0
+    engine = None
+    if ps.sp_rank == 0:
+        engine = rollout.make_engine(args.engine, M.VideoLM.load(start) if ps.world_size > 1 else policy,
+                                     start / "llm", max_model_len=args.max_model_len, seed=args.seed)
+
+    records = data.load_records(args.data)
+    sampling = sft.sampling_from_args(args)
+    cache = mrsp.VideoEmbeddingCache(policy, cache_dir=args.embed_cache_dir, sp_group=ps.sp_group)
+    policy_prompt = sft.VideoPrompts(policy, sampling, ps, cache)
+    reference_prompt = sft.VideoPrompts(reference, sampling, ps, cache) if reference is not None else None
+    log = sft.MetricsLog(out, enabled=ps.rank == 0, resume_step=start_step)
+
+    from tqdm import tqdm
+    bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=ps.rank != 0, desc="grpo")
+    for step in bar:
+        timing = {}
+        tick = time.time()
+        vision_runs_before = cache.vision_runs
+        # ---- 1. sample ----
+        recs = sft.records_for_step(records, step, args.batch_size, ps, args.seed)
+
+        # ---- 2. MR-SP stage 1: encode each video once (cached) ----
+        with torch.no_grad():
+            prompts = [policy_prompt(r) for r in recs]                        # [L_i, D] each
+        timing["time_encode"], tick = time.time() - tick, time.time()
+
+        # ---- 3. rollout: G responses per prompt, one prefill each ----
+        groups = None
+        if engine is not None:
+            seed = args.seed + 100_003 * (step * ps.dp_size + ps.dp_rank)    # own seeds per step and rank
+            groups = engine.generate(prompts, n=args.group_size, max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, top_p=args.top_p, seed=seed)
+        groups = broadcast_episodes(groups, ps)
+        timing["time_rollout"], tick = time.time() - tick, time.time()
+
+        # ---- 4. rewards, 5. advantages ----
+        episodes_by_group = [score_group(r, g, policy.tokenizer, args) for r, g in zip(recs, groups)]
+        rewards = torch.tensor([[e.reward for e in g] for g in episodes_by_group])           # [N, G]
+        advantages = group_advantages(rewards, scale_by_std=not args.no_std_norm)              # [N, G]
+        for g, adv in zip(episodes_by_group, advantages):
+            for e, a in zip(g, adv.tolist()):
+                e.advantage = a
+        episodes = [e for g in episodes_by_group for e in g]
+        no_signal = int((rewards.max(dim=1).values == rewards.min(dim=1).values).sum())
+
+        # ---- 6a. old-policy and reference log-probs (no grad) ----
+        old_lp, ref_lp, gap = [], [], 0.0
+        with torch.no_grad(), sft.autocast(ps.device, args.bf16):
+            for chunk in chunks(episodes, args.micro_batch_size):
+                lp, mask = batch_logprobs(policy, policy_prompt, chunk, ps, args.temperature)
+                old_lp.append(lp)
+                gap = max(gap, engine_gap(lp, mask, chunk))
+                if reference is not None:
+                    ref_lp.append(batch_logprobs(reference, reference_prompt, chunk, ps, args.temperature)[0])
+        timing["time_logprobs"], tick = time.time() - tick, time.time()
+
+        # ---- 6b. policy update: clipped ratio + k3 KL, sequences sharded over SP ----
+        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
+        micro = list(chunks(list(range(len(episodes))), args.micro_batch_size))
+        mini = split_even(micro, args.mini_batches)
+        for mini_batch in mini:
+            for idx_chunk in mini_batch:
+                chunk_eps = [episodes[i] for i in idx_chunk]
+                k = micro.index(idx_chunk)
+                with sft.autocast(ps.device, args.bf16):
+                    lp, mask = batch_logprobs(policy, policy_prompt, chunk_eps, ps, args.temperature)
+                    adv = torch.tensor([e.advantage for e in chunk_eps], device=lp.device)[:, None].expand_as(lp)
+                    pg, clip_frac = policy_loss(lp, old_lp[k], adv, mask, args.clip_low, args.clip_high,
+                                                args.dual_clip, args.loss_agg)
+                    kl = aggregate(kl_k3(lp, ref_lp[k]), mask, args.loss_agg) if ref_lp else torch.zeros(())
+                    loss = pg + args.kl_coef * kl
+                # FSDP averages over all ranks; x sp_size makes that a sum over the SP group (see sft.py).
+                (loss * ps.sp_size / len(mini_batch)).backward()
+                weight = 1 / len(micro)
+                stats["loss"] += loss.item() * weight
+                stats["kl"] += kl.item() * weight
+                stats["clip_frac"] += clip_frac.item() * weight
+            stats["grad_norm"] += sft.clip_grad_norm(params, args.max_grad_norm) / len(mini)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        timing["time_update"], tick = time.time() - tick, time.time()
+
+        # ---- 7. sync weights into the engine, log, checkpoint ----
+        sync_engine(engine, policy, ps)
+        timing["time_sync"] = time.time() - tick
+        row = {"step": step + 1,
+               "reward": rewards.mean().item(),
+               "accuracy": sum(e.accuracy for e in episodes) / len(episodes),
+               "format": sum(e.format for e in episodes) / len(episodes),
+               "response_len": sum(len(e.sample.token_ids) for e in episodes) / len(episodes),
+               "no_signal_groups": no_signal, **stats, **timing,
+               "vision_runs": cache.vision_runs - vision_runs_before, "logprob_gap_max": gap}
+        row = sft.reduce_metrics(row, ps, sum_keys=("no_signal_groups", "vision_runs"))
+        log.log(row)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            sft.save_checkpoint(out, step + 1, policy, optimizer, ps)
+
+    # ---- finish ----
+    weights = sft.full_state_dict(policy, ps)
+    if ps.rank == 0:
+        policy.save(out / "final", weights)
+        sft.plot_metrics(log.path, ["reward", "accuracy", "format", "kl", "response_len"], out / "rl_curves.png",
+                         f"GRPO: {args.data}")
+        print(f"wrote {out / 'final'} and {out / 'rl_curves.png'}")
+    del engine  # before the process group goes: an in-process vLLM engine holds groups of its own
+    sft.shutdown(ps)
+
+
+def engine_gap(trainer_lp: torch.Tensor, mask: torch.Tensor, episodes) -> float:
+    """Largest |engine log-prob - trainer log-prob| over the sampled tokens: the rollout/training
+    mismatch RL frameworks watch (it grows with bf16, kernels that differ, or a missed weight sync)."""
+    gap = 0.0
+    for row, e in enumerate(episodes):
+        mine = trainer_lp[row][mask[row]]
+        theirs = torch.tensor(e.sample.logprobs, dtype=mine.dtype, device=mine.device)
+        gap = max(gap, (mine - theirs).abs().max().item())
+    return gap
+
+
+def chunks(items, size):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def split_even(items, parts):
+    """Split a list into `parts` contiguous pieces of near-equal length (empty pieces dropped)."""
+    parts = max(1, min(parts, len(items)))
+    bounds = [round(i * len(items) / parts) for i in range(parts + 1)]
+    return [items[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+if __name__ == "__main__":
+    main()

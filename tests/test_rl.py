@@ -1,0 +1,202 @@
+"""GRPO: the loss pieces against hand-computed values, rewards on hostile outputs, and real short runs
+(learning on an easy task, kill + resume, sequence parallel vs one process)."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import model
+import rl
+import sft
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- advantages, KL, aggregation, policy loss ----
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]])
+    adv = rl.group_advantages(rewards)
+    std = math.sqrt(1 / 3)  # unbiased std of [1, 0, 0, 1]
+    expected = torch.tensor([[0.5, -0.5, -0.5, 0.5]]) / (std + 1e-6)
+    torch.testing.assert_close(adv[:1], expected)
+    assert (adv[1] == 0).all()  # a group of equal rewards carries no signal
+    torch.testing.assert_close(rl.group_advantages(rewards, scale_by_std=False)[0],
+                               torch.tensor([0.5, -0.5, -0.5, 0.5]))
+
+
+def test_kl_k3_by_hand():
+    logp = torch.tensor([-1.0, -2.0, -0.5])
+    ref = torch.tensor([-1.0, -1.0, -1.5])
+    d = ref - logp  # [0, 1, -1]
+    expected = torch.exp(d) - d - 1  # [0, e - 2, 1/e]
+    torch.testing.assert_close(rl.kl_k3(logp, ref), expected)
+    assert rl.kl_k3(logp, ref)[0] == 0 and (rl.kl_k3(logp, ref) >= 0).all()
+
+
+def test_each_loss_aggregation_by_hand():
+    per_token = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    assert rl.aggregate(per_token, mask, "token-mean").item() == pytest.approx((1 + 2 + 3 + 4) / 4)
+    assert rl.aggregate(per_token, mask, "seq-mean-token-mean").item() == pytest.approx((6 / 3 + 4 / 1) / 2)
+    assert rl.aggregate(per_token, mask, "seq-mean-token-sum").item() == pytest.approx((6 + 4) / 2)
+    with pytest.raises(ValueError, match="loss-agg"):
+        rl.aggregate(per_token, mask, "sum")
+
+
+def test_policy_loss_clips_low_high_and_dual_by_hand():
+    old = torch.zeros(1, 4)
+    # ratios e^x: 1.5 (above 1 + 0.3), 0.5 (below 1 - 0.2), 1.1 (inside), 5.0 (dual clip territory)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1, 5.0]]))
+    adv = torch.tensor([[1.0, -1.0, 2.0, -1.0]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    loss, clip_frac = rl.policy_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.3, dual_clip=3.0)
+    per_token = [
+        -1.0 * 1.3,             # A>0, r=1.5: max(-1.5, -1.3) = -1.3 (clipped at 1 + clip_high)
+        max(0.5, 0.8),          # A<0, r=0.5: max(0.5, 0.8) = 0.8 (clipped at 1 - clip_low); below dual bound 3
+        -2.0 * 1.1,             # inside the clip range
+        min(max(5.0, 1.3), 3.0),  # A<0, r=5: max gives 5.0, the dual clip bounds it at -A * 3 = 3
+    ]
+    assert loss.item() == pytest.approx(sum(per_token) / 4, abs=1e-6)
+    assert clip_frac.item() == pytest.approx(2 / 4)  # tokens 1 and 2 were clipped by the ratio clip
+
+
+def test_policy_gradient_pushes_up_positive_advantages():
+    logp = torch.zeros(1, 2, requires_grad=True)
+    loss, _ = rl.policy_loss(logp, logp.detach(), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2, dtype=torch.bool))
+    loss.backward()
+    assert logp.grad[0, 0] < 0 < logp.grad[0, 1]  # descent raises the good token, lowers the bad one
+
+
+# ---- rewards on hostile outputs ----
+
+def mc_record(answer="B"):
+    return data.Record(problem_id="x", video="v.mp4", problem="Which colour?", options=["red", "blue", "green", "cyan"],
+                       problem_type="multiple_choice", reasoning="", answer=answer)
+
+
+@pytest.mark.parametrize("response, fmt, acc", [
+    ("<think>blue scenes</think><answer>B</answer>", 1, 1),
+    ("<think>x</think><answer>A</answer>", 1, 0),
+    ("<think>x</think>\n<answer> B </answer>", 1, 1),
+    ("<answer>B</answer>", 0, 1),                                  # no thinking: right answer, wrong format
+    ("<think>x</think><answer>B</answer><answer>C</answer>", 0, 0),  # two answers: the last counts, format broken
+    ("<think>x</think><answer>A, B</answer>", 1, 0),               # several options named
+    ("<think><think>x</think></think><answer>B</answer>", 0, 1),   # nested tags
+    ("<think>x</think><answer>B", 0, 1),                           # unclosed answer: read as plain text
+    ("", 0, 0),
+    ("<think>" + "blue " * 5000 + "</think>", 0, 0),               # maximal length, never answers
+    ("<think>x</think><answer></answer>", 0, 0),
+])
+def test_rewards_on_hostile_outputs(response, fmt, acc):
+    assert rl.format_reward(response) == fmt
+    assert rl.accuracy_reward(mc_record("B"), response) == acc
+
+
+def test_numerical_and_free_form_accuracy():
+    num = data.Record("n", "v.mp4", "How many?", [], "numerical", "", "3")
+    assert rl.accuracy_reward(num, "<think>.</think><answer>3.0</answer>") == 1
+    assert rl.accuracy_reward(num, "<think>.</think><answer>4</answer>") == 0
+    free = data.Record("f", "v.mp4", "Colour?", [], "free_form", "", "dark blue")
+    assert rl.accuracy_reward(free, "<think>.</think><answer>Dark  Blue</answer>") == 1
+
+
+def test_split_even():
+    assert rl.split_even([1, 2, 3, 4, 5], 2) == [[1, 2], [3, 4, 5]]
+    assert rl.split_even([1], 3) == [[1]]
+
+
+# ---- real runs on an easy task ----
+
+@pytest.fixture(scope="module")
+def easy_task(tmp_path_factory):
+    """Synthetic videos whose correct option is always A, and a tiny model briefly SFT-ed on them
+    (so it writes the think/answer format and answers some letter)."""
+    root = tmp_path_factory.mktemp("easy")
+    data.main(["synth", "--out", str(root / "data"), "--n", "12", "--seed", "3", "--max-scenes", "4",
+               "--test-frac", "0.01"])
+    rows = [json.loads(line) for line in (root / "data" / "train.jsonl").read_text().splitlines()]
+    for row in rows:  # move the correct option to the front
+        i = ord(row["answer"]) - ord("A")
+        row["options"] = [row["options"][i]] + row["options"][:i] + row["options"][i + 1:]
+        row["answer"] = "A"
+    easy = root / "data" / "easy.jsonl"
+    easy.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model.main(["init", "--out", str(root / "init"), "--data", str(easy)])
+    # SFT on the original (balanced) answers: the format is learned, the letter is not yet biased to A
+    sft.main(["--init", str(root / "init"), "--data", str(root / "data" / "train.jsonl"), "--out", str(root / "sft"),
+              "--steps", "80", "--batch-size", "4", "--lr", "3e-3", "--num-frames", "8", "--save-every", "0"])
+    return {"data": easy, "init": root / "sft" / "final", "root": root}
+
+
+RL_ARGS = ["--num-frames", "8", "--batch-size", "4", "--group-size", "4", "--max-new-tokens", "64",
+           "--engine", "torch", "--lr", "1e-3", "--kl-coef", "0.01"]
+
+
+def rows_of(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_rl_run_raises_reward_on_easy_task(easy_task, tmp_path):
+    rl.main(["--init", str(easy_task["init"]), "--data", str(easy_task["data"]), "--out", str(tmp_path),
+             "--steps", "12", "--save-every", "0", *RL_ARGS])
+    rows = rows_of(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    # step 1's reward is the SFT policy's (rewards are measured before the update); the last steps' after RL
+    first, last = rows[:2], rows[-4:]
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
+    assert mean(last, "reward") > mean(first, "reward") + 0.25, [round(r["reward"], 3) for r in rows]
+    assert sum(r["vision_runs"] for r in rows) == 12  # each of the 12 training videos encoded once, then cached
+    assert (tmp_path / "final" / "llm" / "model.safetensors").exists() and (tmp_path / "rl_curves.png").exists()
+
+
+def test_killed_run_resumes_to_the_same_metrics(easy_task, tmp_path):
+    args = ["--init", str(easy_task["init"]), "--data", str(easy_task["data"]), "--steps", "4",
+            "--save-every", "2", *RL_ARGS]
+    rl.main(args + ["--out", str(tmp_path / "whole")])
+
+    # the same run, killed (SIGKILL) once its first checkpoint is complete, then resumed
+    cmd = [sys.executable, "rl.py", *args, "--out", str(tmp_path / "killed")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while sft.latest_checkpoint(tmp_path / "killed") is None and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "final").exists()
+    rl.main(args + ["--out", str(tmp_path / "killed"), "--resume"])
+
+    # timings differ, and so do vision-tower runs: the resumed process starts with a cold embedding cache
+    volatile = lambda r: {k: v for k, v in r.items() if not k.startswith("time_") and k != "vision_runs"}
+    whole, resumed = rows_of(tmp_path / "whole"), rows_of(tmp_path / "killed")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(whole, resumed):
+        assert volatile(a).keys() == volatile(b).keys()
+        for k in volatile(a):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
+
+
+def test_sp2_training_step_updates_weights_like_one_process(easy_task, tmp_path):
+    args = ["--init", str(easy_task["init"]), "--data", str(easy_task["data"]), "--steps", "1",
+            "--save-every", "0", *RL_ARGS]
+    rl.main(args + ["--out", str(tmp_path / "sp1")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "rl.py", *args, "--out", str(tmp_path / "sp2"), "--sp-size", "2"],
+                   cwd=ROOT, check=True, env=env, capture_output=True)
+    before = load_file(str(easy_task["init"] / "llm" / "model.safetensors"))
+    one = load_file(str(tmp_path / "sp1" / "final" / "llm" / "model.safetensors"))
+    two = load_file(str(tmp_path / "sp2" / "final" / "llm" / "model.safetensors"))
+    moved = max((one[k] - before[k]).abs().max().item() for k in one)
+    assert moved > 1e-5  # the step did change the weights
+    for k in one:  # AdamW's first step is lr * g/|g|: equal gradients give equal updates
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=2e-5, msg=k)
+    assert rows_of(tmp_path / "sp2")[0]["reward"] == pytest.approx(rows_of(tmp_path / "sp1")[0]["reward"])

@@ -498,10 +498,14 @@ def synth_record(index: int, category: str, answer_pos: int, rng: np.random.Gene
     problem_id = f"synth-{index:06d}"
     walk = " ".join(f"Scene {i + 1} is {s}." for i, s in enumerate(scenes))
     k = len(scenes)
+    if args.answers == "open":  # the value itself: a colour name (free_form) or a count (numerical)
+        options, problem_type, answer = [], "numerical" if category == "count" else "free_form", truth
+    else:
+        problem_type, answer = "multiple_choice", option_letter(answer_pos)
     record = {
         "problem_id": problem_id, "videos": f"videos/{problem_id}.mp4", "problem": problem,
-        "options": options, "problem_type": "multiple_choice", "reasoning": f"{walk} {conclusion}",
-        "answer": option_letter(answer_pos),
+        "options": options, "problem_type": problem_type, "reasoning": f"{walk} {conclusion}",
+        "answer": answer,
         "duration": "short" if k <= 4 else "medium" if k <= 6 else "long", "category": category,
         "duration_s": k * args.frames_per_scene / args.video_fps,
     }
@@ -578,6 +582,9 @@ def main(argv=None) -> int:
     p.add_argument("--video-fps", type=float, default=4.0, help="frame rate of the written videos")
     p.add_argument("--size", type=int, default=64, help="frame width and height in pixels (even)")
     p.add_argument("--test-frac", type=float, default=0.2, help="fraction of videos in test.jsonl")
+    p.add_argument("--answers", choices=["choice", "open"], default="choice",
+                   help="choice: four lettered options; open: answer with the colour name or the count "
+                        "(no options; the same videos and questions)")
     p.set_defaults(run=cmd_synth)
 
     p = commands.add_parser("check", formatter_class=fmt, help="validate a JSONL record file")

@@ -332,3 +332,14 @@ def test_frames_command(counting_video, capsys):
     assert data.main(["frames", str(counting_video), "--fps", "1", "--image-size", "32"]) == 0
     out = capsys.readouterr().out
     assert "30 frames at 4 fps" in out and "[ 2,  6, 10, 14, 18, 22, 26]" in out and "(7, 32, 32, 3)" in out
+
+
+def test_synth_open_answers_ask_the_same_questions_without_options(synth_dir, tmp_path):
+    data.main(["synth", "--out", str(tmp_path / "open"), "--n", "6", "--seed", "1", "--answers", "open"])
+    choice = data.load_records(synth_dir / "train.jsonl") + data.load_records(synth_dir / "test.jsonl")
+    open_ = data.load_records(tmp_path / "open" / "train.jsonl") + data.load_records(tmp_path / "open" / "test.jsonl")
+    for c, o in zip(choice, open_):
+        assert (o.problem, o.reasoning, o.labels["category"]) == (c.problem, c.reasoning, c.labels["category"])
+        assert o.options == [] and o.answer == c.options[ord(c.answer) - ord("A")]
+        assert o.problem_type == ("numerical" if o.labels["category"] == "count" else "free_form")
+        assert o.answer in o.reasoning.rsplit(".", 2)[-2]  # the last sentence derives the answer

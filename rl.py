@@ -123,7 +123,7 @@ class Episode:
     advantage: float = 0.0
 
 
-def score_group(record: data.Record, samples: list, tokenizer, args) -> list[Episode]:
+def score_group(record: data.Record, samples: list, args) -> list[Episode]:
     episodes = []
     for s in samples:
         acc, fmt = accuracy_reward(record, s.text), format_reward(s.text)
@@ -151,6 +151,7 @@ def sync_engine(engine, model, ps):
     """Push the trainer's current LLM weights into the engine (collective: every rank gathers)."""
     weights = sft.full_state_dict(model, ps)
     if engine is not None:
+        engine.wake_up()
         engine.sync_weights((k[len("llm."):], v) for k, v in weights.items() if k.startswith("llm."))
 
 
@@ -185,6 +186,10 @@ def parse_args(argv=None):
     ap.add_argument("--top-p", type=float, default=0.99, help="nucleus sampling")
     ap.add_argument("--engine", choices=["vllm", "torch"], default="vllm", help="rollout engine")
     ap.add_argument("--max-model-len", type=int, default=8192, help="engine's longest prompt + response")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                    help="share of GPU memory the vLLM engine may take (the trainer needs the rest)")
+    ap.add_argument("--engine-sleep", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
+                    help="vLLM sleep mode: free the engine's GPU memory while training (GPU only)")
     ap.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
                     help="keep the vision tower and projector fixed, as LongVILA-R1 (required for the cache)")
     ap.add_argument("--embed-cache-dir", default=None, help="also keep video embeddings on disk here")
@@ -229,9 +234,14 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start_step = sft.load_trainer_state(resume_from, policy, optimizer, ps)["step"] if resume_from else 0
     engine = None
-    if ps.sp_rank == 0:
-        engine = rollout.make_engine(args.engine, M.VideoLM.load(start) if ps.world_size > 1 else policy,
-                                     start / "llm", max_model_len=args.max_model_len, seed=args.seed)
+    if ps.sp_rank == 0:  # one engine per SP group; the group's other ranks receive its samples
+        # Under FSDP the policy's weights are sharded and only this rank generates, so the torch engine
+        # decodes with an unsharded copy of its own, kept current by sync_engine.
+        separate = args.engine == "torch" and ps.world_size > 1
+        engine = rollout.make_engine(
+            args.engine, M.VideoLM.load(start, device=ps.device) if separate else policy, start / "llm",
+            max_model_len=args.max_model_len, seed=args.seed, dtype="bfloat16" if args.bf16 else "float32",
+            gpu_memory_utilization=args.gpu_memory_utilization, enable_sleep_mode=args.engine_sleep)
 
     records = data.load_records(args.data)
     sampling = sft.sampling_from_args(args)
@@ -260,11 +270,12 @@ def main(argv=None):
             seed = args.seed + 100_003 * (step * ps.dp_size + ps.dp_rank)    # own seeds per step and rank
             groups = engine.generate(prompts, n=args.group_size, max_new_tokens=args.max_new_tokens,
                                      temperature=args.temperature, top_p=args.top_p, seed=seed)
+            engine.sleep()  # give its memory to training until the next sync (no-op without sleep mode)
         groups = broadcast_episodes(groups, ps)
         timing["time_rollout"], tick = time.time() - tick, time.time()
 
         # ---- 4. rewards, 5. advantages ----
-        episodes_by_group = [score_group(r, g, policy.tokenizer, args) for r, g in zip(recs, groups)]
+        episodes_by_group = [score_group(r, g, args) for r, g in zip(recs, groups)]
         rewards = torch.tensor([[e.reward for e in g] for g in episodes_by_group])           # [N, G]
         advantages = group_advantages(rewards, scale_by_std=not args.no_std_norm)              # [N, G]
         for g, adv in zip(episodes_by_group, advantages):
@@ -320,7 +331,7 @@ def main(argv=None):
                "response_len": sum(len(e.sample.token_ids) for e in episodes) / len(episodes),
                "no_signal_groups": no_signal, **stats, **timing,
                "vision_runs": cache.vision_runs - vision_runs_before, "logprob_gap_max": gap}
-        row = sft.reduce_metrics(row, ps, sum_keys=("no_signal_groups", "vision_runs"))
+        row = sft.reduce_metrics(row, ps, sum_keys=("no_signal_groups", "vision_runs"), max_keys=("logprob_gap_max",))
         log.log(row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:

@@ -148,7 +148,18 @@ class TorchEngine:
         self.stop = stop_tokens(model.tokenizer, model.llm.generation_config)
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Nothing to do: this engine decodes with the trainer's own modules."""
+        """Copy the trainer's LLM weights (Hugging Face names) into this engine's model.
+
+        In one process the engine decodes with the trainer's own modules: the tensors are already its
+        parameters and nothing is copied. Under FSDP the engine holds an unsharded copy, updated here.
+        """
+        own = self.model.llm.state_dict()
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                if name not in own:
+                    raise KeyError(f"sync_weights: the engine's LLM has no weight named {name!r}")
+                if own[name].data_ptr() != tensor.data_ptr():
+                    own[name].copy_(tensor)
 
     def sleep(self) -> None:
         pass

@@ -69,15 +69,19 @@ def clip_grad_norm(params, max_norm: float) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-def reduce_metrics(row: dict, ps: mrsp.ParallelState, sum_keys=()) -> dict:
-    """Average a row of scalar metrics over the data-parallel ranks (sum the counts in `sum_keys`)."""
+def reduce_metrics(row: dict, ps: mrsp.ParallelState, sum_keys=(), max_keys=()) -> dict:
+    """Average a row of scalar metrics over the data-parallel ranks; sum the counts in `sum_keys`, take
+    the largest of `max_keys`."""
     if ps.dp_size == 1:
         return row
-    keys = sorted(row)
+    keys = [k for k in sorted(row) if k != "step"]
     values = torch.tensor([float(row[k]) for k in keys], dtype=torch.float64)
+    largest = values.clone()
     dist.all_reduce(values, group=ps.dp_group)
-    return {k: (v if k in sum_keys else v / ps.dp_size) if k != "step" else row[k]
-            for k, v in zip(keys, values.tolist())}
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=ps.dp_group)
+    out = {k: v if k in sum_keys else m if k in max_keys else v / ps.dp_size
+           for k, v, m in zip(keys, values.tolist(), largest.tolist())}
+    return {"step": row["step"], **out}
 
 
 def shutdown(ps: mrsp.ParallelState):

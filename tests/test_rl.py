@@ -200,3 +200,17 @@ def test_sp2_training_step_updates_weights_like_one_process(easy_task, tmp_path)
     for k in one:  # AdamW's first step is lr * g/|g|: equal gradients give equal updates
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=2e-5, msg=k)
     assert rows_of(tmp_path / "sp2")[0]["reward"] == pytest.approx(rows_of(tmp_path / "sp1")[0]["reward"])
+
+
+def test_rl_with_vllm_engine_keeps_engine_and_trainer_in_step(easy_task, tmp_path):
+    """Two steps with the real vLLM engine: after the first update the weights are synced into the engine,
+    so in step 2 its log-probs still match the trainer's (to the top-p renormalisation, -log 0.99 ~ 0.01).
+    Without the sync, a step at this learning rate moves log-probs far more than that."""
+    args = [a if a != "torch" else "vllm" for a in RL_ARGS]
+    rl.main(["--init", str(easy_task["init"]), "--data", str(easy_task["data"]), "--out", str(tmp_path),
+             "--steps", "2", "--save-every", "0", "--max-model-len", "1024", *args])
+    rows = rows_of(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["grad_norm"] > 0
+    for r in rows:
+        assert r["logprob_gap_max"] < 0.011, r

@@ -162,7 +162,8 @@ def main():
     engines = sub.add_parser("engines", formatter_class=fmt,
                              help="rollout throughput (generated tokens/s) of the torch and vLLM engines")
     engines.add_argument("--checkpoint", default=None, help="VideoLM checkpoint (default: a fresh tiny model)")
-    engines.add_argument("--engines", nargs="+", choices=["torch", "vllm"], default=["torch", "vllm"])
+    engines.add_argument("--engines", nargs="+", choices=["torch", "vllm"], default=["torch", "vllm"],
+                         help="which engines to measure")
     engines.add_argument("--prompts", type=int, nargs="+", default=[1, 4], help="prompts per generate call")
     engines.add_argument("--group-sizes", type=int, nargs="+", default=[1, 4, 8], help="samples per prompt (n)")
     engines.add_argument("--max-new-tokens", type=int, default=64, help="response length cap")

@@ -208,11 +208,15 @@ def plot_metrics(metrics_path, keys: list[str], png_path, title: str):
         return
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot(*zip(*pts), marker=".")
+        steps, values = zip(*[(r["step"], r[key]) for r in rows if key in r])
+        ax.plot(steps, values, marker=".", alpha=0.35, label="per step")
+        window = max(1, len(values) // 8)  # a rolling mean: one RL step's batch is a noisy sample
+        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, label=f"mean of {window}")
         ax.set_xlabel("step")
         ax.set_title(key)
         ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)

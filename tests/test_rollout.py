@@ -178,6 +178,17 @@ def test_torch_engine_uses_the_trainer_weights_without_sync(model, prompts):
     assert greedy(engine, prompts) == [argmax_loop(changed, p, 12, engine.stop.all) for p in prompts]
 
 
+def test_torch_engine_on_its_own_copy_follows_a_sync(model, prompts):
+    """Under FSDP rl.py gives the torch engine an unsharded copy of the policy; sync keeps it current."""
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.llm.get_output_embeddings().weight.mul_(-1)
+    engine = TorchEngine(copy.deepcopy(model), max_model_len=MAX_MODEL_LEN)
+    before = greedy(engine, prompts)
+    engine.sync_weights(changed.llm.state_dict().items())
+    assert greedy(engine, prompts) == [argmax_loop(changed, p, 12, engine.stop.all) for p in prompts] != before
+
+
 # ---- stopping ----
 
 def favour_token(model, token_id, logit=6.0):
@@ -203,13 +214,15 @@ def favour_token(model, token_id, logit=6.0):
 def test_stops_on_answer_and_eos_and_keeps_the_stop_token(engine, model, prompts, stop):
     token = engine.stop.answer_id if stop == "answer" else min(engine.stop.eos_ids)
     changed = favour_token(model, token)
-    if isinstance(engine, TorchEngine):
-        engine = TorchEngine(changed, max_model_len=MAX_MODEL_LEN)
-    try:
-        sync_from(engine, changed)
-        groups = engine.generate(prompts, n=4, max_new_tokens=8, temperature=1.0, seed=0)
-    finally:
-        sync_from(engine, model)
+    if isinstance(engine, TorchEngine):  # a throwaway engine on the changed model: nothing to sync back
+        groups = TorchEngine(changed, max_model_len=MAX_MODEL_LEN).generate(
+            prompts, n=4, max_new_tokens=8, temperature=1.0, seed=0)
+    else:
+        try:
+            sync_from(engine, changed)
+            groups = engine.generate(prompts, n=4, max_new_tokens=8, temperature=1.0, seed=0)
+        finally:
+            sync_from(engine, model)
     samples = [s for g in groups for s in g]
     for sample in samples:
         assert sample.token_ids.count(token) == (sample.finish_reason == stop)  # kept, and only at the end

@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny VideoLM built from configs and a tokenizer trained here (nothing is downloaded)."""
+import json
 import os
 import sys
 from pathlib import Path
@@ -42,3 +43,26 @@ def tiny_checkpoint(tiny_tokenizer, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     M.build_from_preset("tiny", tiny_tokenizer, seed=0).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def easy_task(tmp_path_factory):
+    """Synthetic videos whose correct option is always A, and a tiny model briefly SFT-ed on them
+    (so it writes the think/answer format and answers some letter). Used by test_rl.py and test_sft.py."""
+    import data
+    import sft
+    root = tmp_path_factory.mktemp("easy")
+    data.main(["synth", "--out", str(root / "data"), "--n", "12", "--seed", "3", "--max-scenes", "4",
+               "--test-frac", "0.01"])
+    rows = [json.loads(line) for line in (root / "data" / "train.jsonl").read_text().splitlines()]
+    for row in rows:  # move the correct option to the front
+        i = ord(row["answer"]) - ord("A")
+        row["options"] = [row["options"][i]] + row["options"][:i] + row["options"][i + 1:]
+        row["answer"] = "A"
+    easy = root / "data" / "easy.jsonl"
+    easy.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    M.main(["init", "--out", str(root / "init"), "--data", str(easy)])
+    # SFT on the original (balanced) answers: the format is learned, the letter is not yet biased to A
+    sft.main(["--init", str(root / "init"), "--data", str(root / "data" / "train.jsonl"), "--out", str(root / "sft"),
+              "--steps", "80", "--batch-size", "4", "--lr", "3e-3", "--num-frames", "8", "--save-every", "0"])
+    return {"data": easy, "init": root / "sft" / "final", "root": root}

@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 import data
-import model
 import rl
 import sft
 
@@ -116,27 +115,6 @@ def test_split_even():
 
 
 # ---- real runs on an easy task ----
-
-@pytest.fixture(scope="module")
-def easy_task(tmp_path_factory):
-    """Synthetic videos whose correct option is always A, and a tiny model briefly SFT-ed on them
-    (so it writes the think/answer format and answers some letter)."""
-    root = tmp_path_factory.mktemp("easy")
-    data.main(["synth", "--out", str(root / "data"), "--n", "12", "--seed", "3", "--max-scenes", "4",
-               "--test-frac", "0.01"])
-    rows = [json.loads(line) for line in (root / "data" / "train.jsonl").read_text().splitlines()]
-    for row in rows:  # move the correct option to the front
-        i = ord(row["answer"]) - ord("A")
-        row["options"] = [row["options"][i]] + row["options"][:i] + row["options"][i + 1:]
-        row["answer"] = "A"
-    easy = root / "data" / "easy.jsonl"
-    easy.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    model.main(["init", "--out", str(root / "init"), "--data", str(easy)])
-    # SFT on the original (balanced) answers: the format is learned, the letter is not yet biased to A
-    sft.main(["--init", str(root / "init"), "--data", str(root / "data" / "train.jsonl"), "--out", str(root / "sft"),
-              "--steps", "80", "--batch-size", "4", "--lr", "3e-3", "--num-frames", "8", "--save-every", "0"])
-    return {"data": easy, "init": root / "sft" / "final", "root": root}
-
 
 RL_ARGS = ["--num-frames", "8", "--batch-size", "4", "--group-size", "4", "--max-new-tokens", "64",
            "--engine", "torch", "--lr", "1e-3", "--kl-coef", "0.01"]

@@ -192,6 +192,9 @@ def parse_args(argv=None):
                     help="vLLM sleep mode: free the engine's GPU memory while training (GPU only)")
     ap.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
                     help="keep the vision tower and projector fixed, as LongVILA-R1 (required for the cache)")
+    ap.add_argument("--embed-cache", action=argparse.BooleanOptionalAction, default=True,
+                    help="MR-SP stage 1: encode each video once and reuse it; --no-embed-cache re-encodes the "
+                         "video for every sequence in every pass (the baseline the paper compares against)")
     ap.add_argument("--embed-cache-dir", default=None, help="also keep video embeddings on disk here")
     ap.add_argument("--sp-size", type=int, default=1, help="sequence-parallel group size (MR-SP)")
     ap.add_argument("--grad-checkpointing", action="store_true", help="recompute LLM activations in backward")
@@ -245,9 +248,11 @@ def main(argv=None):
 
     records = data.load_records(args.data)
     sampling = sft.sampling_from_args(args)
-    cache = mrsp.VideoEmbeddingCache(policy, cache_dir=args.embed_cache_dir, sp_group=ps.sp_group)
+    cache = (mrsp.VideoEmbeddingCache(policy, cache_dir=args.embed_cache_dir, sp_group=ps.sp_group)
+             if args.embed_cache else None)
     policy_prompt = sft.VideoPrompts(policy, sampling, ps, cache)
     reference_prompt = sft.VideoPrompts(reference, sampling, ps, cache) if reference is not None else None
+    builders = [b for b in (policy_prompt, reference_prompt) if b is not None]
     log = sft.MetricsLog(out, enabled=ps.rank == 0, resume_step=start_step)
 
     from tqdm import tqdm
@@ -255,7 +260,7 @@ def main(argv=None):
     for step in bar:
         timing = {}
         tick = time.time()
-        vision_runs_before = cache.vision_runs
+        vision_runs_before = sft.count_vision_runs(cache, *builders)
         # ---- 1. sample ----
         recs = sft.records_for_step(records, step, args.batch_size, ps, args.seed)
 
@@ -330,7 +335,7 @@ def main(argv=None):
                "format": sum(e.format for e in episodes) / len(episodes),
                "response_len": sum(len(e.sample.token_ids) for e in episodes) / len(episodes),
                "no_signal_groups": no_signal, **stats, **timing,
-               "vision_runs": cache.vision_runs - vision_runs_before, "logprob_gap_max": gap}
+               "vision_runs": sft.count_vision_runs(cache, *builders) - vision_runs_before, "logprob_gap_max": gap}
         row = sft.reduce_metrics(row, ps, sum_keys=("no_signal_groups", "vision_runs"), max_keys=("logprob_gap_max",))
         log.log(row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}")

@@ -248,17 +248,24 @@ class VideoPrompts:
     def __init__(self, model: M.VideoLM, sampling: data.FrameSampling, ps: mrsp.ParallelState,
                  cache: "mrsp.VideoEmbeddingCache | None"):
         self.model, self.sampling, self.ps, self.cache = model, sampling, ps, cache
+        self.uncached_runs = 0
 
     def video_embeds(self, record: data.Record) -> torch.Tensor:
         frames_fn = lambda: data.load_frames(record.video, self.model.config.image_size, self.sampling)[0]
         encode_fn = lambda frames: mrsp.stage1_encode(self.model, frames, self.ps.sp_group)
         if self.cache is not None:
             return self.cache.get(record.video, self.sampling, frames_fn, encode_fn)
-        return self.model.encode_video(frames_fn())  # the vision tower trains: encode with grad
+        self.uncached_runs += 1  # no cache: decode and encode again, with grad if the vision tower trains
+        return self.model.encode_video(frames_fn())
 
     def __call__(self, record: data.Record) -> torch.Tensor:
         before, after = data.build_prompt(record, subtitles=record.subtitles)
         return self.model.prompt_embeds(before, self.video_embeds(record), after)   # [L, D]
+
+
+def count_vision_runs(cache, *builders: VideoPrompts) -> int:
+    """Vision-tower runs so far: the shared cache's misses plus every builder's uncached encodes."""
+    return (cache.vision_runs if cache is not None else 0) + sum(b.uncached_runs for b in builders)
 
 
 def response_ids(model: M.VideoLM, record: data.Record) -> list[int]:
@@ -358,7 +365,7 @@ def main(argv=None):
                desc="sft")
     for step in bar:
         t0 = time.time()
-        vision_runs_before = cache.vision_runs if cache is not None else 0
+        vision_runs_before = count_vision_runs(cache, prompts)
         lr = lr_at(step, args.steps, args.lr, args.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -378,8 +385,7 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         row = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
                "response_tokens": tokens, "time_s": time.time() - t0}
-        if cache is not None:
-            row["vision_runs"] = cache.vision_runs - vision_runs_before
+        row["vision_runs"] = count_vision_runs(cache, prompts) - vision_runs_before
         row = reduce_metrics(row, ps, sum_keys=("response_tokens", "vision_runs"))
         log.log(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}")

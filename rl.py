@@ -158,7 +158,7 @@ def sync_engine(engine, model, ps):
 # ---- main ----
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=sft.HelpFormatter)
     ap.add_argument("--init", required=True, help="checkpoint to start from (usually the SFT run's final/)")
     ap.add_argument("--data", required=True, help="training records (.jsonl)")
     ap.add_argument("--out", required=True, help="output folder")
@@ -196,13 +196,7 @@ def parse_args(argv=None):
                     help="MR-SP stage 1: encode each video once and reuse it; --no-embed-cache re-encodes the "
                          "video for every sequence in every pass (the baseline the paper compares against)")
     ap.add_argument("--embed-cache-dir", default=None, help="also keep video embeddings on disk here")
-    ap.add_argument("--sp-size", type=int, default=1, help="sequence-parallel group size (MR-SP)")
-    ap.add_argument("--grad-checkpointing", action="store_true", help="recompute LLM activations in backward")
-    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
-                    help="bf16 autocast (default on a GPU)")
-    ap.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps (0: only final)")
-    ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    ap.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
+    sft.add_run_args(ap, save_every=10)
     args = ap.parse_args(argv)
     if not args.freeze_vision:
         ap.error("this implementation trains RL with a frozen vision tower (as LongVILA-R1): "
@@ -290,9 +284,10 @@ def main(argv=None):
         no_signal = int((rewards.max(dim=1).values == rewards.min(dim=1).values).sum())
 
         # ---- 6a. old-policy and reference log-probs (no grad) ----
+        micro_batches = list(chunks(episodes, args.micro_batch_size))   # old_lp[k], ref_lp[k] belong to batch k
         old_lp, ref_lp, gap = [], [], 0.0
         with torch.no_grad(), sft.autocast(ps.device, args.bf16):
-            for chunk in chunks(episodes, args.micro_batch_size):
+            for chunk in micro_batches:
                 lp, mask = batch_logprobs(policy, policy_prompt, chunk, ps, args.temperature)
                 old_lp.append(lp)
                 gap = max(gap, engine_gap(lp, mask, chunk))
@@ -302,12 +297,10 @@ def main(argv=None):
 
         # ---- 6b. policy update: clipped ratio + k3 KL, sequences sharded over SP ----
         stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
-        micro = list(chunks(list(range(len(episodes))), args.micro_batch_size))
-        mini = split_even(micro, args.mini_batches)
-        for mini_batch in mini:
-            for idx_chunk in mini_batch:
-                chunk_eps = [episodes[i] for i in idx_chunk]
-                k = micro.index(idx_chunk)
+        mini_batches = split_even(list(range(len(micro_batches))), args.mini_batches)  # micro-batch indices
+        for mini_batch in mini_batches:
+            for k in mini_batch:
+                chunk_eps = micro_batches[k]
                 with sft.autocast(ps.device, args.bf16):
                     lp, mask = batch_logprobs(policy, policy_prompt, chunk_eps, ps, args.temperature)
                     adv = torch.tensor([e.advantage for e in chunk_eps], device=lp.device)[:, None].expand_as(lp)
@@ -315,13 +308,14 @@ def main(argv=None):
                                                 args.dual_clip, args.loss_agg)
                     kl = aggregate(kl_k3(lp, ref_lp[k]), mask, args.loss_agg) if ref_lp else torch.zeros(())
                     loss = pg + args.kl_coef * kl
-                # FSDP averages over all ranks; x sp_size makes that a sum over the SP group (see sft.py).
+                # The mini-batch loss is the mean of its micro-batches' losses (each aggregated by
+                # --loss-agg). FSDP averages over all ranks; x sp_size makes that a sum over the SP group.
                 (loss * ps.sp_size / len(mini_batch)).backward()
-                weight = 1 / len(micro)
+                weight = 1 / len(micro_batches)
                 stats["loss"] += loss.item() * weight
                 stats["kl"] += kl.item() * weight
                 stats["clip_frac"] += clip_frac.item() * weight
-            stats["grad_norm"] += sft.clip_grad_norm(params, args.max_grad_norm) / len(mini)
+            stats["grad_norm"] += sft.clip_grad_norm(params, args.max_grad_norm) / len(mini_batches)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         timing["time_update"], tick = time.time() - tick, time.time()

@@ -223,10 +223,25 @@ def plot_metrics(metrics_path, keys: list[str], png_path, title: str):
     plt.close(fig)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the module docstring's layout and shows every flag's default."""
+
+
 def add_video_args(ap):
     ap.add_argument("--num-frames", type=int, default=16, help="frames sampled uniformly per video")
     ap.add_argument("--fps", type=float, default=None, help="sample this many frames per second instead")
     ap.add_argument("--max-frames", type=int, default=data.MAX_FRAMES, help="cap on frames per video")
+
+
+def add_run_args(ap, save_every: int):
+    """The flags every training script shares: parallelism, precision, checkpoints, seed."""
+    ap.add_argument("--sp-size", type=int, default=1, help="sequence-parallel group size (MR-SP)")
+    ap.add_argument("--grad-checkpointing", action="store_true", help="recompute LLM activations in backward")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
+                    help="bf16 autocast (default on a GPU)")
+    ap.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N steps (0: only final)")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    ap.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and initial RNG")
 
 
 def sampling_from_args(args) -> data.FrameSampling:
@@ -303,7 +318,7 @@ def records_for_step(records, step: int, per_rank: int, ps: mrsp.ParallelState, 
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--init", required=True, help="checkpoint to start from (python model.py init ...)")
     ap.add_argument("--data", required=True, help="training records (.jsonl) with a `reasoning` field")
     ap.add_argument("--out", required=True, help="output folder")
@@ -317,13 +332,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
     ap.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=False,
                     help="keep the vision tower and projector fixed (their embeddings are then cached)")
-    ap.add_argument("--sp-size", type=int, default=1, help="sequence-parallel group size (MR-SP)")
-    ap.add_argument("--grad-checkpointing", action="store_true", help="recompute LLM activations in backward")
-    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
-                    help="bf16 autocast (default on a GPU)")
-    ap.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only final)")
-    ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    ap.add_argument("--seed", type=int, default=0, help="seed for data order and initial RNG")
+    add_run_args(ap, save_every=100)
     return ap.parse_args(argv)
 
 

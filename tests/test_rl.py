@@ -192,3 +192,14 @@ def test_rl_with_vllm_engine_keeps_engine_and_trainer_in_step(easy_task, tmp_pat
     assert rows[0]["grad_norm"] > 0
     for r in rows:
         assert r["logprob_gap_max"] < 0.011, r
+
+
+def test_two_mini_batches_make_the_ratio_clip_bite(easy_task, tmp_path):
+    """With the rollout batch split into two updates, the second one scores samples of an older policy:
+    ratios move away from 1 and at this learning rate some get clipped. With one update they stay at 1."""
+    base = ["--init", str(easy_task["init"]), "--data", str(easy_task["data"]), "--steps", "1",
+            "--save-every", "0", *RL_ARGS]
+    rl.main(base + ["--out", str(tmp_path / "one"), "--mini-batches", "1", "--micro-batch-size", "8"])
+    rl.main(base + ["--out", str(tmp_path / "two"), "--mini-batches", "2", "--micro-batch-size", "8"])
+    assert rows_of(tmp_path / "one")[0]["clip_frac"] == 0
+    assert rows_of(tmp_path / "two")[0]["clip_frac"] > 0

@@ -3,15 +3,30 @@
     python bench.py memory                                   # MR-SP stage 2: memory per rank, sp=1 vs sp=2
     python bench.py memory --seq-lens 16384 65536 --sp-sizes 1 2 4 --preset small
     python bench.py engines                                  # rollout throughput: torch vs vLLM engine
+    python bench.py step                                     # s per GRPO step: no cache / stage 1 / stages 1+2
+    python bench.py step --frames 64 256 --preset small
+    python bench.py prefill                                  # prefill tokens/s and MFU (Qwen2-1.5B shape on a GPU)
+    python bench.py capacity                                 # most frames that fit: prefill and training step
 """
 import argparse
+import gc
+import json
+import math
 import os
+import shlex
+import shutil
 import socket
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
+import data
 import model as M
 import mrsp
 
@@ -148,6 +163,381 @@ def bench_engines(args):
             print(f"| {num_prompts} | {n} | " + " | ".join(row) + " |")
 
 
+# ---- step: seconds per GRPO step, no cache vs MR-SP stage 1 vs stages 1+2 (the paper's table) ----
+
+STEP_CONFIGS = ("no cache", "stage 1", "stage 1+2")
+PHASES = ("time_encode", "time_rollout", "time_logprobs", "time_update", "time_sync")
+ROOT = Path(__file__).resolve().parent
+
+
+def _run(cmd: list, log: Path):
+    """Run a command in the repository root; its output goes to `log`, and to the error if it fails."""
+    with open(log, "w") as f:
+        done = subprocess.run([str(c) for c in cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({done.returncode}):\n"
+                           + "".join(log.read_text().splitlines(True)[-30:]))
+
+
+def _median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def _step_rows(metrics: Path) -> list[dict]:
+    """metrics.jsonl rows of steps 2..N (step 1 warms up: first calls, allocator, caches)."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["step"] > 1]
+
+
+def _prompt_tokens(model: M.VideoLM, records_file: Path, num_frames: int) -> float:
+    """Mean prompt length over the records: text + frames x (tokens per frame + separator)."""
+    per_frame = model.config.tokens_per_frame + len(model.encode_text(model.config.frame_separator))
+    texts = [sum(len(model.encode_text(t)) for t in data.build_prompt(r, subtitles=r.subtitles))
+             for r in data.load_records(records_file)]
+    return num_frames * per_frame + sum(texts) / len(texts)
+
+
+def cmd_step(args):
+    """Print markdown tables: seconds per GRPO step of the real rl.py, per frame count and configuration.
+
+    (a) no cache: `--no-embed-cache`, the video re-encoded for every sequence in every pass;
+    (b) stage 1: the default, each video encoded once per step (cached);
+    (c) stage 1+2: stage 1 plus the sequences sharded over `--sp-size` processes (torchrun).
+    A step's time is the sum of rl.py's phase timers; the table shows the median over steps 2..N.
+    """
+    sp_size = args.sp_size
+    if sp_size is None:
+        sp_size = torch.cuda.device_count() if torch.cuda.is_available() else 2
+    configs = [c for c in STEP_CONFIGS if c != "stage 1+2" or sp_size > 1]
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-step-"))
+    work.mkdir(parents=True, exist_ok=True)
+    preset = M.PRESETS[args.preset]
+    # ---- a synthetic dataset with enough frames per video, and a fresh checkpoint ----
+    scenes = 8
+    num_records = max(16, args.batch_size * args.steps)  # a new video in every step: stage 1 encodes once per step
+    _run([sys.executable, "data.py", "synth", "--out", work / "data", "--answers", "open", "--n", num_records,
+          "--min-scenes", scenes, "--max-scenes", scenes, "--frames-per-scene", math.ceil(max(args.frames) / scenes),
+          "--size", preset["image_size"], "--test-frac", 0, "--seed", args.seed], work / "synth.log")
+    records_file, init = work / "data" / "train.jsonl", work / "init"
+    _run([sys.executable, "model.py", "init", "--preset", args.preset, "--data", records_file, "--out", init],
+         work / "init.log")
+    # ---- rl.py per frame count and configuration ----
+    launch = {"no cache": ([sys.executable, "rl.py"], ["--no-embed-cache"]),
+              "stage 1": ([sys.executable, "rl.py"], []),
+              "stage 1+2": ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc-per-node", sp_size, "rl.py"], ["--sp-size", sp_size])}
+    common = ["--init", init, "--data", records_file, "--engine", "torch", "--steps", args.steps, "--save-every", 0,
+              "--batch-size", args.batch_size, "--group-size", args.group_size,
+              "--max-new-tokens", args.max_new_tokens, "--seed", args.seed]
+    results = {}  # (frames, config) -> rows of steps 2..N
+    for frames in args.frames:
+        for config in configs:
+            out = work / f"f{frames}-{config.replace(' ', '').replace('+', '-')}"
+            shutil.rmtree(out, ignore_errors=True)
+            launcher, extra = launch[config]
+            start = time.perf_counter()
+            _run(launcher + common + ["--num-frames", frames, "--out", out] + extra, work / f"{out.name}.log")
+            results[frames, config] = _step_rows(out / "metrics.jsonl")
+            step = _median([sum(r[k] for k in PHASES) for r in results[frames, config]])
+            print(f"# {frames} frames, {config}: {step:.2f} s/step "
+                  f"({time.perf_counter() - start:.0f} s with start-up)", flush=True)
+    # ---- tables ----
+    model = M.VideoLM.load(init)
+    prompts = {frames: _prompt_tokens(model, records_file, frames) for frames in args.frames}
+    llm, vision = preset["llm"], preset["vision"]
+    tpf = (preset["image_size"] // preset["patch_size"] // 2) ** 2
+    device = _device_name()
+    print(f"\ncommand: `{_command_line()}`\ndevice: {device}; rl.py with --engine torch, "
+          f"{'bf16' if torch.cuda.is_available() else 'fp32'}; work folder {work}\n"
+          f"model: preset {args.preset}: vision {vision['num_hidden_layers']} layers x {vision['hidden_size']}, "
+          f"image {preset['image_size']} px, patch {preset['patch_size']}, {tpf} tokens per frame + separator; "
+          f"LLM {llm['num_hidden_layers']} layers, hidden {llm['hidden_size']}, {llm['num_attention_heads']} heads "
+          f"({llm['num_key_value_heads']} KV)\n"
+          f"step: {args.batch_size} prompts x {args.group_size} responses, up to {args.max_new_tokens} new tokens, "
+          f"KL to a reference; median over steps 2..{args.steps}"
+          + ("" if "stage 1+2" in configs else "; stage 1+2 skipped: sp size 1 (one device)")
+          + (f"; stage 1+2 is {sp_size} processes" + (" with 1 thread each (torchrun's default)"
+                                                       if not torch.cuda.is_available() else "")
+             if "stage 1+2" in configs else "") + "\n")
+    letters = dict(zip(STEP_CONFIGS, "abc"))
+    head = " | ".join(f"({letters[c]}) {c} s" for c in configs)
+    ratios = [f"(a)/({letters[c]})" for c in configs[1:]]
+    print(f"| frames | prompt tokens | LLM prompt positions / step | {head} | " + " | ".join(ratios)
+          + " | vision-tower runs / step (" + "/".join(letters[c] for c in configs) + ") |")
+    print("|---:|---:|---:|" + "---:|" * (len(configs) + len(ratios)) + "---:|")
+    for frames in args.frames:
+        prompt = prompts[frames]
+        positions = args.batch_size * prompt * (1 + 3 * args.group_size)  # 1 prefill + old, ref, policy passes
+        steps = {c: _median([sum(r[k] for k in PHASES) for r in results[frames, c]]) for c in configs}
+        runs = "/".join(f"{_median([r['vision_runs'] for r in results[frames, c]]):g}" for c in configs)
+        print(f"| {frames} | {prompt:,.0f} | {positions:,.0f} | " + " | ".join(f"{steps[c]:.2f}" for c in configs)
+              + " | " + " | ".join(f"{steps['no cache'] / steps[c]:.2f}x" for c in configs[1:]) + f" | {runs} |")
+    print("\nMedian seconds per phase (rl.py's timers):\n")
+    print("| frames | config | encode | rollout | log-probs (old + ref) | update | sync | step |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for frames in args.frames:
+        for c in configs:
+            phases = [_median([r[k] for r in results[frames, c]]) for k in PHASES]
+            print(f"| {frames} | ({letters[c]}) {c} | " + " | ".join(f"{p:.3f}" for p in phases)
+                  + f" | {_median([sum(r[k] for k in PHASES) for r in results[frames, c]]):.3f} |")
+
+
+# ---- shapes for prefill and capacity: a SigLIP-400M-like tower and a Qwen2-1.5B-like LLM ----
+
+SHAPES = {
+    "tiny": M.PRESETS["tiny"],
+    # SigLIP-so400m at 384 px has 27x27 patches; mlp_downsample needs an even grid, so 392 px (28x28 -> 196).
+    "qwen2-1.5b": dict(
+        image_size=392, patch_size=14,
+        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16),
+        llm=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, tie_word_embeddings=True),
+        vocab_size=151936,
+    ),
+}
+DEFAULT_SHAPE = "qwen2-1.5b" if torch.cuda.is_available() else "tiny"
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "CPU")
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def _command_line() -> str:
+    return " ".join(["python", "bench.py"] + [shlex.quote(a) for a in sys.argv[1:]])
+
+
+def _dtype() -> torch.dtype:
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def build_llm(shape: str, max_positions: int):
+    """A causal LM of the shape's sizes with random weights, built on the device in bf16 (fp32 on a CPU)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    s = SHAPES[shape]
+    config = Qwen2Config(vocab_size=s["vocab_size"], max_position_embeddings=max_positions, **s["llm"])
+    torch.manual_seed(0)
+    with _device():
+        return AutoModelForCausalLM.from_config(config, dtype=_dtype(),
+                                                attn_implementation=M.default_attn_implementation())
+
+
+def build_videolm(shape: str, max_positions: int) -> M.VideoLM:
+    """A VideoLM of the shape's sizes with random weights (vision frozen); its tokenizer only maps the prompt
+    text to ids below the LLM's vocabulary size."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    s = SHAPES[shape]
+    llm = build_llm(shape, max_positions)
+    with _device():
+        vision = SiglipVisionModel(SiglipVisionConfig(image_size=s["image_size"], patch_size=s["patch_size"],
+                                                      vision_use_head=False, **s["vision"])).to(_dtype())
+        config = M.VideoLMConfig(s["image_size"], s["patch_size"], s["vision"]["hidden_size"], s["llm"]["hidden_size"])
+        projector = M.MlpDownsampleProjector(config.vision_hidden, config.llm_hidden).to(_dtype())
+    tokenizer = M.train_tokenizer([CAPACITY_TEXT_BEFORE, CAPACITY_TEXT_AFTER, "\n"] * 4, vocab_size=300)
+    model = M.VideoLM(config, vision, projector, llm, tokenizer)
+    model.freeze_vision()
+    return model
+
+
+def _prefill(llm, inputs_embeds: torch.Tensor) -> torch.Tensor:
+    """A prefill as an engine runs it: every position through the decoder, the LM head on the last only."""
+    hidden = llm.get_decoder()(inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state   # [1, S, D]
+    return llm.get_output_embeddings()(hidden[:, -1])                                           # [1, V]
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _peak_gib() -> str:
+    return f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if torch.cuda.is_available() else "-"
+
+
+def _reset_peak():
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+# ---- prefill: tokens per second and MFU of a long no-grad forward ----
+
+def prefill_flops(matmul_params: int, layers: int, hidden: int, tokens: int) -> float:
+    """2 x params x tokens (every weight one multiply-add per token) + causal attention,
+    4 x layers x hidden x tokens^2 / 2 (QK^T and AV over the lower triangle)."""
+    return 2 * matmul_params * tokens + 4 * layers * hidden * tokens ** 2 / 2
+
+
+def cmd_prefill(args):
+    """Print a markdown table: prefill throughput (tokens/s) and MFU per prompt length, or OOM."""
+    tokens = args.tokens or ([8192, 32768, 131072, 524288] if args.shape != "tiny" else [256, 1024])
+    llm = build_llm(args.shape, max(tokens)).eval()
+    cfg = llm.config
+    # Weights that multiply every token: the decoder without its embedding table (a lookup, no FLOPs).
+    matmul_params = M.count_parameters(llm.get_decoder()) - llm.get_input_embeddings().weight.numel()
+    rows = []
+    with torch.no_grad():
+        _prefill(llm, torch.randn(1, min(tokens), cfg.hidden_size, dtype=_dtype(), device=_device()))  # warm-up
+        _sync()
+        for n in tokens:
+            _free()
+            _reset_peak()
+            try:
+                embeds = torch.randn(1, n, cfg.hidden_size, dtype=_dtype(), device=_device())   # [1, S, D]
+                best = float("inf")
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    _prefill(llm, embeds)
+                    _sync()
+                    best = min(best, time.perf_counter() - start)
+                del embeds
+                flops = prefill_flops(matmul_params, cfg.num_hidden_layers, cfg.hidden_size, n)
+                rows.append((n, f"{best:.3f}", f"{n / best:,.0f}", f"{flops / best / 1e12:.1f}",
+                             f"{100 * flops / best / (args.peak_tflops * 1e12):.1f}%", _peak_gib()))
+            except torch.OutOfMemoryError:
+                rows.append((n, "OOM", "OOM", "-", "-", _peak_gib()))
+            print(f"# {n} tokens: {rows[-1][1]} s", flush=True)
+    print(f"\ncommand: `{_command_line()}`\ndevice: {_device_name()}; {_dtype()}, "
+          f"{cfg._attn_implementation}, forward only (no grad), LM head on the last position\n"
+          f"model: {args.shape}-shaped LLM with random weights: {cfg.num_hidden_layers} layers, hidden "
+          f"{cfg.hidden_size}, {cfg.num_attention_heads} heads ({cfg.num_key_value_heads} KV), intermediate "
+          f"{cfg.intermediate_size}, vocab {cfg.vocab_size}; {matmul_params:,} non-embedding params\n"
+          f"FLOPs = 2 x params x tokens + 4 x layers x hidden x tokens^2 / 2; MFU against {args.peak_tflops} "
+          f"TFLOP/s; best of {args.repeats}\n")
+    print("| tokens | seconds | tokens/s | TFLOP/s | MFU | peak memory (GiB) |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for n, *rest in rows:
+        print(f"| {n:,} | " + " | ".join(rest) + " |")
+
+
+# ---- capacity: the most frames that fit, prefill and training step ----
+
+CAPACITY_TEXT_BEFORE = "Watch the video.\n"
+CAPACITY_TEXT_AFTER = "\nQuestion: What happens in the video?\nResponse: "
+
+
+def _video_prompt(model: M.VideoLM, num_frames: int) -> torch.Tensor:
+    """Prompt embeddings [L, D] of `num_frames` frames. The video embeddings are random tensors
+    [T * tokens_per_frame, D] standing in for the tower's output: the tower runs `chunk_size` frames at a
+    time, so its memory does not grow with T (one chunk of it is measured separately)."""
+    video_embeds = torch.randn(num_frames * model.config.tokens_per_frame, model.config.llm_hidden,
+                               dtype=_dtype(), device=model.device)                # [T * tpf, D]
+    return model.prompt_embeds(CAPACITY_TEXT_BEFORE, video_embeds, CAPACITY_TEXT_AFTER)   # [L, D]
+
+
+def _try_prefill(model: M.VideoLM, num_frames: int, response_len: int) -> int:
+    with torch.no_grad():
+        prompt = _video_prompt(model, num_frames)                                  # [L, D]
+        _prefill(model.llm, prompt[None])
+    return len(prompt)
+
+
+def _try_train_step(model: M.VideoLM, num_frames: int, response_len: int) -> int:
+    """Forward + backward of the response's log-probs with the video prefix (one sequence)."""
+    with torch.no_grad():
+        prompt = _video_prompt(model, num_frames)                                  # [L, D]
+    response = torch.randint(0, len(model.tokenizer), (response_len,)).tolist()
+    try:
+        batch = model.build_sequence_batch([prompt], [response])                   # [1, L + R, D]
+        logprobs = model.token_logprobs(batch)                                     # [1, L + R]
+        (-logprobs.sum()).backward()
+        return batch.targets.shape[1]
+    finally:
+        model.llm.zero_grad(set_to_none=True)  # gradients of a failed try must not count against the next
+
+
+def _fits(attempt, model, num_frames: int, response_len: int):
+    """(positions, seconds, peak GiB) if one attempt at `num_frames` runs, None if it runs out of memory."""
+    _free()
+    _reset_peak()
+    try:
+        start = time.perf_counter()
+        positions = attempt(model, num_frames, response_len)
+        _sync()
+        return positions, time.perf_counter() - start, _peak_gib()
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        _free()
+
+
+def largest_fitting(attempt, model, start: int, max_frames: int, resolution: int, response_len: int):
+    """Double the frame count from `start` until it fails or passes `max_frames`, then bisect the bracket
+    down to `resolution` frames. Returns (frames, result at that count, whether max_frames was reached)."""
+    best, result, frames, failed = 0, None, start, None
+    while frames <= max_frames:
+        r = _fits(attempt, model, frames, response_len)
+        print(f"#   {frames} frames: {'fits' if r else 'OOM'}", flush=True)
+        if r is None:
+            failed = frames
+            break
+        best, result, frames = frames, r, frames * 2
+    if failed is None:
+        return best, result, True
+    lo, hi = best, failed
+    while hi - lo > resolution:
+        mid = (lo + hi) // 2
+        r = _fits(attempt, model, mid, response_len)
+        print(f"#   {mid} frames: {'fits' if r else 'OOM'}", flush=True)
+        if r:
+            lo, result = mid, r
+        else:
+            hi = mid
+    return lo, result, False
+
+
+def cmd_capacity(args):
+    """Print a markdown table: the most frames that fit for a no-grad prefill and for a training step."""
+    max_frames = args.max_frames or (8192 if args.shape != "tiny" else 64)
+    tpf = (SHAPES[args.shape]["image_size"] // SHAPES[args.shape]["patch_size"] // 2) ** 2
+    model = build_videolm(args.shape, max_positions=max_frames * (tpf + 1) + args.response_len + 256)
+    model.llm.gradient_checkpointing_enable()
+    model.llm.train()  # Hugging Face checkpoints activations only in training mode (Qwen2 has no dropout)
+    # One chunk of the vision tower: its memory is the same for any frame count.
+    size = model.config.image_size
+    _reset_peak()
+    with torch.no_grad():
+        model.encode_video(torch.randint(0, 256, (args.chunk_size, size, size, 3), dtype=torch.uint8),
+                           chunk_size=args.chunk_size)
+    tower_peak = _peak_gib()
+    rows = []
+    for name, attempt in (("prefill (no grad)", _try_prefill), ("GRPO step (fwd + bwd of log-probs)", _try_train_step)):
+        print(f"# {name}", flush=True)
+        frames, result, bound = largest_fitting(attempt, model, args.start_frames, max_frames,
+                                                args.resolution, args.response_len)
+        if result is None:
+            rows.append((name, f"< {args.start_frames}", "-", "-", "-"))
+        else:
+            positions, seconds, peak = result
+            rows.append((name, f"{'>= ' if bound else ''}{frames:,}", f"{positions:,}", f"{seconds:.2f}", peak))
+    llm, vision = model.llm.config, model.vision_tower.config
+    print(f"\ncommand: `{_command_line()}`\ndevice: {_device_name()}; {_dtype()}, {llm._attn_implementation}, "
+          f"gradient checkpointing on\nmodel: {args.shape} shape, random weights: vision {vision.num_hidden_layers} "
+          f"layers x {vision.hidden_size} ({vision.num_attention_heads} heads, intermediate "
+          f"{vision.intermediate_size}), image {size} px, patch {vision.patch_size}, {tpf} tokens per frame + "
+          f"separator; LLM {llm.num_hidden_layers} layers, hidden {llm.hidden_size}, {llm.num_attention_heads} "
+          f"heads ({llm.num_key_value_heads} KV), vocab {llm.vocab_size}\n"
+          f"video embeddings for the LLM are random tensors [T x {tpf}, D]; the vision tower runs "
+          f"{args.chunk_size} frames at a time (peak {tower_peak} GiB for one chunk); the step scores "
+          f"{args.response_len} response tokens, no optimizer state; search: doubling from {args.start_frames} "
+          f"up to {max_frames}, then bisection to {args.resolution} frames\n")
+    print("| pass | most frames that fit | positions | seconds at that size | peak memory (GiB) |")
+    print("|---|---:|---:|---:|---:|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -172,6 +562,43 @@ def main():
     engines.add_argument("--repeats", type=int, default=3, help="runs per setting; the table shows the fastest")
     engines.add_argument("--seed", type=int, default=0, help="frames and sampling seed")
     engines.set_defaults(fn=bench_engines)
+    step = sub.add_parser("step", formatter_class=fmt,
+                          help="seconds per GRPO step of rl.py: no cache vs MR-SP stage 1 vs stages 1+2")
+    step.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32, 64], help="frames per video (--num-frames)")
+    step.add_argument("--preset", choices=sorted(M.PRESETS), default="tiny",
+                      help="model sizes (small: 16 tokens per frame, so video tokens dominate)")
+    step.add_argument("--steps", type=int, default=3, help="GRPO steps per run; step 1 is warm-up and not counted")
+    step.add_argument("--batch-size", type=int, default=2, help="prompts per step")
+    step.add_argument("--group-size", type=int, default=4, help="responses per prompt")
+    step.add_argument("--max-new-tokens", type=int, default=32, help="longest response")
+    step.add_argument("--sp-size", type=int, default=None,
+                      help="processes of the stage 1+2 run (default: 2 on a CPU, the GPU count on GPUs; "
+                           "1 skips that column)")
+    step.add_argument("--workdir", default=None,
+                      help="folder for the data, checkpoint and runs (default: a new temp folder)")
+    step.add_argument("--seed", type=int, default=0, help="data and sampling seed")
+    step.set_defaults(fn=cmd_step)
+    prefill = sub.add_parser("prefill", formatter_class=fmt,
+                             help="prefill throughput (tokens/s, MFU) of a long no-grad LLM forward")
+    prefill.add_argument("--shape", choices=sorted(SHAPES), default=DEFAULT_SHAPE,
+                         help="LLM sizes (qwen2-1.5b on a GPU, tiny on a CPU)")
+    prefill.add_argument("--tokens", type=int, nargs="+", default=None,
+                         help="prompt lengths (default: 8192 32768 131072 524288; 256 1024 for tiny)")
+    prefill.add_argument("--peak-tflops", type=float, default=790.0,
+                         help="the device's peak TFLOP/s for the MFU column (bf16)")
+    prefill.add_argument("--repeats", type=int, default=2, help="timed runs per length; the table shows the fastest")
+    prefill.set_defaults(fn=cmd_prefill)
+    capacity = sub.add_parser("capacity", formatter_class=fmt,
+                              help="most frames that fit: no-grad prefill and a GRPO training step")
+    capacity.add_argument("--shape", choices=sorted(SHAPES), default=DEFAULT_SHAPE,
+                          help="model sizes (SigLIP-400M + Qwen2-1.5B shape on a GPU, tiny on a CPU)")
+    capacity.add_argument("--max-frames", type=int, default=None,
+                          help="stop doubling here (default: 8192; 64 for tiny)")
+    capacity.add_argument("--start-frames", type=int, default=8, help="first frame count tried")
+    capacity.add_argument("--resolution", type=int, default=16, help="bisect until the bracket is this many frames")
+    capacity.add_argument("--response-len", type=int, default=512, help="response tokens scored in the training step")
+    capacity.add_argument("--chunk-size", type=int, default=32, help="frames per vision-tower call")
+    capacity.set_defaults(fn=cmd_capacity)
     args = ap.parse_args()
     args.fn(args)
 

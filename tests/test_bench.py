@@ -1,0 +1,74 @@
+"""bench.py's step, prefill and capacity subcommands at their tiniest sizes on the CPU: each runs the real
+code path and prints its table. Smoke tests only: nothing here asserts on a timing."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(*args) -> str:
+    done = subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def table_rows(out: str, header_start: str) -> list[list[str]]:
+    """The cells of the markdown table whose header line starts with `header_start` (header included)."""
+    lines = out.splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith(header_start))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return [rows[0]] + rows[2:]  # drop the |---| line
+
+
+def test_step_runs_rl_three_ways_and_prints_the_table(tmp_path):
+    out = run_bench("step", "--frames", "8", "--steps", "2", "--workdir", str(tmp_path))
+    header, row = table_rows(out, "| frames | prompt tokens")
+    assert header[3:6] == ["(a) no cache s", "(b) stage 1 s", "(c) stage 1+2 s"]
+    assert header[6:8] == ["(a)/(b)", "(a)/(c)"]
+    assert row[0] == "8" and all(float(c) > 0 for c in row[3:6])
+    no_cache, stage1, stage12 = (float(r) for r in row[8].split("/"))
+    assert no_cache > stage1 == 2  # re-encoded for every sequence vs once per video (2 prompts per step)
+    phases = table_rows(out, "| frames | config")
+    assert [r[1] for r in phases[1:]] == ["(a) no cache", "(b) stage 1", "(c) stage 1+2"]
+    assert "command: `python bench.py step --frames 8 --steps 2" in out
+
+
+def test_prefill_tiny_prints_throughput_and_mfu():
+    out = run_bench("prefill", "--shape", "tiny", "--tokens", "64", "256", "--repeats", "1")
+    header, *rows = table_rows(out, "| tokens")
+    assert header == ["tokens", "seconds", "tokens/s", "TFLOP/s", "MFU", "peak memory (GiB)"]
+    assert [r[0] for r in rows] == ["64", "256"] and all(r[4].endswith("%") for r in rows)
+
+
+def test_capacity_tiny_reaches_its_bound():
+    out = run_bench("capacity", "--shape", "tiny", "--max-frames", "16", "--response-len", "16")
+    header, *rows = table_rows(out, "| pass")
+    assert header[1] == "most frames that fit"
+    assert [r[1] for r in rows] == [">= 16", ">= 16"]  # nothing runs out of memory at this size
+
+
+def test_capacity_search_doubles_then_bisects():
+    """A fake attempt that runs out of memory above 100 frames: doubling brackets it (64 fits, 128 not),
+    bisection narrows the bracket to the resolution."""
+    tried = []
+
+    def attempt(model, num_frames, response_len):
+        tried.append(num_frames)
+        if num_frames > 100:
+            raise torch.OutOfMemoryError("fake")
+        return num_frames * 5
+
+    frames, (positions, _, _), reached_bound = bench.largest_fitting(attempt, None, start=8, max_frames=1024,
+                                                                    resolution=4, response_len=0)
+    assert tried[:5] == [8, 16, 32, 64, 128]
+    assert 96 < frames <= 100 and positions == frames * 5 and not reached_bound

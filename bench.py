@@ -245,7 +245,7 @@ def cmd_step(args):
     model = M.VideoLM.load(init)
     prompts = {frames: _prompt_tokens(model, records_file, frames) for frames in args.frames}
     llm, vision = preset["llm"], preset["vision"]
-    tpf = (preset["image_size"] // preset["patch_size"] // 2) ** 2
+    tpf = model.config.tokens_per_frame
     device = _device_name()
     print(f"\ncommand: `{_command_line()}`\ndevice: {device}; rl.py with --engine torch, "
           f"{'bf16' if torch.cuda.is_available() else 'fp32'}; work folder {work}\n"

@@ -192,7 +192,7 @@ def _step_rows(metrics: Path) -> list[dict]:
 def _prompt_tokens(model: M.VideoLM, records_file: Path, num_frames: int) -> float:
     """Mean prompt length over the records: text + frames x (tokens per frame + separator)."""
     per_frame = model.config.tokens_per_frame + len(model.encode_text(model.config.frame_separator))
-    texts = [sum(len(model.encode_text(t)) for t in data.build_prompt(r, subtitles=r.subtitles))
+    texts = [sum(len(model.encode_text(t)) for t in data.build_prompt(r, subtitles=data.subtitle_text(r)))
              for r in data.load_records(records_file)]
     return num_frames * per_frame + sum(texts) / len(texts)
 

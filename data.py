@@ -7,6 +7,8 @@ Everything that turns files on disk into what the model sees lives here:
 - `sample_indices` / `load_frames` pick frames from a video with decord: a fixed number spread evenly
   over the whole video (training), or a fixed rate in frames per second (inference), both capped at
   `max_frames` (8,192 in the paper).
+- `subtitle_text` gives a record's subtitles: inline text, or the cues of its .srt file that overlap
+  the sampled frames (VideoMME's protocol), for training and eval alike.
 - `build_prompt` / `format_response` fix the text around the video and the think-then-answer format
   that the rewards in rl.py check.
 - `synth` writes a small long-video task (a video is a run of coloured scenes; every question needs the
@@ -67,8 +69,9 @@ class _FieldError(Exception):
 @dataclass
 class Record:
     """One video question. `answer` is normalised: an option letter for multiple choice, the number as
-    text for numerical, plain text for free form. `labels` holds every other string field of the line
-    (duration, category, ...) for eval's breakdowns."""
+    text for numerical, plain text for free form. `subtitles` is inline text or an .srt file's absolute
+    path (see `subtitle_text`). `labels` holds every other string field of the line (duration, category,
+    ...) for eval's breakdowns."""
 
     problem_id: str
     video: str
@@ -117,6 +120,15 @@ def _video_path(value, data_root: Path) -> str:
     if not os.path.isfile(path):
         raise _FieldError("videos", f"video file not found: {path}")
     return path
+
+
+def _is_srt_path(subtitles: str | None) -> bool:
+    return bool(subtitles) and "\n" not in subtitles and subtitles.strip().lower().endswith(".srt")
+
+
+def _subtitles(value: str | None, data_root: Path) -> str | None:
+    # An .srt path is made absolute like `videos`; it is read (and a missing file reported) when used.
+    return os.path.abspath(data_root / value.strip()) if _is_srt_path(value) else value
 
 
 def _answer_letter(answer: str, options: list[str]) -> str:
@@ -172,7 +184,7 @@ def _parse_record(obj, data_root: Path) -> Record:
         problem_type=problem_type,
         reasoning=_get(obj, "reasoning", (str,), default=""),  # RL-only data needs no reasoning
         answer=_normalise_answer(_get(obj, "answer", (str, int, float)), problem_type, options),
-        subtitles=_get(obj, "subtitles", (str, type(None)), default=None),
+        subtitles=_subtitles(_get(obj, "subtitles", (str, type(None)), default=None), data_root),
         # Extra string fields are labels for eval's breakdowns; other extras (e.g. duration_s) are ignored.
         labels={k: v for k, v in obj.items() if k not in _RECORD_FIELDS and isinstance(v, str)},
     )
@@ -303,8 +315,8 @@ def sample_indices(total_frames: int, video_fps: float, sampling: FrameSampling
     return indices, indices / video_fps
 
 
-def _open_video(path, image_size: int) -> decord.VideoReader:
-    """A decord reader that resizes frames to image_size x image_size, or VideoError."""
+def _open_video(path, image_size: int | None) -> decord.VideoReader:
+    """A decord reader that resizes frames to image_size x image_size (None: native size), or VideoError."""
     path = str(path)
     # Check the file ourselves first: decord's messages for these cases name no reason.
     if not os.path.isfile(path):
@@ -312,7 +324,8 @@ def _open_video(path, image_size: int) -> decord.VideoReader:
     if os.path.getsize(path) == 0:
         raise VideoError(f"{path}: video file is empty (0 bytes)")
     try:
-        vr = decord.VideoReader(path, ctx=decord.cpu(0), width=image_size, height=image_size, num_threads=1)
+        vr = decord.VideoReader(path, ctx=decord.cpu(0), width=image_size or -1, height=image_size or -1,
+                                 num_threads=1)
     except (RuntimeError, decord.DECORDError) as e:
         raise VideoError(f"{path}: cannot decode video ({str(e).splitlines()[0]})") from e
     if len(vr) == 0:
@@ -372,6 +385,13 @@ def load_frames(path, image_size: int, sampling: FrameSampling) -> tuple[np.ndar
     return _get_frames(vr, indices, path), timestamps
 
 
+def frame_timestamps(path, sampling: FrameSampling) -> np.ndarray:
+    """The times (seconds) of the frames `load_frames` takes, from the container's index alone (no frame
+    is decoded): what subtitles need when the video embeddings come from the cache."""
+    vr = _open_video(path, None)
+    return sample_indices(len(vr), _video_fps(vr, path, sampling), sampling)[1]
+
+
 # ---- prompt and response ----
 
 THINK_ANSWER_INSTRUCTION = ("Think step by step inside <think> </think>, "
@@ -408,6 +428,98 @@ def format_response(reasoning: str, answer: str) -> str:
     """The target response for SFT: format_response("Red is first.", "A") ==
     "<think>Red is first.</think><answer>A</answer>"."""
     return f"<think>{reasoning}</think><answer>{answer}</answer>"
+
+
+# ---- subtitles ----
+# A record's `subtitles` is either the text itself or the path of an .srt file (resolved against the data
+# folder when the records are loaded, read when a prompt is built).
+
+@dataclass
+class Cue:
+    start: float  # seconds
+    end: float
+    text: str
+
+
+_SRT_TIME = r"(?:(\d+):)?(\d{1,2}):(\d{1,2})(?:[,.](\d{1,3}))?"
+_SRT_TIMING = re.compile(rf"\s*{_SRT_TIME}\s*-->\s*{_SRT_TIME}.*")
+_MARKUP = re.compile(r"<[^>]*>|\{\\[^}]*\}")  # <i>, <font color=...>, {\an8}
+
+
+def _seconds(hours, minutes, seconds, fraction) -> float:
+    return int(hours or 0) * 3600 + int(minutes) * 60 + int(seconds) + float(f"0.{fraction or 0}")
+
+
+def parse_srt(text: str) -> tuple[list[Cue], int]:
+    """Subtitle cues of an .srt file's text, sorted by start time, and the number of malformed cues
+    skipped: (cues, skipped).
+
+    Tolerates a byte-order mark, CRLF or CR line ends, missing blank lines between cues, "." for ","
+    in times, markup (<i>, <font>, {\\an8}; removed) and overlapping cues (kept). A cue whose timing
+    line does not parse or ends before it starts is skipped with all its text.
+
+    >>> parse_srt("1\\n00:00:01,000 --> 00:00:02,500\\n<i>Hello</i>\\n\\n")
+    ([Cue(start=1.0, end=2.5, text='Hello')], 0)
+    """
+    lines = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    cues, skipped, current = [], 0, None  # current: [start, end, text lines] of the cue being read
+    for i, line in enumerate(lines):
+        if "-->" in line:
+            m = _SRT_TIMING.fullmatch(line)
+            start, end = (_seconds(*m.groups()[:4]), _seconds(*m.groups()[4:])) if m else (0.0, -1.0)
+            if end < start:
+                skipped += 1
+                current = None
+            else:
+                current = [start, end, []]
+                cues.append(current)
+            continue
+        is_index = line.strip().isdigit() and i + 1 < len(lines) and "-->" in lines[i + 1]
+        if current is not None and line.strip() and not is_index:
+            current[2].append(_MARKUP.sub("", line).strip())
+    cues = [Cue(start, end, " ".join(t for t in words if t)) for start, end, words in cues]
+    return sorted((c for c in cues if c.text), key=lambda c: (c.start, c.end)), skipped
+
+
+def subtitles_for_window(cues: list[Cue], t0: float, t1: float) -> str:
+    """The text of the cues whose time span overlaps [t0, t1], in time order, one per line; a cue
+    repeating the text of the one before it (rolling captions) is kept once.
+
+    VideoMME's protocol: t0, t1 are the times of the first and last sampled frames.
+    """
+    kept = []
+    for cue in sorted(cues, key=lambda c: (c.start, c.end)):
+        if cue.end >= t0 and cue.start <= t1 and (not kept or kept[-1] != cue.text):
+            kept.append(cue.text)
+    return "\n".join(kept)
+
+
+def subtitle_file(record: Record) -> str | None:
+    """The .srt file this record's subtitles come from, or None when they are inline text (or absent)."""
+    return record.subtitles if _is_srt_path(record.subtitles) else None
+
+
+def subtitle_text(record: Record, timestamps=None) -> str | None:
+    """The subtitles to show with this record's sampled frames: inline text as is; for an .srt file, the
+    cues that overlap the span of the frames' `timestamps` (seconds), or every cue when `timestamps` is
+    None. Raises VideoError naming the file when it cannot be read.
+
+    >>> subtitle_text(record, timestamps=np.array([2.0, 3.0, 4.0]))   # record.subtitles = "/data/v.srt"
+    'Hello there\nan overlapping cue'
+    """
+    path = subtitle_file(record)
+    if path is None:
+        return record.subtitles or None
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise VideoError(f"{path}: cannot read subtitle file ({e.strerror or e})") from e
+    cues, skipped = parse_srt(text)
+    if skipped:
+        log.warning("%s: skipped %d malformed subtitle cue(s)", path, skipped)
+    if timestamps is None or len(timestamps) == 0:
+        return "\n".join(c.text for c in cues) or None
+    return subtitles_for_window(cues, float(timestamps[0]), float(timestamps[-1])) or None
 
 
 # ---- the synthetic long-video task ----
@@ -541,6 +653,11 @@ def cmd_synth(args) -> int:
 def cmd_check(args) -> int:
     """Validate a record file, print what it holds; 1 if anything is wrong (0 with --skip-bad)."""
     records, errors = load_records_report(args.file, args.data_root)
+    # Subtitle files are read only when a prompt is built; check here that they exist.
+    missing = [r for r in records if subtitle_file(r) and not os.path.isfile(subtitle_file(r))]
+    errors += [RecordError(args.file, None, "subtitles", f"problem_id {r.problem_id}: subtitle file not found: "
+                           f"{subtitle_file(r)}") for r in missing]
+    records = [r for r in records if all(r is not m for m in missing)]
     for e in errors:
         print(f"error: {e}")
     print(f"{len(records)} good records, {len(errors)} bad, in {args.file}")

@@ -59,7 +59,6 @@ import os
 import re
 import sys
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -224,89 +223,6 @@ def score_answer(record: Record, response: str) -> tuple[bool, str | None]:
     """
     correct, prediction, _ = _grade(record, response)
     return correct, prediction
-
-
-# ---------------------------------------------------------------------------------------------------
-# Subtitles (.srt)
-# ---------------------------------------------------------------------------------------------------
-
-@dataclass
-class Cue:
-    start: float  # seconds
-    end: float
-    text: str
-
-
-_SRT_TIME = r"(?:(\d+):)?(\d{1,2}):(\d{1,2})(?:[,.](\d{1,3}))?"
-_SRT_TIMING = re.compile(rf"\s*{_SRT_TIME}\s*-->\s*{_SRT_TIME}.*")
-_MARKUP = re.compile(r"<[^>]*>|\{\\[^}]*\}")  # <i>, <font color=...>, {\an8}
-
-
-def _seconds(hours, minutes, seconds, fraction) -> float:
-    return int(hours or 0) * 3600 + int(minutes) * 60 + int(seconds) + float(f"0.{fraction or 0}")
-
-
-def parse_srt(text: str) -> tuple[list[Cue], int]:
-    """Subtitle cues of an .srt file's text, sorted by start time, and the number of malformed cues
-    skipped: (cues, skipped).
-
-    Tolerates a byte-order mark, CRLF or CR line ends, missing blank lines between cues, "." for ","
-    in times, markup (<i>, <font>, {\\an8}; removed) and overlapping cues (kept). A cue whose timing
-    line does not parse or ends before it starts is skipped with all its text.
-
-    >>> parse_srt("1\\n00:00:01,000 --> 00:00:02,500\\n<i>Hello</i>\\n\\n")
-    ([Cue(start=1.0, end=2.5, text='Hello')], 0)
-    """
-    lines = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    cues, skipped, current = [], 0, None  # current: [start, end, text lines] of the cue being read
-    for i, line in enumerate(lines):
-        if "-->" in line:
-            m = _SRT_TIMING.fullmatch(line)
-            start, end = (_seconds(*m.groups()[:4]), _seconds(*m.groups()[4:])) if m else (0.0, -1.0)
-            if end < start:
-                skipped += 1
-                current = None
-            else:
-                current = [start, end, []]
-                cues.append(current)
-            continue
-        is_index = line.strip().isdigit() and i + 1 < len(lines) and "-->" in lines[i + 1]
-        if current is not None and line.strip() and not is_index:
-            current[2].append(_MARKUP.sub("", line).strip())
-    cues = [Cue(start, end, " ".join(t for t in words if t)) for start, end, words in cues]
-    return sorted((c for c in cues if c.text), key=lambda c: (c.start, c.end)), skipped
-
-
-def subtitles_for_window(cues: list[Cue], t0: float, t1: float) -> str:
-    """The text of the cues whose time span overlaps [t0, t1], in time order, one per line; a cue
-    repeating the text of the one before it (rolling captions) is kept once.
-
-    VideoMME's protocol: t0, t1 are the times of the first and last sampled frames.
-    """
-    kept = []
-    for cue in sorted(cues, key=lambda c: (c.start, c.end)):
-        if cue.end >= t0 and cue.start <= t1 and (not kept or kept[-1] != cue.text):
-            kept.append(cue.text)
-    return "\n".join(kept)
-
-
-def _is_srt_path(subtitles: str) -> bool:
-    return "\n" not in subtitles and subtitles.strip().lower().endswith(".srt")
-
-
-def subtitle_text(record: Record, timestamps, data_root=None) -> str | None:
-    """The subtitles to show with this record's sampled frames: its inline text as is, or the cues of
-    its .srt file (a path relative to `data_root`) that overlap the frames' span. Raises OSError
-    when the .srt file cannot be read."""
-    if not record.subtitles:
-        return None
-    if not _is_srt_path(record.subtitles):
-        return record.subtitles
-    path = Path(data_root or ".") / record.subtitles.strip()
-    cues, skipped = parse_srt(path.read_text(encoding="utf-8", errors="replace"))
-    if skipped:
-        log.warning("%s: skipped %d malformed subtitle cue(s)", path, skipped)
-    return subtitles_for_window(cues, float(timestamps[0]), float(timestamps[-1])) or None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -535,7 +451,7 @@ class PromptTooLong(ValueError):
     """A question whose prompt (video included) leaves the engine no room for a response."""
 
 
-def _prompt(model, record: Record, sampling: FrameSampling, subtitles: bool, data_root, cache: dict):
+def _prompt(model, record: Record, sampling: FrameSampling, subtitles: bool, cache: dict):
     """Prompt embeddings [L, D] for one record. `cache` keeps the last video's embeddings: VideoMME
     asks three questions about each video, one after another."""
     if record.video not in cache:
@@ -544,7 +460,7 @@ def _prompt(model, record: Record, sampling: FrameSampling, subtitles: bool, dat
         with torch.no_grad():
             cache[record.video] = (model.encode_video(frames), timestamps)   # [T * tpf, D]
     video_embeds, timestamps = cache[record.video]
-    subs = subtitle_text(record, timestamps, data_root) if subtitles else None
+    subs = data.subtitle_text(record, timestamps) if subtitles else None
     before, after = data.build_prompt(record, subtitles=subs)
     with torch.no_grad():
         return model.prompt_embeds(before, video_embeds, after)                # [L, D]
@@ -559,14 +475,14 @@ def _prediction_row(record: Record, response: str | None, finish_reason: str | N
             "finish_reason": finish_reason, "error": error, "response": response}
 
 
-def _answer_batch(model, engine, batch: list[Record], sampling, subtitles, data_root, cache, strict,
+def _answer_batch(model, engine, batch: list[Record], sampling, subtitles, cache, strict,
                   generate_kw) -> list[dict]:
     """Prediction rows for a batch of records: one generate call for every record whose inputs load."""
     rows, prompts, asked = [], [], []
     max_len = getattr(engine, "max_model_len", None)
     for record in batch:
         try:
-            prompt = _prompt(model, record, sampling, subtitles, data_root, cache)     # [L, D]
+            prompt = _prompt(model, record, sampling, subtitles, cache)                # [L, D]
             if max_len is not None and len(prompt) >= max_len:
                 raise PromptTooLong(f"the prompt has {len(prompt)} positions, the engine's max_model_len is "
                                     f"{max_len} (use fewer frames or a larger --max-model-len)")
@@ -586,13 +502,12 @@ def _answer_batch(model, engine, batch: list[Record], sampling, subtitles, data_
 def evaluate(model, engine, records: list[Record], sampling: FrameSampling, out_dir, *,
              subtitles: bool = False, max_new_tokens: int = 512, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, batch_size: int = 8, record_errors=(),
-             strict: bool = False, data_root=None, resume: bool = True,
+             strict: bool = False, resume: bool = True,
              settings: dict | None = None) -> dict:
     """Answer every record with `engine`, score, write OUT/predictions.jsonl and OUT/report.json,
     and return the report.
 
-    `record_errors` are the malformed lines from data.load_records_report (counted as wrong);
-    `data_root` is the folder relative .srt paths are read from (the record file's folder).
+    `record_errors` are the malformed lines from data.load_records_report (counted as wrong).
     `settings` adds entries to the report's settings (e.g. the checkpoint). With `resume`, questions
     already in predictions.jsonl are not asked again, so a call after training must use a fresh
     `out_dir` or resume=False. Greedy decoding (temperature 0) makes a resumed run's answers those of
@@ -622,7 +537,7 @@ def evaluate(model, engine, records: list[Record], sampling: FrameSampling, out_
     with open(pred_path, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc="eval") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            for row in _answer_batch(model, engine, batch, sampling, subtitles, data_root, cache, strict,
+            for row in _answer_batch(model, engine, batch, sampling, subtitles, cache, strict,
                                      generate_kw):
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
@@ -720,7 +635,7 @@ def main(argv=None) -> int:
     report = evaluate(model, engine, records, sampling, args.out, subtitles=args.subtitles,
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                       seed=args.seed, batch_size=args.batch_size, record_errors=record_errors,
-                      strict=args.strict, data_root=data_root,
+                      strict=args.strict,
                       settings={"checkpoint": os.path.abspath(args.checkpoint),
                                 "data": os.path.abspath(args.data), "engine": args.engine,
                                 "max_model_len": args.max_model_len, "dtype": args.dtype})

@@ -337,7 +337,7 @@ def tokenizer_corpus(record_files) -> list[str]:
     texts = []
     for f in record_files:
         for r in data.load_records(f):
-            before, after = data.build_prompt(r, subtitles=r.subtitles)
+            before, after = data.build_prompt(r, subtitles=data.subtitle_text(r))
             texts += [before, after, data.format_response(r.reasoning, r.answer)]
     return texts
 

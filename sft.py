@@ -16,7 +16,6 @@ Writes OUT/metrics.jsonl, OUT/checkpoint-STEP/ (every --save-every steps) and OU
 import argparse
 import json
 import math
-import os
 import random
 import re
 import time
@@ -273,8 +272,14 @@ class VideoPrompts:
         self.uncached_runs += 1  # no cache: decode and encode again, with grad if the vision tower trains
         return self.model.encode_video(frames_fn())
 
+    def subtitles(self, record: data.Record) -> str | None:
+        # An .srt file shows the cues within the sampled frames' span, as eval.py does; the frame times
+        # come from the container because a cached video is not decoded again.
+        times = data.frame_timestamps(record.video, self.sampling) if data.subtitle_file(record) else None
+        return data.subtitle_text(record, times)
+
     def __call__(self, record: data.Record) -> torch.Tensor:
-        before, after = data.build_prompt(record, subtitles=record.subtitles)
+        before, after = data.build_prompt(record, subtitles=self.subtitles(record))
         return self.model.prompt_embeds(before, self.video_embeds(record), after)   # [L, D]
 
 

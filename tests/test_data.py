@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import data
-from data import (MAX_FRAMES, PALETTE, FrameSampling, Record, RecordError, VideoError, build_prompt,
-                  format_response, load_frames, load_records, load_records_report, option_letter,
-                  sample_indices, write_mp4)
+from data import (MAX_FRAMES, PALETTE, Cue, FrameSampling, Record, RecordError, VideoError, build_prompt,
+                  format_response, frame_timestamps, load_frames, load_records, load_records_report,
+                  option_letter, parse_srt, sample_indices, subtitle_text, subtitles_for_window, write_mp4)
 
 VIDEO_FPS = 4.0
 NUM_FRAMES = 30  # levels 0..232
@@ -262,6 +262,53 @@ def test_build_prompt_free_form_with_subtitles():
     _, after = build_prompt(record, subtitles="GOAL!")
     assert after == ("\nSubtitles: GOAL!\nQuestion: What happens?\n" + data.THINK_ANSWER_INSTRUCTION
                      + "\nResponse: ")
+
+
+# ---- subtitles ----
+
+SRT = ("\ufeff1\r\n00:00:01,000 --> 00:00:03,000\r\n<i>Hello</i> there\r\n\r\n"
+       "2\r\n00:00:02,500 --> 00:00:05,000\r\nan overlapping {\\an8}cue\r\n"  # no blank line after it
+       "3\r\n00:00:06,000 --> later\r\nlost with its cue\r\n\r\n"            # bad timing: skipped
+       "4\r\n00:00:09,000 --> 00:00:08,000\r\nbackwards\r\n\r\n"              # ends before it starts: skipped
+       "5\r\n00:01:00.5 --> 00:01:02,000 X1:0 Y1:0\r\n42\r\nsecond line\r\n")  # "." for ",", a numeric line
+
+
+def test_parse_srt_is_tolerant():
+    cues, skipped = parse_srt(SRT)
+    assert cues == [Cue(1.0, 3.0, "Hello there"), Cue(2.5, 5.0, "an overlapping cue"),
+                    Cue(60.5, 62.0, "42 second line")]
+    assert skipped == 2
+    assert parse_srt("") == ([], 0)
+
+
+def test_subtitles_for_window_keeps_overlapping_cues_in_time_order():
+    cues = [Cue(10, 12, "late"), Cue(0, 2, "early"), Cue(4, 6, "middle"), Cue(5, 7, "middle"), Cue(3, 3.5, "gap")]
+    assert subtitles_for_window(cues, 3.2, 5.5) == "gap\nmiddle"   # the repeated rolling caption once
+    assert subtitles_for_window(cues, 2.0, 4.0) == "early\ngap\nmiddle"  # touching the edges counts
+    assert subtitles_for_window(cues, 20, 30) == ""
+
+
+def test_srt_paths_are_resolved_on_load_and_read_when_used(tmp_path):
+    (tmp_path / "subs").mkdir()
+    (tmp_path / "subs" / "v.srt").write_text(SRT, encoding="utf-8")
+    path = write_records(tmp_path, good_record(problem_id="srt", subtitles="subs/v.srt"),
+                         good_record(problem_id="inline", subtitles="inline words"), good_record(problem_id="none"),
+                         good_record(problem_id="missing", subtitles="subs/missing.srt"))
+    srt, inline, none, missing = load_records(path)  # a missing .srt is found when it is read, not here
+    assert srt.subtitles == str(tmp_path / "subs" / "v.srt")
+    assert subtitle_text(srt, np.array([2.0, 3.0, 4.0])) == "Hello there\nan overlapping cue"
+    assert subtitle_text(srt) == "Hello there\nan overlapping cue\n42 second line"  # no frame times: all cues
+    assert subtitle_text(inline, np.array([0.0])) == "inline words"
+    assert subtitle_text(none) is None
+    with pytest.raises(VideoError, match="missing.srt"):
+        subtitle_text(missing, np.array([0.0]))
+    assert data.main(["check", path]) == 1  # check reads the folder: the missing file is an error there
+
+
+def test_frame_timestamps_match_the_decoded_frames(counting_video):
+    for sampling in (FrameSampling(num_frames=5), FrameSampling(fps=1.0)):
+        _, decoded = load_frames(counting_video, 32, sampling)
+        np.testing.assert_array_equal(frame_timestamps(counting_video, sampling), decoded)
 
 
 def test_format_response_round_trip():

@@ -1,4 +1,4 @@
-"""Tests for eval.py: answer extraction, scoring, subtitles, converters, the report and resume.
+"""Tests for eval.py: answer extraction, scoring, converters, the report and resume.
 
 The report tests run the real evaluate() on real mp4 files and the tiny VideoLM, with a scripted engine
 (a plain object with generate()) that answers with chosen texts, so the expected accuracy is known
@@ -12,8 +12,8 @@ import pytest
 import data
 import eval as evaluation
 from data import FrameSampling, Record, load_records, load_records_report, write_mp4
-from eval import (Cue, build_report, extract_answer, extract_choice, is_well_formed, parse_number, parse_srt,
-                  read_predictions, score_answer, split_options, subtitle_text, subtitles_for_window)
+from eval import (build_report, extract_answer, extract_choice, is_well_formed, parse_number, read_predictions,
+                  score_answer, split_options)
 from rollout import Sample
 
 OPTIONS = ["red", "blue", "green", "cyan"]
@@ -110,41 +110,6 @@ def test_score_answer_numerical_and_free_form():
     assert score_answer(record(), "<answer>B</answer>") == (True, "B")
 
 
-# ---- subtitles ----
-
-SRT = ("\ufeff1\r\n00:00:01,000 --> 00:00:03,000\r\n<i>Hello</i> there\r\n\r\n"
-       "2\r\n00:00:02,500 --> 00:00:05,000\r\nan overlapping {\\an8}cue\r\n"  # no blank line after it
-       "3\r\n00:00:06,000 --> later\r\nlost with its cue\r\n\r\n"            # bad timing: skipped
-       "4\r\n00:00:09,000 --> 00:00:08,000\r\nbackwards\r\n\r\n"              # ends before it starts: skipped
-       "5\r\n00:01:00.5 --> 00:01:02,000 X1:0 Y1:0\r\n42\r\nsecond line\r\n")  # "." for ",", a numeric line
-
-
-def test_parse_srt_is_tolerant():
-    cues, skipped = parse_srt(SRT)
-    assert cues == [Cue(1.0, 3.0, "Hello there"), Cue(2.5, 5.0, "an overlapping cue"),
-                    Cue(60.5, 62.0, "42 second line")]
-    assert skipped == 2
-    assert parse_srt("") == ([], 0)
-
-
-def test_subtitles_for_window_keeps_overlapping_cues_in_time_order():
-    cues = [Cue(10, 12, "late"), Cue(0, 2, "early"), Cue(4, 6, "middle"), Cue(5, 7, "middle"), Cue(3, 3.5, "gap")]
-    assert subtitles_for_window(cues, 3.2, 5.5) == "gap\nmiddle"   # the repeated rolling caption once
-    assert subtitles_for_window(cues, 2.0, 4.0) == "early\ngap\nmiddle"  # touching the edges counts
-    assert subtitles_for_window(cues, 20, 30) == ""
-
-
-def test_subtitle_text_reads_srt_files_relative_to_the_data_root(tmp_path):
-    (tmp_path / "subs").mkdir()
-    (tmp_path / "subs" / "v.srt").write_text(SRT, encoding="utf-8")
-    r = record(subtitles="subs/v.srt")
-    assert subtitle_text(r, np.array([2.0, 3.0, 4.0]), tmp_path) == "Hello there\nan overlapping cue"
-    assert subtitle_text(record(subtitles="inline words"), np.array([0.0]), tmp_path) == "inline words"
-    assert subtitle_text(record(), np.array([0.0]), tmp_path) is None
-    with pytest.raises(OSError):
-        subtitle_text(record(subtitles="subs/missing.srt"), np.array([0.0]), tmp_path)
-
-
 # ---- converters ----
 
 def test_convert_videomme_flat_and_nested(tmp_path):
@@ -166,7 +131,7 @@ def test_convert_videomme_flat_and_nested(tmp_path):
     first, second = load_records(out)  # paths are relative to the record file's folder
     assert (first.problem_id, first.options, first.answer) == ("001-1", ["1", "2", "3", "4"], "C")
     assert first.video == str(tmp_path / "videos" / "fFjv93ACGo8.mp4")
-    assert first.subtitles == "../subtitles/fFjv93ACGo8.srt"
+    assert first.subtitles == str(tmp_path / "subtitles" / "fFjv93ACGo8.srt")  # made absolute on load
     assert first.labels == {"duration": "short", "domain": "Knowledge", "sub_category": "Humanity & History",
                             "task_type": "Counting Problem"}
     assert (second.problem_id, second.answer, second.subtitles) == ("002-1", "B", None)
@@ -256,7 +221,7 @@ def eval_data(tmp_path_factory):
 def run_eval(model, engine, eval_data, out, **kw):
     records, errors, root = eval_data
     return evaluation.evaluate(model, engine, records, FrameSampling(num_frames=4), out, batch_size=2,
-                               record_errors=errors, data_root=root, **kw)
+                               record_errors=errors, **kw)
 
 
 def test_report_has_the_expected_accuracy_and_breakdowns(tiny_model, eval_data, tmp_path):
@@ -293,7 +258,7 @@ def test_strict_makes_errors_fatal(tiny_model, eval_data, tmp_path):
         run_eval(tiny_model, ScriptedEngine(RESPONSES), eval_data, tmp_path, strict=True)
     with pytest.raises(data.VideoError, match="broken.mp4"):
         evaluation.evaluate(tiny_model, ScriptedEngine(RESPONSES), records, FrameSampling(num_frames=4), tmp_path,
-                            batch_size=2, strict=True, data_root=root)
+                            batch_size=2, strict=True)
 
 
 def test_resume_after_an_interrupt_equals_an_uninterrupted_run(tiny_model, eval_data, tmp_path):

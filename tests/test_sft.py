@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,3 +52,29 @@ def test_sp2_sft_with_trainable_vision_and_checkpointing_equals_one_process(easy
     one, two = losses(tmp_path / "sp1"), losses(tmp_path / "sp2")
     assert len(one) == len(two) == 3 and one[-1] < one[0]
     assert two == pytest.approx(one, rel=1e-4)
+
+
+def test_training_prompts_show_the_srt_cues_within_the_sampled_frames(tiny_model, tmp_path):
+    """A record whose subtitles are an .srt file: the training prompt carries the cues that overlap the
+    sampled frames' span, as eval does, also when the video embeddings come from the cache."""
+    import data
+    data.write_mp4(tmp_path / "v.mp4", np.zeros((10, 32, 32, 3), np.uint8), fps=1.0)   # a 10 s video
+    (tmp_path / "v.srt").write_text("1\n00:00:00,000 --> 00:00:01,000\nbefore\n\n"
+                                    "2\n00:00:04,000 --> 00:00:05,000\nduring\n\n"
+                                    "3\n00:00:20,000 --> 00:00:21,000\nafter\n")
+    (tmp_path / "r.jsonl").write_text(json.dumps(
+        {"problem_id": "q", "videos": "v.mp4", "problem": "What is said?", "problem_type": "free_form",
+         "answer": "during", "subtitles": "v.srt"}) + "\n")
+    record, = data.load_records(tmp_path / "r.jsonl")
+    sampling = data.FrameSampling(num_frames=2)                       # frames at 2 s and 7 s
+    tiny_model.freeze_vision()
+    cache = sft.mrsp.VideoEmbeddingCache(tiny_model)
+    prompts = sft.VideoPrompts(tiny_model, sampling, sft.mrsp.ParallelState(), cache)
+    assert prompts.subtitles(record) == "during"
+    with torch.no_grad():
+        first, second = prompts(record), prompts(record)              # the second from the cache
+        before, after = data.build_prompt(record, subtitles="during")
+        expected = tiny_model.prompt_embeds(before, prompts.video_embeds(record), after)
+    assert cache.vision_runs == 1
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)

@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-import data
 import model as M
 import mrsp
 
@@ -191,6 +190,7 @@ def _step_rows(metrics: Path) -> list[dict]:
 
 def _prompt_tokens(model: M.VideoLM, records_file: Path, num_frames: int) -> float:
     """Mean prompt length over the records: text + frames x (tokens per frame + separator)."""
+    import data  # here, not at the top: data.py needs decord and PyAV, which prefill/capacity must run without
     per_frame = model.config.tokens_per_frame + len(model.encode_text(model.config.frame_separator))
     texts = [sum(len(model.encode_text(t)) for t in data.build_prompt(r, subtitles=data.subtitle_text(r)))
              for r in data.load_records(records_file)]

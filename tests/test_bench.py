@@ -71,3 +71,11 @@ def test_capacity_search_doubles_then_bisects():
                                                                     resolution=4, response_len=0)
     assert tried[:5] == [8, 16, 32, 64, 128]
     assert 96 < frames <= 100 and positions == frames * 5 and not reached_bound
+
+
+def test_prefill_and_capacity_need_neither_decord_nor_pyav():
+    """The GPU image has no decord, PyAV or vLLM: bench.py must import without them (step imports data.py
+    only when it runs). A None in sys.modules makes that import fail."""
+    code = ("import sys; sys.modules.update(av=None, decord=None, vllm=None); import bench; "
+            "assert 'data' not in sys.modules and 'rollout' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

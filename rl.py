@@ -148,11 +148,12 @@ def batch_logprobs(model, prompt_fn, episodes, ps, temperature) -> torch.Tensor:
 
 
 def sync_engine(engine, model, ps):
-    """Push the trainer's current LLM weights into the engine (collective: every rank gathers)."""
-    weights = sft.full_state_dict(model, ps)
+    """Push the trainer's current LLM weights into the engine (collective: every rank gathers; only the
+    ranks that own an engine keep the full tensors)."""
+    weights = sft.gather_llm_weights(model, keep=engine is not None)
     if engine is not None:
         engine.wake_up()
-        engine.sync_weights((k[len("llm."):], v) for k, v in weights.items() if k.startswith("llm."))
+        engine.sync_weights(weights)
 
 
 # ---- main ----

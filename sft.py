@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 import data
 import model as M
@@ -56,11 +57,26 @@ def shard_model(model: M.VideoLM, ps: mrsp.ParallelState):
 
 
 def full_state_dict(model: M.VideoLM, ps: mrsp.ParallelState) -> dict:
-    """Every rank gets the full, unsharded weights (collective: all ranks must call)."""
+    """The full, unsharded weights on rank 0, in CPU memory; an empty dict on the other ranks, which
+    only write nothing (collective: all ranks must call). For saving: rank 0 writes the checkpoint."""
     if ps.world_size == 1:
         return {k: v.detach() for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def gather_llm_weights(model: M.VideoLM, keep: bool) -> list[tuple[str, torch.Tensor]]:
+    """The LLM's full weights (Hugging Face names), gathered one tensor at a time: what a rollout engine
+    needs after each update. Collective under FSDP: every rank calls, and the tensors are gathered in
+    the same order everywhere. A rank with `keep` returns them (on the CPU when sharded, so the GPU
+    never holds more than one unsharded tensor beside its shard); the others drop each one at once."""
+    weights = []
+    for name, tensor in model.llm.state_dict().items():
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor().cpu()  # an all-gather over the FSDP mesh
+        if keep:
+            weights.append((name, tensor.detach()))
+    return weights
 
 
 def clip_grad_norm(params, max_norm: float) -> float:

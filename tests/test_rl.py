@@ -162,8 +162,10 @@ def test_killed_run_resumes_to_the_same_metrics(easy_task, tmp_path):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
 
 
-def test_sp2_training_step_updates_weights_like_one_process(easy_task, tmp_path):
-    args = ["--init", str(easy_task["init"]), "--data", str(easy_task["data"]), "--steps", "1",
+def test_sp2_training_steps_update_weights_like_one_process(easy_task, tmp_path):
+    """torchrun, 2 ranks, --sp-size 2: FSDP2 + Ulysses. Two steps, so step 2's rollouts come from the weights
+    gathered tensor by tensor into SP-rank 0's engine after step 1; they must match one process's."""
+    args = ["--init", str(easy_task["init"]), "--data", str(easy_task["data"]), "--steps", "2",
             "--save-every", "0", *RL_ARGS]
     rl.main(args + ["--out", str(tmp_path / "sp1")])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -174,10 +176,11 @@ def test_sp2_training_step_updates_weights_like_one_process(easy_task, tmp_path)
     one = load_file(str(tmp_path / "sp1" / "final" / "llm" / "model.safetensors"))
     two = load_file(str(tmp_path / "sp2" / "final" / "llm" / "model.safetensors"))
     moved = max((one[k] - before[k]).abs().max().item() for k in one)
-    assert moved > 1e-5  # the step did change the weights
-    for k in one:  # AdamW's first step is lr * g/|g|: equal gradients give equal updates
-        torch.testing.assert_close(two[k], one[k], rtol=0, atol=2e-5, msg=k)
-    assert rows_of(tmp_path / "sp2")[0]["reward"] == pytest.approx(rows_of(tmp_path / "sp1")[0]["reward"])
+    assert moved > 1e-5  # the steps did change the weights
+    for k in one:  # AdamW's early steps are about lr * g/|g|: equal gradients give equal updates
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=4e-5, msg=k)
+    for a, b in zip(rows_of(tmp_path / "sp1"), rows_of(tmp_path / "sp2"), strict=True):
+        assert (b["reward"], b["response_len"]) == pytest.approx((a["reward"], a["response_len"])), a["step"]
 
 
 def test_rl_with_vllm_engine_keeps_engine_and_trainer_in_step(easy_task, tmp_path):

@@ -255,13 +255,13 @@ def main(argv=None):
     for step in bar:
         timing = {}
         tick = time.time()
-        vision_runs_before = sft.count_vision_runs(cache, *builders)
+        vision_runs_before, skipped_before = sft.count_vision_runs(cache, *builders), policy_prompt.skipped
         # ---- 1. sample ----
         recs = sft.records_for_step(records, step, args.batch_size, ps, args.seed)
 
-        # ---- 2. MR-SP stage 1: encode each video once (cached) ----
+        # ---- 2. MR-SP stage 1: encode each video once (cached); an unreadable one is replaced ----
         with torch.no_grad():
-            prompts = [policy_prompt(r) for r in recs]                        # [L_i, D] each
+            recs, prompts = policy_prompt.for_batch(recs, records)           # [L_i, D] each
         timing["time_encode"], tick = time.time() - tick, time.time()
 
         # ---- 3. rollout: G responses per prompt, one prefill each ----
@@ -330,8 +330,10 @@ def main(argv=None):
                "format": sum(e.format for e in episodes) / len(episodes),
                "response_len": sum(len(e.sample.token_ids) for e in episodes) / len(episodes),
                "no_signal_groups": no_signal, **stats, **timing,
-               "vision_runs": sft.count_vision_runs(cache, *builders) - vision_runs_before, "logprob_gap_max": gap}
-        row = sft.reduce_metrics(row, ps, sum_keys=("no_signal_groups", "vision_runs"), max_keys=("logprob_gap_max",))
+               "vision_runs": sft.count_vision_runs(cache, *builders) - vision_runs_before, "logprob_gap_max": gap,
+               "skipped_records": policy_prompt.skipped - skipped_before}
+        row = sft.reduce_metrics(row, ps, sum_keys=("no_signal_groups", "vision_runs", "skipped_records"),
+                                 max_keys=("logprob_gap_max",))
         log.log(row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:

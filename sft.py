@@ -15,6 +15,7 @@ Writes OUT/metrics.jsonl, OUT/checkpoint-STEP/ (every --save-every steps) and OU
 """
 import argparse
 import json
+import logging
 import math
 import random
 import re
@@ -30,6 +31,8 @@ from torch.distributed.tensor import DTensor
 import data
 import model as M
 import mrsp
+
+logger = logging.getLogger("train")
 
 # ---- distributed model: FSDP2 ----
 
@@ -279,14 +282,18 @@ class VideoPrompts:
                  cache: "mrsp.VideoEmbeddingCache | None"):
         self.model, self.sampling, self.ps, self.cache = model, sampling, ps, cache
         self.uncached_runs = 0
+        self.unreadable: dict[str, str] = {}
+        self.skipped = 0  # records replaced so far
 
     def video_embeds(self, record: data.Record) -> torch.Tensor:
         frames_fn = lambda: data.load_frames(record.video, self.model.config.image_size, self.sampling)[0]
         encode_fn = lambda frames: mrsp.stage1_encode(self.model, frames, self.ps.sp_group)
         if self.cache is not None:
             return self.cache.get(record.video, self.sampling, frames_fn, encode_fn)
-        self.uncached_runs += 1  # no cache: decode and encode again, with grad if the vision tower trains
-        return self.model.encode_video(frames_fn())
+        # No cache: decode and encode again, with grad if the vision tower trains.
+        video_embeds = self.model.encode_video(frames_fn())
+        self.uncached_runs += 1
+        return video_embeds
 
     def subtitles(self, record: data.Record) -> str | None:
         # An .srt file shows the cues within the sampled frames' span, as eval.py does; the frame times
@@ -297,6 +304,43 @@ class VideoPrompts:
     def __call__(self, record: data.Record) -> torch.Tensor:
         before, after = data.build_prompt(record, subtitles=self.subtitles(record))
         return self.model.prompt_embeds(before, self.video_embeds(record), after)   # [L, D]
+
+    def for_batch(self, recs: list[data.Record], records: list[data.Record]):
+        """(records, prompt embeddings [L_i, D] each) for one step's batch.
+
+        A record whose video or subtitle file cannot be read is reported once, remembered in
+        `self.unreadable` (problem_id -> reason) and replaced by the next readable record of `records`
+        (counted in `self.skipped`).
+        The batch keeps its size on every rank, so the collectives stay in step, and a long run is not
+        lost to one corrupt file. The replacement depends only on the data, so a resumed run makes it too.
+        """
+        used, prompts = [], []
+        for record in recs:
+            for candidate in _this_then_next(record, records):
+                if candidate.problem_id in self.unreadable:
+                    continue
+                try:
+                    prompt = self(candidate)
+                except data.VideoError as e:
+                    self.unreadable[candidate.problem_id] = str(e)
+                    if self.ps.sp_rank == 0:
+                        logger.warning("skipping record %s: %s", candidate.problem_id, e)
+                    continue
+                used.append(candidate)
+                prompts.append(prompt)
+                self.skipped += candidate is not record
+                break
+            else:
+                raise data.VideoError(f"none of the {len(records)} records has a readable video")
+        return used, prompts
+
+
+def _this_then_next(record: data.Record, records: list[data.Record]):
+    """`record`, then the records after it in `records`, wrapping around (the search runs only on a failure)."""
+    yield record
+    i = records.index(record)
+    for k in range(1, len(records)):
+        yield records[(i + k) % len(records)]
 
 
 def count_vision_runs(cache, *builders: VideoPrompts) -> int:
@@ -395,7 +439,7 @@ def main(argv=None):
                desc="sft")
     for step in bar:
         t0 = time.time()
-        vision_runs_before = count_vision_runs(cache, prompts)
+        vision_runs_before, skipped_before = count_vision_runs(cache, prompts), prompts.skipped
         lr = lr_at(step, args.steps, args.lr, args.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -403,7 +447,8 @@ def main(argv=None):
         for micro in range(args.grad_accum):
             recs = records_for_step(records, step * args.grad_accum + micro, args.batch_size, ps, args.seed)
             with autocast(ps.device, args.bf16):
-                batch = model.build_sequence_batch([prompts(r) for r in recs], [response_ids(model, r) for r in recs])
+                recs, embeds = prompts.for_batch(recs, records)
+                batch = model.build_sequence_batch(embeds, [response_ids(model, r) for r in recs])
                 loss = sft_loss(sequence_logprobs(model, batch, ps), batch.loss_mask)
             # SP ranks each hold part of every gradient and FSDP averages over all ranks: scaling by
             # sp_size turns that average into the sum over the SP group and the mean over data parallel.
@@ -416,7 +461,8 @@ def main(argv=None):
         row = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
                "response_tokens": tokens, "time_s": time.time() - t0}
         row["vision_runs"] = count_vision_runs(cache, prompts) - vision_runs_before
-        row = reduce_metrics(row, ps, sum_keys=("response_tokens", "vision_runs"))
+        row["skipped_records"] = prompts.skipped - skipped_before
+        row = reduce_metrics(row, ps, sum_keys=("response_tokens", "vision_runs", "skipped_records"))
         log.log(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:

@@ -78,3 +78,37 @@ def test_training_prompts_show_the_srt_cues_within_the_sampled_frames(tiny_model
     assert cache.vision_runs == 1
     torch.testing.assert_close(first, expected)
     torch.testing.assert_close(second, expected)
+
+
+def test_unreadable_videos_are_replaced_by_the_next_readable_record(tiny_model, tmp_path):
+    import data
+    for name in ("a", "c"):
+        data.write_mp4(tmp_path / f"{name}.mp4", np.zeros((4, 32, 32, 3), np.uint8), fps=2.0)
+    (tmp_path / "b.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 then garbage")   # corrupt
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(
+        {"problem_id": name, "videos": f"{name}.mp4", "problem": "?", "problem_type": "free_form", "answer": "x"})
+        + "\n" for name in "abc"))
+    a, b, c = records = data.load_records(tmp_path / "r.jsonl")
+    prompts = sft.VideoPrompts(tiny_model, data.FrameSampling(num_frames=2), sft.mrsp.ParallelState(), None)
+    with torch.no_grad():
+        used, embeds = prompts.for_batch([b, a, b], records)
+    assert [r.problem_id for r in used] == ["c", "a", "c"] and len(embeds) == 3   # the batch keeps its size
+    assert list(prompts.unreadable) == ["b"] and "b.mp4" in prompts.unreadable["b"]
+    assert prompts.skipped == 2 and prompts.uncached_runs == 3                      # b was tried once
+    (tmp_path / "a.mp4").write_bytes(b"")
+    (tmp_path / "c.mp4").write_bytes(b"")
+    with pytest.raises(sft.data.VideoError, match="none of the 3 records"):
+        prompts.for_batch([a], records)
+
+
+def test_sft_run_goes_on_past_a_corrupt_video(easy_task, tmp_path):
+    rows = [json.loads(line) for line in Path(easy_task["data"]).read_text().splitlines()]
+    (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
+    bad = {**rows[0], "problem_id": "broken", "videos": str(tmp_path / "broken.mp4")}
+    with_bad = Path(easy_task["data"]).with_name(f"with_bad_{tmp_path.name}.jsonl")  # beside the videos
+    with_bad.write_text("".join(json.dumps(r) + "\n" for r in [bad, *rows]))
+    sft.main(["--init", str(easy_task["root"] / "init"), "--data", str(with_bad),
+              "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", str(len(rows) + 1),
+              "--num-frames", "4", "--save-every", "0"])
+    row, = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert row["skipped_records"] == 1 and (tmp_path / "run" / "final" / "config.json").exists()

@@ -189,7 +189,8 @@ def _step_rows(metrics: Path) -> list[dict]:
 
 
 def _prompt_tokens(model: M.VideoLM, records_file: Path, num_frames: int) -> float:
-    """Mean prompt length over the records: text + frames x (tokens per frame + separator)."""
+    """Mean prompt length over the records: text + frames x (tokens per frame + separator). An .srt file
+    counts with every cue (training shows only those within the frames' span): an upper bound."""
     import data  # here, not at the top: data.py needs decord and PyAV, which prefill/capacity must run without
     per_frame = model.config.tokens_per_frame + len(model.encode_text(model.config.frame_separator))
     texts = [sum(len(model.encode_text(t)) for t in data.build_prompt(r, subtitles=data.subtitle_text(r)))

@@ -190,10 +190,13 @@ def _parse_record(obj, data_root: Path) -> Record:
     )
 
 
-def load_records_report(path, data_root=None) -> tuple[list[Record], list[RecordError]]:
+def load_records_report(path, data_root=None, check_subtitle_files: bool = False
+                        ) -> tuple[list[Record], list[RecordError]]:
     """Read a JSONL record file, keeping the good records and a RecordError for each bad line.
 
-    Video paths are relative to `data_root`, by default the folder that holds the file.
+    Video paths are relative to `data_root`, by default the folder that holds the file. A missing video
+    is an error; a missing .srt file only with `check_subtitle_files` (it matters only where subtitles
+    are shown, and training skips such a record when it reaches it).
 
     >>> records, errors = load_records_report("my_data.jsonl")
     >>> [(e.line, e.field) for e in errors]
@@ -212,6 +215,8 @@ def load_records_report(path, data_root=None) -> tuple[list[Record], list[Record
                 except json.JSONDecodeError as e:
                     raise _FieldError(None, f"invalid JSON ({e})") from None
                 record = _parse_record(obj, data_root)
+                if check_subtitle_files and subtitle_file(record) and not os.path.isfile(subtitle_file(record)):
+                    raise _FieldError("subtitles", f"subtitle file not found: {subtitle_file(record)}")
                 if record.problem_id in first_line:
                     raise _FieldError("problem_id", f"duplicate {record.problem_id!r} "
                                                     f"(first on line {first_line[record.problem_id]})")
@@ -652,12 +657,7 @@ def cmd_synth(args) -> int:
 
 def cmd_check(args) -> int:
     """Validate a record file, print what it holds; 1 if anything is wrong (0 with --skip-bad)."""
-    records, errors = load_records_report(args.file, args.data_root)
-    # Subtitle files are read only when a prompt is built; check here that they exist.
-    missing = [r for r in records if subtitle_file(r) and not os.path.isfile(subtitle_file(r))]
-    errors += [RecordError(args.file, None, "subtitles", f"problem_id {r.problem_id}: subtitle file not found: "
-                           f"{subtitle_file(r)}") for r in missing]
-    records = [r for r in records if all(r is not m for m in missing)]
+    records, errors = load_records_report(args.file, args.data_root, check_subtitle_files=True)
     for e in errors:
         print(f"error: {e}")
     print(f"{len(records)} good records, {len(errors)} bad, in {args.file}")

@@ -337,7 +337,11 @@ def tokenizer_corpus(record_files) -> list[str]:
     texts = []
     for f in record_files:
         for r in data.load_records(f):
-            before, after = data.build_prompt(r, subtitles=data.subtitle_text(r))
+            try:
+                subtitles = data.subtitle_text(r)  # every cue of an .srt file
+            except data.VideoError:               # a missing .srt: training skips the record too
+                subtitles = None
+            before, after = data.build_prompt(r, subtitles=subtitles)
             texts += [before, after, data.format_response(r.reasoning, r.answer)]
     return texts
 

@@ -76,6 +76,16 @@ def group_rank(group) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
+def all_ranks_true(flag: bool, group, device) -> bool:
+    """True only if `flag` is true on every rank of `group` (a MIN all-reduce; no communication alone).
+    Ranks that must take the same branch before a collective agree with this first."""
+    if group_size(group) == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return bool(t.item())
+
+
 @dataclass
 class ParallelState:
     """Where this process sits in the (dp x sp) layout.
@@ -470,7 +480,7 @@ class VideoEmbeddingCache:
             self.hits += 1
             return self._memory[key]
         embeds = self._load(key)
-        if self._all_ranks_agree(embeds is not None):
+        if all_ranks_true(embeds is not None, self.sp_group, self.model.device):  # all load, or all encode
             self.hits += 1
         else:
             self.misses += 1
@@ -528,11 +538,3 @@ class VideoEmbeddingCache:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-
-    def _all_ranks_agree(self, found: bool) -> bool:
-        """True only if every rank of the SP group found the entry (a MIN all-reduce)."""
-        if group_size(self.sp_group) == 1:
-            return found
-        flag = torch.tensor([int(found)], device=self.model.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.sp_group)
-        return bool(flag.item())

@@ -76,7 +76,9 @@ def gather_llm_weights(model: M.VideoLM, keep: bool) -> list[tuple[str, torch.Te
     weights = []
     for name, tensor in model.llm.state_dict().items():
         if isinstance(tensor, DTensor):
-            tensor = tensor.full_tensor().cpu()  # an all-gather over the FSDP mesh
+            tensor = tensor.full_tensor()  # an all-gather over the FSDP mesh
+            if keep:
+                tensor = tensor.cpu()
         if keep:
             weights.append((name, tensor.detach()))
     return weights
@@ -282,11 +284,13 @@ class VideoPrompts:
                  cache: "mrsp.VideoEmbeddingCache | None"):
         self.model, self.sampling, self.ps, self.cache = model, sampling, ps, cache
         self.uncached_runs = 0
-        self.unreadable: dict[str, str] = {}
+        self.unreadable: dict[tuple, str] = {}
         self.skipped = 0  # records replaced so far
+        self._srt_text: dict[tuple, str | None] = {}
 
     def video_embeds(self, record: data.Record) -> torch.Tensor:
-        frames_fn = lambda: data.load_frames(record.video, self.model.config.image_size, self.sampling)[0]
+        frames_fn = lambda: self._read_agreed(
+            lambda: data.load_frames(record.video, self.model.config.image_size, self.sampling)[0])
         encode_fn = lambda frames: mrsp.stage1_encode(self.model, frames, self.ps.sp_group)
         if self.cache is not None:
             return self.cache.get(record.video, self.sampling, frames_fn, encode_fn)
@@ -296,10 +300,28 @@ class VideoPrompts:
         return video_embeds
 
     def subtitles(self, record: data.Record) -> str | None:
-        # An .srt file shows the cues within the sampled frames' span, as eval.py does; the frame times
-        # come from the container because a cached video is not decoded again.
-        times = data.frame_timestamps(record.video, self.sampling) if data.subtitle_file(record) else None
-        return data.subtitle_text(record, times)
+        """The subtitle text of the prompt. An .srt file shows the cues within the sampled frames' span, as
+        eval.py does; the frame times come from the container (a cached video is not decoded again), and
+        the text is kept, since every pass of a step builds the prompt again."""
+        path = data.subtitle_file(record)
+        if path is None:
+            return data.subtitle_text(record)
+        key = (record.video, path)
+        if key not in self._srt_text:
+            self._srt_text[key] = self._read_agreed(
+                lambda: data.subtitle_text(record, data.frame_timestamps(record.video, self.sampling)))
+        return self._srt_text[key]
+
+    def _read_agreed(self, read):
+        """read() on every rank of the SP group; if it raises VideoError on any of them, it raises on all,
+        so that no rank goes on to a collective (the encoding's all-gather) that the others skip."""
+        try:
+            value, error = read(), None
+        except data.VideoError as e:
+            value, error = None, e
+        if not mrsp.all_ranks_true(error is None, self.ps.sp_group, self.ps.device):
+            raise error or data.VideoError("another rank of the sequence-parallel group could not read this record's files")
+        return value
 
     def __call__(self, record: data.Record) -> torch.Tensor:
         before, after = data.build_prompt(record, subtitles=self.subtitles(record))
@@ -308,21 +330,22 @@ class VideoPrompts:
     def for_batch(self, recs: list[data.Record], records: list[data.Record]):
         """(records, prompt embeddings [L_i, D] each) for one step's batch.
 
-        A record whose video or subtitle file cannot be read is reported once, remembered in
-        `self.unreadable` (problem_id -> reason) and replaced by the next readable record of `records`
-        (counted in `self.skipped`).
-        The batch keeps its size on every rank, so the collectives stay in step, and a long run is not
-        lost to one corrupt file. The replacement depends only on the data, so a resumed run makes it too.
+        A record whose video or subtitle file cannot be read is reported once and replaced by the next
+        readable record of `records` (counted in `self.skipped`); its files are remembered in
+        `self.unreadable` ((video, subtitles) -> reason) and not tried again. The batch keeps its size on
+        every rank, so the collectives stay in step, and a long run is not lost to one corrupt file. For a
+        file that always fails, a resumed run makes the same replacement.
         """
         used, prompts = [], []
         for record in recs:
             for candidate in _this_then_next(record, records):
-                if candidate.problem_id in self.unreadable:
+                files = (candidate.video, candidate.subtitles)
+                if files in self.unreadable:
                     continue
                 try:
                     prompt = self(candidate)
                 except data.VideoError as e:
-                    self.unreadable[candidate.problem_id] = str(e)
+                    self.unreadable[files] = str(e)
                     if self.ps.sp_rank == 0:
                         logger.warning("skipping record %s: %s", candidate.problem_id, e)
                     continue

@@ -288,7 +288,7 @@ def test_subtitles_for_window_keeps_overlapping_cues_in_time_order():
     assert subtitles_for_window(cues, 20, 30) == ""
 
 
-def test_srt_paths_are_resolved_on_load_and_read_when_used(tmp_path):
+def test_srt_paths_are_resolved_on_load_and_read_when_used(tmp_path, capsys):
     (tmp_path / "subs").mkdir()
     (tmp_path / "subs" / "v.srt").write_text(SRT, encoding="utf-8")
     path = write_records(tmp_path, good_record(problem_id="srt", subtitles="subs/v.srt"),
@@ -302,7 +302,8 @@ def test_srt_paths_are_resolved_on_load_and_read_when_used(tmp_path):
     assert subtitle_text(none) is None
     with pytest.raises(VideoError, match="missing.srt"):
         subtitle_text(missing, np.array([0.0]))
-    assert data.main(["check", path]) == 1  # check reads the folder: the missing file is an error there
+    assert data.main(["check", path]) == 1  # check looks for the files: the missing one is an error there
+    assert "train.jsonl line 4, field 'subtitles': subtitle file not found" in capsys.readouterr().out
 
 
 def test_frame_timestamps_match_the_decoded_frames(counting_video):

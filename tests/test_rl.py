@@ -181,6 +181,7 @@ def test_sp2_training_steps_update_weights_like_one_process(easy_task, tmp_path)
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=4e-5, msg=k)
     for a, b in zip(rows_of(tmp_path / "sp1"), rows_of(tmp_path / "sp2"), strict=True):
         assert (b["reward"], b["response_len"]) == pytest.approx((a["reward"], a["response_len"])), a["step"]
+        assert b["logprob_gap_max"] < 0.011, b  # the engine decodes with the trainer's current weights
 
 
 def test_rl_with_vllm_engine_keeps_engine_and_trainer_in_step(easy_task, tmp_path):

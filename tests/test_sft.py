@@ -82,18 +82,12 @@ def test_training_prompts_show_the_srt_cues_within_the_sampled_frames(tiny_model
 
 def test_unreadable_videos_are_replaced_by_the_next_readable_record(tiny_model, tmp_path):
     import data
-    for name in ("a", "c"):
-        data.write_mp4(tmp_path / f"{name}.mp4", np.zeros((4, 32, 32, 3), np.uint8), fps=2.0)
-    (tmp_path / "b.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 then garbage")   # corrupt
-    (tmp_path / "r.jsonl").write_text("".join(json.dumps(
-        {"problem_id": name, "videos": f"{name}.mp4", "problem": "?", "problem_type": "free_form", "answer": "x"})
-        + "\n" for name in "abc"))
-    a, b, c = records = data.load_records(tmp_path / "r.jsonl")
+    a, b, c = records = write_abc(tmp_path)
     prompts = sft.VideoPrompts(tiny_model, data.FrameSampling(num_frames=2), sft.mrsp.ParallelState(), None)
     with torch.no_grad():
         used, embeds = prompts.for_batch([b, a, b], records)
     assert [r.problem_id for r in used] == ["c", "a", "c"] and len(embeds) == 3   # the batch keeps its size
-    assert list(prompts.unreadable) == ["b"] and "b.mp4" in prompts.unreadable["b"]
+    assert list(prompts.unreadable) == [(b.video, None)] and "b.mp4" in prompts.unreadable[(b.video, None)]
     assert prompts.skipped == 2 and prompts.uncached_runs == 3                      # b was tried once
     (tmp_path / "a.mp4").write_bytes(b"")
     (tmp_path / "c.mp4").write_bytes(b"")
@@ -112,3 +106,44 @@ def test_sft_run_goes_on_past_a_corrupt_video(easy_task, tmp_path):
               "--num-frames", "4", "--save-every", "0"])
     row, = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert row["skipped_records"] == 1 and (tmp_path / "run" / "final" / "config.json").exists()
+
+
+def write_abc(folder):
+    """Videos a, b, c (b is corrupt) and one record for each: the records, in order."""
+    import data
+    for name in ("a", "c"):
+        data.write_mp4(Path(folder) / f"{name}.mp4", np.zeros((4, 32, 32, 3), np.uint8), fps=2.0)
+    (Path(folder) / "b.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 then garbage")
+    (Path(folder) / "r.jsonl").write_text("".join(json.dumps(
+        {"problem_id": name, "videos": f"{name}.mp4", "problem": "?", "problem_type": "free_form", "answer": "x"})
+        + "\n" for name in "abc"))
+    return sft.data.load_records(Path(folder) / "r.jsonl")
+
+
+def one_rank_cannot_read_job(checkpoint: str, folder: str) -> list[str]:
+    """sp=2: video a reads on SP rank 0 but not on rank 1 (a file a rank cannot see, a flaky mount)."""
+    import data
+    ps = sft.mrsp.init_distributed(sp_size=2)
+    model = sft.M.VideoLM.load(checkpoint).eval()
+    model.freeze_vision()
+    a, b, c = records = data.load_records(Path(folder) / "r.jsonl")
+    if ps.sp_rank == 1:
+        real = data.load_frames
+        def load_frames(path, *args):
+            if path == a.video:
+                raise data.VideoError(f"{path}: cannot decode video (injected on rank 1)")
+            return real(path, *args)
+        data.load_frames = load_frames
+    prompts = sft.VideoPrompts(model, data.FrameSampling(num_frames=2), ps,
+                               sft.mrsp.VideoEmbeddingCache(model, sp_group=ps.sp_group))
+    with torch.no_grad():
+        used, _ = prompts.for_batch([a, c], records)
+    return [r.problem_id for r in used]
+
+
+def test_a_file_one_sp_rank_cannot_read_is_skipped_by_the_whole_group(tiny_checkpoint, tmp_path):
+    """The SP ranks agree before encoding: both replace a, none waits in an all-gather for the other."""
+    from dist import run_ranks
+    write_abc(tmp_path)
+    ranks = run_ranks(one_rank_cannot_read_job, 2, str(tiny_checkpoint), str(tmp_path), timeout=90)
+    assert ranks == [["c", "c"], ["c", "c"]]  # a -> next readable record (b is corrupt) -> c, on both ranks

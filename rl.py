@@ -231,15 +231,23 @@ def main(argv=None):
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start_step = sft.load_trainer_state(resume_from, policy, optimizer, ps)["step"] if resume_from else 0
-    engine = None
-    if ps.sp_rank == 0:  # one engine per SP group; the group's other ranks receive its samples
-        # Under FSDP the policy's weights are sharded and only this rank generates, so the torch engine
-        # decodes with an unsharded copy of its own, kept current by sync_engine.
+    # One engine per SP group generates, on its SP rank 0; the group's other ranks receive its samples.
+    # An in-process vLLM engine takes the training process group as its world and builds groups of its
+    # own from it, a collective step: so with vLLM every rank builds an engine, in step, and the ones
+    # off SP rank 0 stay idle (asleep, with sleep mode). Under FSDP the policy's weights are sharded,
+    # so the torch engine decodes with an unsharded copy of its own, kept current by sync_engine.
+    idle_engine = engine = None
+    if ps.sp_rank == 0 or args.engine == "vllm":
         separate = args.engine == "torch" and ps.world_size > 1
-        engine = rollout.make_engine(
+        built = rollout.make_engine(
             args.engine, M.VideoLM.load(start, device=ps.device) if separate else policy, start / "llm",
             max_model_len=args.max_model_len, seed=args.seed, dtype="bfloat16" if args.bf16 else "float32",
             gpu_memory_utilization=args.gpu_memory_utilization, enable_sleep_mode=args.engine_sleep)
+        if ps.sp_rank == 0:
+            engine = built
+        else:
+            idle_engine = built
+            idle_engine.sleep()
 
     records = data.load_records(args.data)
     sampling = sft.sampling_from_args(args)
@@ -346,7 +354,7 @@ def main(argv=None):
         sft.plot_metrics(log.path, ["reward", "accuracy", "format", "kl", "response_len"], out / "rl_curves.png",
                          f"GRPO: {args.data}")
         print(f"wrote {out / 'final'} and {out / 'rl_curves.png'}")
-    del engine  # before the process group goes: an in-process vLLM engine holds groups of its own
+    del engine, idle_engine  # before the process group goes: an in-process vLLM engine holds groups of its own
     sft.shutdown(ps)
 
 

@@ -198,6 +198,23 @@ def test_rl_with_vllm_engine_keeps_engine_and_trainer_in_step(easy_task, tmp_pat
         assert r["logprob_gap_max"] < 0.011, r
 
 
+def test_torchrun_sp2_with_the_vllm_engine(easy_task, tmp_path):
+    """The default engine under torchrun with --sp-size 2. vLLM builds its process groups from the
+    training group, so every rank must build an engine (rank 1's stays idle); building it on SP rank 0
+    alone hung here. Two steps: step 2 samples from the weights synced after step 1."""
+    args = [a if a != "torch" else "vllm" for a in RL_ARGS]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "rl.py", "--init", str(easy_task["init"]), "--data", str(easy_task["data"]),
+                    "--out", str(tmp_path), "--steps", "2", "--save-every", "0", "--max-model-len", "1024",
+                    "--sp-size", "2", *args],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rows = rows_of(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["logprob_gap_max"] < 0.011, r
+
+
 def test_two_mini_batches_make_the_ratio_clip_bite(easy_task, tmp_path):
     """With the rollout batch split into two updates, the second one scores samples of an older policy:
     ratios move away from 1 and at this learning rate some get clipped. With one update they stay at 1."""

@@ -80,6 +80,7 @@ def _memory_rank(rank: int, sp_size: int, seq_len: int, response_len: int, prese
 
 def cmd_memory(args):
     """Print a markdown table: memory per rank (max over the SP group) for each length and sp size."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a CPU measurement: the spawned ranks must not see a GPU
     ctx = mp.get_context("spawn")
     rows = []
     for seq_len in args.seq_lens:
@@ -326,7 +327,7 @@ def build_llm(shape: str, max_positions: int):
     torch.manual_seed(0)
     with _device():
         return AutoModelForCausalLM.from_config(config, dtype=_dtype(),
-                                                attn_implementation=M.default_attn_implementation())
+                                                attn_implementation=M.default_attn_implementation(_dtype()))
 
 
 def build_videolm(shape: str, max_positions: int) -> M.VideoLM:
@@ -394,6 +395,7 @@ def cmd_prefill(args):
         for n in tokens:
             _free()
             _reset_peak()
+            embeds = None
             try:
                 embeds = torch.randn(1, n, cfg.hidden_size, dtype=_dtype(), device=_device())   # [1, S, D]
                 best = float("inf")
@@ -402,12 +404,13 @@ def cmd_prefill(args):
                     _prefill(llm, embeds)
                     _sync()
                     best = min(best, time.perf_counter() - start)
-                del embeds
                 flops = prefill_flops(matmul_params, cfg.num_hidden_layers, cfg.hidden_size, n)
                 rows.append((n, f"{best:.3f}", f"{n / best:,.0f}", f"{flops / best / 1e12:.1f}",
                              f"{100 * flops / best / (args.peak_tflops * 1e12):.1f}%", _peak_gib()))
             except torch.OutOfMemoryError:
                 rows.append((n, "OOM", "OOM", "-", "-", _peak_gib()))
+            finally:
+                embeds = None  # an OOM's tensors must not count against the next length
             print(f"# {n} tokens: {rows[-1][1]} s", flush=True)
     print(f"\ncommand: `{_command_line()}`\ndevice: {_device_name()}; {_dtype()}, "
           f"{cfg._attn_implementation}, forward only (no grad), LM head on the last position\n"
@@ -469,8 +472,21 @@ def _fits(attempt, model, num_frames: int, response_len: int):
         return positions, time.perf_counter() - start, _peak_gib()
     except torch.OutOfMemoryError:
         return None
+    except RuntimeError as e:  # cuBLAS/cuDNN workspaces fail with their own errors under memory pressure
+        if "ALLOC_FAILED" in str(e) or "out of memory" in str(e):
+            return None
+        raise
     finally:
         _free()
+
+
+def _report_try(frames: int, result) -> None:
+    # Every try is printed with its numbers as it ends, so a run cut short still says what fitted.
+    if result is None:
+        print(f"#   {frames} frames: OOM", flush=True)
+    else:
+        positions, seconds, peak = result
+        print(f"#   {frames} frames: fits ({positions:,} positions, {seconds:.1f} s, peak {peak} GiB)", flush=True)
 
 
 def largest_fitting(attempt, model, start: int, max_frames: int, resolution: int, response_len: int):
@@ -479,7 +495,7 @@ def largest_fitting(attempt, model, start: int, max_frames: int, resolution: int
     best, result, frames, failed = 0, None, start, None
     while frames <= max_frames:
         r = _fits(attempt, model, frames, response_len)
-        print(f"#   {frames} frames: {'fits' if r else 'OOM'}", flush=True)
+        _report_try(frames, r)
         if r is None:
             failed = frames
             break
@@ -490,7 +506,7 @@ def largest_fitting(attempt, model, start: int, max_frames: int, resolution: int
     while hi - lo > resolution:
         mid = (lo + hi) // 2
         r = _fits(attempt, model, mid, response_len)
-        print(f"#   {mid} frames: {'fits' if r else 'OOM'}", flush=True)
+        _report_try(mid, r)
         if r:
             lo, result = mid, r
         else:
@@ -513,7 +529,8 @@ def cmd_capacity(args):
                            chunk_size=args.chunk_size)
     tower_peak = _peak_gib()
     rows = []
-    for name, attempt in (("prefill (no grad)", _try_prefill), ("GRPO step (fwd + bwd of log-probs)", _try_train_step)):
+    passes = {"prefill": ("prefill (no grad)", _try_prefill), "train": ("GRPO step (fwd + bwd of log-probs)", _try_train_step)}
+    for name, attempt in (passes[p] for p in args.passes):
         print(f"# {name}", flush=True)
         frames, result, bound = largest_fitting(attempt, model, args.start_frames, max_frames,
                                                 args.resolution, args.response_len)
@@ -523,6 +540,8 @@ def cmd_capacity(args):
             positions, seconds, peak = result
             rows.append((name, f"{'>= ' if bound else ''}{frames:,}", f"{positions:,}", f"{seconds:.2f}", peak))
     llm, vision = model.llm.config, model.vision_tower.config
+    head_dim = llm.hidden_size // llm.num_attention_heads
+    kv_per_token = 2 * llm.num_hidden_layers * llm.num_key_value_heads * head_dim * torch.finfo(_dtype()).bits // 8
     print(f"\ncommand: `{_command_line()}`\ndevice: {_device_name()}; {_dtype()}, {llm._attn_implementation}, "
           f"gradient checkpointing on\nmodel: {args.shape} shape, random weights: vision {vision.num_hidden_layers} "
           f"layers x {vision.hidden_size} ({vision.num_attention_heads} heads, intermediate "
@@ -532,7 +551,11 @@ def cmd_capacity(args):
           f"video embeddings for the LLM are random tensors [T x {tpf}, D]; the vision tower runs "
           f"{args.chunk_size} frames at a time (peak {tower_peak} GiB for one chunk); the step scores "
           f"{args.response_len} response tokens, no optimizer state; search: doubling from {args.start_frames} "
-          f"up to {max_frames}, then bisection to {args.resolution} frames\n")
+          f"up to {max_frames}, then bisection to {args.resolution} frames\n"
+          f"the prefill is one forward over the whole prompt (no KV cache kept, nothing chunked): its bound is the "
+          f"activations of the longest layer, not a cache. An engine with chunked prefill is bound by its KV cache "
+          f"instead: {kv_per_token / 2**10:.0f} KiB per position here, {kv_per_token * max_frames * (tpf + 1) / 2**30:.1f} "
+          f"GiB at {max_frames:,} frames\n")
     print("| pass | most frames that fit | positions | seconds at that size | peak memory (GiB) |")
     print("|---|---:|---:|---:|---:|")
     for row in rows:
@@ -599,6 +622,8 @@ def main():
     capacity.add_argument("--resolution", type=int, default=16, help="bisect until the bracket is this many frames")
     capacity.add_argument("--response-len", type=int, default=512, help="response tokens scored in the training step")
     capacity.add_argument("--chunk-size", type=int, default=32, help="frames per vision-tower call")
+    capacity.add_argument("--passes", nargs="+", choices=["prefill", "train"], default=["prefill", "train"],
+                          help="which searches to run (one per call keeps a call short on a GPU)")
     capacity.set_defaults(fn=cmd_capacity)
     args = ap.parse_args()
     args.fn(args)

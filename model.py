@@ -69,14 +69,13 @@ class VideoLMConfig:
         return (self.image_size // self.patch_size // 2) ** 2
 
 
-def default_attn_implementation() -> str:
-    """flash_attention_2 on a GPU where flash-attn is importable, sdpa otherwise."""
-    if torch.cuda.is_available():
-        try:
-            import flash_attn  # noqa: F401
-            return "flash_attention_2"
-        except ImportError:
-            pass
+def default_attn_implementation(dtype=torch.bfloat16) -> str:
+    """flash_attention_2 for bf16/fp16 weights on a GPU with flash-attn installed, sdpa otherwise.
+    fp32 weights (trained under --bf16 autocast) get sdpa: a rollout or eval pass outside autocast
+    would hand flash-attn fp32 tensors, which it refuses; SDPA picks a flash kernel itself where it can."""
+    from transformers.utils import is_flash_attn_2_available
+    if dtype in (torch.bfloat16, torch.float16) and is_flash_attn_2_available():
+        return "flash_attention_2"
     return "sdpa"
 
 
@@ -270,7 +269,7 @@ class VideoLM(nn.Module):
         if not is_complete_checkpoint(path):
             raise FileNotFoundError(f"{path} is not a complete VideoLM checkpoint "
                                     "(needs config.json, llm/, vision_tower/, mm_projector/)")
-        attn = attn_implementation or default_attn_implementation()
+        attn = attn_implementation or default_attn_implementation(dtype)
         config = VideoLMConfig(**json.loads((path / "config.json").read_text()))
         llm = AutoModelForCausalLM.from_pretrained(path / "llm", dtype=dtype, attn_implementation=attn)
         vision = SiglipVisionModel.from_pretrained(path / "vision_tower", dtype=dtype,
@@ -377,6 +376,15 @@ def build_from_pretrained(llm_path, vision_path, seed: int = 0, dtype=torch.bflo
     return VideoLM(config, vision, projector, llm, AutoTokenizer.from_pretrained(llm_path))
 
 
+def untie_embeddings(llm) -> None:
+    """Give the LM head its own copy of the tied input-embedding weight (tie_word_embeddings=False).
+    The model computes the same function; training then updates the two separately, as in Qwen2-7B.
+    FSDP2 cannot shard one weight used by two separately sharded modules (see sft.shard_model)."""
+    head = llm.get_output_embeddings()
+    head.weight = nn.Parameter(llm.get_input_embeddings().weight.detach().clone())
+    llm.config.tie_word_embeddings = False
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -395,6 +403,9 @@ def main(argv=None):
     init.add_argument("--llm", default=None, help="a pretrained Hugging Face causal LM folder instead of a preset")
     init.add_argument("--vision-tower", default=None, help="a pretrained SigLIP folder (with --llm)")
     init.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    init.add_argument("--untie-embeddings", action="store_true",
+                      help="give a tied LM head (e.g. Qwen2-0.5B/1.5B) its own weight: needed to train sharded "
+                           "over several processes")
     info = sub.add_parser("info", formatter_class=fmt, help="print a checkpoint's shapes and sizes")
     info.add_argument("path", help="checkpoint folder")
     args = ap.parse_args(argv)
@@ -409,6 +420,8 @@ def main(argv=None):
                 ap.error("a preset model trains its tokenizer on your records: pass --data FILE.jsonl")
             vocab = args.vocab_size or PRESETS[args.preset]["vocab_size"]
             model = build_from_preset(args.preset, train_tokenizer(tokenizer_corpus(args.data), vocab), args.seed)
+        if args.untie_embeddings:
+            untie_embeddings(model.llm)
         model.save(args.out)
         print(f"wrote {args.out}")
         args.path = args.out

@@ -401,10 +401,11 @@ def stage1_encode(model: VideoLM, frames, sp_group, chunk_size: int = 32) -> tor
     counts = frame_split(len(frames), sp_size)
     start = sum(counts[:sp_rank])
     tpf, D = model.config.tokens_per_frame, model.config.llm_hidden
+    # One dtype on every rank for the all-gather, whatever autocast did to the encoder's output.
+    dtype = model.llm.get_input_embeddings().weight.dtype
     if counts[sp_rank]:
-        local = model.encode_video(frames[start:start + counts[sp_rank]], chunk_size)  # [n_r * tpf, D]
+        local = model.encode_video(frames[start:start + counts[sp_rank]], chunk_size).to(dtype)  # [n_r * tpf, D]
     else:
-        dtype = next(model.mm_projector.parameters()).dtype
         local = torch.zeros(0, D, dtype=dtype, device=model.device)                    # [0, D]
     if sp_size == 1:
         return local

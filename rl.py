@@ -147,6 +147,15 @@ def batch_logprobs(model, prompt_fn, episodes, ps, temperature) -> torch.Tensor:
     return sft.sequence_logprobs(model, batch, ps, temperature), batch.loss_mask
 
 
+def lap(since: float, device: torch.device) -> tuple[float, float]:
+    """(seconds since `since`, now), taken once the device has finished its queued work: CUDA runs
+    asynchronously, and without the synchronize a phase's kernels would be timed in the next phase."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    now = time.time()
+    return now - since, now
+
+
 def sync_engine(engine, model, ps):
     """Push the trainer's current LLM weights into the engine (collective: every rank gathers; only the
     ranks that own an engine keep the full tensors)."""
@@ -234,15 +243,18 @@ def main(argv=None):
     # One engine per SP group generates, on its SP rank 0; the group's other ranks receive its samples.
     # An in-process vLLM engine takes the training process group as its world and builds groups of its
     # own from it, a collective step: so with vLLM every rank builds an engine, in step, and the ones
-    # off SP rank 0 stay idle (asleep, with sleep mode). Under FSDP the policy's weights are sharded,
-    # so the torch engine decodes with an unsharded copy of its own, kept current by sync_engine.
+    # off SP rank 0 stay idle (asleep, with sleep mode). vLLM's executor for engines started by an
+    # external launcher (torchrun) puts each rank's engine on that rank's GPU; its default executor
+    # would put them all on GPU 0. Under FSDP the policy's weights are sharded, so the torch engine
+    # decodes with an unsharded copy of its own, kept current by sync_engine.
     idle_engine = engine = None
     if ps.sp_rank == 0 or args.engine == "vllm":
         separate = args.engine == "torch" and ps.world_size > 1
         built = rollout.make_engine(
             args.engine, M.VideoLM.load(start, device=ps.device) if separate else policy, start / "llm",
             max_model_len=args.max_model_len, seed=args.seed, dtype="bfloat16" if args.bf16 else "float32",
-            gpu_memory_utilization=args.gpu_memory_utilization, enable_sleep_mode=args.engine_sleep)
+            gpu_memory_utilization=args.gpu_memory_utilization, enable_sleep_mode=args.engine_sleep,
+            distributed_executor_backend="external_launcher" if ps.world_size > 1 else None)
         if ps.sp_rank == 0:
             engine = built
         else:
@@ -270,7 +282,7 @@ def main(argv=None):
         # ---- 2. MR-SP stage 1: encode each video once (cached); an unreadable one is replaced ----
         with torch.no_grad():
             recs, prompts = policy_prompt.for_batch(recs, records)           # [L_i, D] each
-        timing["time_encode"], tick = time.time() - tick, time.time()
+        timing["time_encode"], tick = lap(tick, ps.device)
 
         # ---- 3. rollout: G responses per prompt, one prefill each ----
         groups = None
@@ -280,7 +292,7 @@ def main(argv=None):
                                      temperature=args.temperature, top_p=args.top_p, seed=seed)
             engine.sleep()  # give its memory to training until the next sync (no-op without sleep mode)
         groups = broadcast_episodes(groups, ps)
-        timing["time_rollout"], tick = time.time() - tick, time.time()
+        timing["time_rollout"], tick = lap(tick, ps.device)
 
         # ---- 4. rewards, 5. advantages ----
         episodes_by_group = [score_group(r, g, args) for r, g in zip(recs, groups)]
@@ -302,7 +314,7 @@ def main(argv=None):
                 gap = max(gap, engine_gap(lp, mask, chunk))
                 if reference is not None:
                     ref_lp.append(batch_logprobs(reference, reference_prompt, chunk, ps, args.temperature)[0])
-        timing["time_logprobs"], tick = time.time() - tick, time.time()
+        timing["time_logprobs"], tick = lap(tick, ps.device)
 
         # ---- 6b. policy update: clipped ratio + k3 KL, sequences sharded over SP ----
         stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
@@ -327,11 +339,11 @@ def main(argv=None):
             stats["grad_norm"] += sft.clip_grad_norm(params, args.max_grad_norm) / len(mini_batches)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        timing["time_update"], tick = time.time() - tick, time.time()
+        timing["time_update"], tick = lap(tick, ps.device)
 
         # ---- 7. sync weights into the engine, log, checkpoint ----
         sync_engine(engine, policy, ps)
-        timing["time_sync"] = time.time() - tick
+        timing["time_sync"] = lap(tick, ps.device)[0]
         row = {"step": step + 1,
                "reward": rewards.mean().item(),
                "accuracy": sum(e.accuracy for e in episodes) / len(episodes),

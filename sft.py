@@ -47,6 +47,11 @@ def shard_model(model: M.VideoLM, ps: mrsp.ParallelState):
     """
     if ps.world_size == 1:
         return model
+    if model.llm.get_output_embeddings().weight is model.llm.get_input_embeddings().weight:
+        # Sharded as two units, the one tied weight would become two parameters and silently untie.
+        raise ValueError("this LLM ties its input and output embeddings (tie_word_embeddings=True, e.g. "
+                         "Qwen2-0.5B/1.5B), which FSDP2 cannot shard here; train it in one process, or make a "
+                         "checkpoint with its own LM head: python model.py init --untie-embeddings ...")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(ps.device.type, (ps.world_size,))  # shard over every rank, dp and sp alike
@@ -95,7 +100,7 @@ def reduce_metrics(row: dict, ps: mrsp.ParallelState, sum_keys=(), max_keys=()) 
     if ps.dp_size == 1:
         return row
     keys = [k for k in sorted(row) if k != "step"]
-    values = torch.tensor([float(row[k]) for k in keys], dtype=torch.float64)
+    values = torch.tensor([float(row[k]) for k in keys], dtype=torch.float64, device=ps.device)
     largest = values.clone()
     dist.all_reduce(values, group=ps.dp_group)
     dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=ps.dp_group)

@@ -115,3 +115,32 @@ def test_save_over_an_existing_checkpoint_replaces_it(tiny_model, tmp_path):
     tiny_model.save(tmp_path / "final")
     assert M.VideoLM.load(tmp_path / "final").mm_projector.fc2.bias[0].item() == 0.5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def tie(model: M.VideoLM) -> M.VideoLM:
+    """The same model with its LM head tied to the input embedding, as Qwen2-0.5B/1.5B ship."""
+    model.llm.get_output_embeddings().weight = model.llm.get_input_embeddings().weight
+    model.llm.config.tie_word_embeddings = True
+    return model
+
+
+def test_untie_embeddings_keeps_the_function_and_separates_the_weights(tiny_model, tmp_path):
+    tied = tie(tiny_model)
+    ids = torch.tensor([[3, 7, 11, 5]])
+    with torch.no_grad():
+        before = tied.llm(input_ids=ids).logits
+        M.untie_embeddings(tied.llm)
+        after = tied.llm(input_ids=ids).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    head, embed = tied.llm.get_output_embeddings().weight, tied.llm.get_input_embeddings().weight
+    assert head is not embed and head.data_ptr() != embed.data_ptr()
+    tied.save(tmp_path / "untied")
+    loaded = M.VideoLM.load(tmp_path / "untied")
+    assert loaded.llm.get_output_embeddings().weight is not loaded.llm.get_input_embeddings().weight
+
+
+def test_sharding_a_tied_llm_is_refused_with_the_way_out(tiny_model):
+    import mrsp
+    import sft
+    with pytest.raises(ValueError, match="--untie-embeddings"):
+        sft.shard_model(tie(tiny_model), mrsp.ParallelState(world_size=2, dp_size=2))

@@ -6,7 +6,8 @@ One step (shared/DESIGN.md, "How a GRPO step flows"):
                  cached; every later use in this step (and later steps: the vision tower is frozen)
                  reuses that encoding
   3. rollout     the prompt embeddings (text + cached video) go to the engine, which samples
-                 --group-size responses per prompt from one prefill
+                 --group-size responses per prompt from one prefill (with vLLM, the ranks of an SP
+                 group each generate a share of its prompts)
   4. rewards     0.9 x accuracy + 0.1 x format (weights configurable)
   5. advantages  group-normalised: (r - mean) / (std + 1e-6), or without the std (Dr. GRPO)
   6. update      old-policy and reference log-probs, then the clipped policy loss with a k3 KL term;
@@ -131,13 +132,24 @@ def score_group(record: data.Record, samples: list, args) -> list[Episode]:
     return episodes
 
 
-def broadcast_episodes(groups, ps: mrsp.ParallelState):
-    """Rollout runs on the first rank of each SP group; the others receive its samples."""
+def rollout_share(num_prompts: int, ps: mrsp.ParallelState, engines_per_group: int) -> range:
+    """The prompts this rank generates: the SP group's first `engines_per_group` ranks own engines and
+    split the group's prompts into contiguous, near-equal shares (the other ranks get none).
+    rollout_share(5, ps, 2) is range(0, 2) on SP rank 0 and range(2, 5) on SP rank 1."""
+    if ps.sp_rank >= engines_per_group:
+        return range(0)
+    bounds = [round(r * num_prompts / engines_per_group) for r in range(engines_per_group + 1)]
+    return range(bounds[ps.sp_rank], bounds[ps.sp_rank + 1])
+
+
+def gather_episodes(groups, ps: mrsp.ParallelState):
+    """Every rank of the SP group gets the whole group's samples, in prompt order (each rank generated
+    a contiguous share of the prompts, possibly none)."""
     if ps.sp_size == 1:
         return groups
-    box = [groups]
-    dist.broadcast_object_list(box, group_src=0, group=ps.sp_group)
-    return box[0]
+    shares = [None] * ps.sp_size
+    dist.all_gather_object(shares, groups, group=ps.sp_group)
+    return [g for share in shares for g in share]
 
 
 def batch_logprobs(model, prompt_fn, episodes, ps, temperature) -> torch.Tensor:
@@ -240,26 +252,21 @@ def main(argv=None):
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start_step = sft.load_trainer_state(resume_from, policy, optimizer, ps)["step"] if resume_from else 0
-    # One engine per SP group generates, on its SP rank 0; the group's other ranks receive its samples.
-    # An in-process vLLM engine takes the training process group as its world and builds groups of its
-    # own from it, a collective step: so with vLLM every rank builds an engine, in step, and the ones
-    # off SP rank 0 stay idle (asleep, with sleep mode). vLLM's executor for engines started by an
-    # external launcher (torchrun) puts each rank's engine on that rank's GPU; its default executor
-    # would put them all on GPU 0. Under FSDP the policy's weights are sharded, so the torch engine
-    # decodes with an unsharded copy of its own, kept current by sync_engine.
-    idle_engine = engine = None
-    if ps.sp_rank == 0 or args.engine == "vllm":
+    # With vLLM every rank owns an engine and the SP group's ranks split its prompts for rollout. (An
+    # in-process vLLM engine takes the training process group as its world and builds groups of its own
+    # from it, a collective step, so every rank must build one anyway; vLLM's executor for engines started
+    # by an external launcher such as torchrun puts each on its rank's GPU, where the default executor
+    # would put them all on GPU 0.) The torch engine runs on SP rank 0 only: under FSDP the policy's
+    # weights are sharded, so it decodes with an unsharded copy of its own, kept current by sync_engine.
+    engines_per_group = ps.sp_size if args.engine == "vllm" else 1
+    engine = None
+    if ps.sp_rank < engines_per_group:
         separate = args.engine == "torch" and ps.world_size > 1
-        built = rollout.make_engine(
+        engine = rollout.make_engine(
             args.engine, M.VideoLM.load(start, device=ps.device) if separate else policy, start / "llm",
             max_model_len=args.max_model_len, seed=args.seed, dtype="bfloat16" if args.bf16 else "float32",
             gpu_memory_utilization=args.gpu_memory_utilization, enable_sleep_mode=args.engine_sleep,
             distributed_executor_backend="external_launcher" if ps.world_size > 1 else None)
-        if ps.sp_rank == 0:
-            engine = built
-        else:
-            idle_engine = built
-            idle_engine.sleep()
 
     records = data.load_records(args.data)
     sampling = sft.sampling_from_args(args)
@@ -284,14 +291,17 @@ def main(argv=None):
             recs, prompts = policy_prompt.for_batch(recs, records)           # [L_i, D] each
         timing["time_encode"], tick = lap(tick, ps.device)
 
-        # ---- 3. rollout: G responses per prompt, one prefill each ----
-        groups = None
-        if engine is not None:
-            seed = args.seed + 100_003 * (step * ps.dp_size + ps.dp_rank)    # own seeds per step and rank
-            groups = engine.generate(prompts, n=args.group_size, max_new_tokens=args.max_new_tokens,
+        # ---- 3. rollout: G responses per prompt, one prefill each; the SP group's engines share the prompts ----
+        groups = []
+        share = rollout_share(len(prompts), ps, engines_per_group)
+        if len(share):
+            # Own seeds per step and rank (vLLM derives the G samples' seeds from a request's seed).
+            seed = args.seed + 100_003 * (step * ps.dp_size + ps.dp_rank) + 7_919 * ps.sp_rank
+            groups = engine.generate([prompts[i] for i in share], n=args.group_size, max_new_tokens=args.max_new_tokens,
                                      temperature=args.temperature, top_p=args.top_p, seed=seed)
+        if engine is not None:
             engine.sleep()  # give its memory to training until the next sync (no-op without sleep mode)
-        groups = broadcast_episodes(groups, ps)
+        groups = gather_episodes(groups, ps)
         timing["time_rollout"], tick = lap(tick, ps.device)
 
         # ---- 4. rewards, 5. advantages ----
@@ -366,7 +376,7 @@ def main(argv=None):
         sft.plot_metrics(log.path, ["reward", "accuracy", "format", "kl", "response_len"], out / "rl_curves.png",
                          f"GRPO: {args.data}")
         print(f"wrote {out / 'final'} and {out / 'rl_curves.png'}")
-    del engine, idle_engine  # before the process group goes: an in-process vLLM engine holds groups of its own
+    del engine  # before the process group goes: an in-process vLLM engine holds groups of its own
     sft.shutdown(ps)
 
 

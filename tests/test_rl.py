@@ -224,3 +224,13 @@ def test_two_mini_batches_make_the_ratio_clip_bite(easy_task, tmp_path):
     rl.main(base + ["--out", str(tmp_path / "two"), "--mini-batches", "2", "--micro-batch-size", "8"])
     assert rows_of(tmp_path / "one")[0]["clip_frac"] == 0
     assert rows_of(tmp_path / "two")[0]["clip_frac"] > 0
+
+
+def test_rollout_share_splits_the_groups_prompts_among_its_engines():
+    def shares(num_prompts, sp_size, engines):
+        return [list(rl.rollout_share(num_prompts, rl.mrsp.ParallelState(sp_rank=r, sp_size=sp_size), engines))
+                for r in range(sp_size)]
+    assert shares(5, 2, 2) == [[0, 1], [2, 3, 4]]
+    assert shares(5, 2, 1) == [[0, 1, 2, 3, 4], []]          # the torch engine: SP rank 0 generates all
+    assert shares(2, 4, 4) == [[], [0], [1], []]             # fewer prompts than engines: some idle
+    assert shares(8, 1, 1) == [list(range(8))]

@@ -228,11 +228,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    ps = mrsp.init_distributed(args.sp_size)
-    torch.manual_seed(args.seed + ps.rank)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    resume_from = sft.latest_checkpoint(out) if args.resume else None
+    ps, out, resume_from = sft.start_run(args)
     start = Path(resume_from or args.init)
 
     # ---- policy, reference, optimizer, engine ----

@@ -133,6 +133,16 @@ def latest_checkpoint(out_dir) -> Path | None:
     return max(found)[1] if found else None
 
 
+def start_run(args) -> tuple[mrsp.ParallelState, Path, Path | None]:
+    """What sft.py and rl.py do first: the process groups, a seed per rank, the output folder, and the
+    checkpoint to resume from (None: start from --init)."""
+    ps = mrsp.init_distributed(args.sp_size)
+    torch.manual_seed(args.seed + ps.rank)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return ps, out, latest_checkpoint(out) if args.resume else None
+
+
 def rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
@@ -431,11 +441,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    ps = mrsp.init_distributed(args.sp_size)
-    torch.manual_seed(args.seed + ps.rank)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    resume_from = latest_checkpoint(out) if args.resume else None
+    ps, out, resume_from = start_run(args)
 
     # ---- model, optimizer ----
     model = M.VideoLM.load(resume_from or args.init, device=ps.device)

@@ -215,8 +215,8 @@ def load_records_report(path, data_root=None, check_subtitle_files: bool = False
                 except json.JSONDecodeError as e:
                     raise _FieldError(None, f"invalid JSON ({e})") from None
                 record = _parse_record(obj, data_root)
-                if check_subtitle_files and subtitle_file(record) and not os.path.isfile(subtitle_file(record)):
-                    raise _FieldError("subtitles", f"subtitle file not found: {subtitle_file(record)}")
+                if check_subtitle_files and (srt := subtitle_file(record)) and not os.path.isfile(srt):
+                    raise _FieldError("subtitles", f"subtitle file not found: {srt}")
                 if record.problem_id in first_line:
                     raise _FieldError("problem_id", f"duplicate {record.problem_id!r} "
                                                     f"(first on line {first_line[record.problem_id]})")

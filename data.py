@@ -277,6 +277,19 @@ class FrameSampling:
         mode = f"n{self.num_frames}" if self.fps is None else f"fps{float(self.fps)!r}"
         return f"{mode}-max{self.max_frames}"
 
+    @classmethod
+    def from_args(cls, args) -> "FrameSampling":
+        """The sampling that `add_sampling_args`' flags describe."""
+        return cls(num_frames=args.num_frames, fps=args.fps, max_frames=args.max_frames)
+
+
+def add_sampling_args(parser) -> None:
+    """--num-frames, --fps, --max-frames: the same three flags in every script that reads videos."""
+    parser.add_argument("--num-frames", type=int, default=16, help="frames spread evenly over each video")
+    parser.add_argument("--fps", type=float, default=None,
+                        help="sample this many frames per second of video instead (overrides --num-frames)")
+    parser.add_argument("--max-frames", type=int, default=MAX_FRAMES, help="cap on frames per video")
+
 
 def _centres(total: int, n: int) -> np.ndarray:
     """The middle index of each of n equal segments of range(total): floor((i + 0.5) * total / n),
@@ -670,7 +683,7 @@ def cmd_check(args) -> int:
 
 def cmd_frames(args) -> int:
     """Print which frames a sampling setting takes from a video."""
-    sampling = FrameSampling(num_frames=args.num_frames, fps=args.fps, max_frames=args.max_frames)
+    sampling = FrameSampling.from_args(args)
     vr = _open_video(args.video, args.image_size)
     video_fps = _video_fps(vr, args.video, sampling)
     indices, timestamps = sample_indices(len(vr), video_fps, sampling)
@@ -713,10 +726,7 @@ def main(argv=None) -> int:
 
     p = commands.add_parser("frames", formatter_class=fmt, help="show the frames sampled from a video")
     p.add_argument("video", help="a video file")
-    p.add_argument("--num-frames", type=int, default=16, help="frames spread evenly over the video")
-    p.add_argument("--fps", type=float, default=None,
-                   help="frames per second of video; overrides --num-frames")
-    p.add_argument("--max-frames", type=int, default=MAX_FRAMES, help="cap on the number of frames")
+    add_sampling_args(p)
     p.add_argument("--image-size", type=int, default=64, help="frames are resized to this square size")
     p.set_defaults(run=cmd_frames)
 

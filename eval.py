@@ -565,9 +565,7 @@ def _eval_parser() -> argparse.ArgumentParser:
                    help="folder video and subtitle paths are relative to; None means the data file's folder")
     p.add_argument("--out", required=True,
                    help="report folder: predictions.jsonl, report.json; an unfinished run there resumes")
-    p.add_argument("--num-frames", type=int, default=16, help="frames spread evenly over each video")
-    p.add_argument("--fps", type=float, default=None, help="sample this many frames per second instead")
-    p.add_argument("--max-frames", type=int, default=data.MAX_FRAMES, help="cap on frames per video")
+    data.add_sampling_args(p)
     p.add_argument("--subtitles", action=argparse.BooleanOptionalAction, default=False,
                    help="show each record's subtitles (the .srt cues within the sampled frames' span)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="longest response")
@@ -628,7 +626,7 @@ def main(argv=None) -> int:
     records, record_errors = data.load_records_report(args.data, data_root)
     for e in record_errors:
         log.warning("%s", e)
-    sampling = FrameSampling(num_frames=args.num_frames, fps=args.fps, max_frames=args.max_frames)
+    sampling = FrameSampling.from_args(args)
     model = VideoLM.load(args.checkpoint, dtype=getattr(torch, args.dtype), device=args.device).eval()
     engine = rollout.make_engine(args.engine, model, Path(args.checkpoint) / "llm",
                                  max_model_len=args.max_model_len, dtype=args.dtype)

@@ -379,7 +379,7 @@ def build_from_pretrained(llm_path, vision_path, seed: int = 0, dtype=torch.bflo
 def untie_embeddings(llm) -> None:
     """Give the LM head its own copy of the tied input-embedding weight (tie_word_embeddings=False).
     The model computes the same function; training then updates the two separately, as in Qwen2-7B.
-    FSDP2 cannot shard one weight used by two separately sharded modules (see sft.shard_model)."""
+    FSDP2 cannot shard one weight used by two separately sharded modules (see train.shard_model)."""
     head = llm.get_output_embeddings()
     head.weight = nn.Parameter(llm.get_input_embeddings().weight.detach().clone())
     llm.config.tie_word_embeddings = False

@@ -86,6 +86,14 @@ def all_ranks_true(flag: bool, group, device) -> bool:
     return bool(t.item())
 
 
+def split_evenly(num_items: int, parts: int) -> list[range]:
+    """Contiguous, near-equal shares of range(num_items), in order; the first num_items % parts take one
+    more. The one rule for every split here: frames over SP ranks, prompts over engines, mini-batches.
+    split_evenly(7, 3) -> [range(0, 3), range(3, 5), range(5, 7)]; split_evenly(1, 2) -> [range(0, 1), range(1, 1)]."""
+    bounds = [r * (num_items // parts) + min(r, num_items % parts) for r in range(parts + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
 @dataclass
 class ParallelState:
     """Where this process sits in the (dp x sp) layout.
@@ -379,17 +387,11 @@ def allreduce_gradients(model: torch.nn.Module, ps: ParallelState) -> None:
 
 # ---- stage 1: frame-sharded video encoding ----
 
-def frame_split(num_frames: int, sp_size: int) -> list[int]:
-    """Frames per SP rank, in frame order: the first num_frames % sp_size ranks take one more.
-    frame_split(7, 3) -> [3, 2, 2]; frame_split(1, 2) -> [1, 0]."""
-    return [num_frames // sp_size + (r < num_frames % sp_size) for r in range(sp_size)]
-
-
 @torch.no_grad()
 def stage1_encode(model: VideoLM, frames, sp_group, chunk_size: int = 32) -> torch.Tensor:
     """MR-SP stage 1: frames [T, H, W, 3] -> video embeddings [T * tokens_per_frame, D] on every SP rank.
 
-    Every rank passes the same frames; each encodes its contiguous share (`frame_split`) and an
+    Every rank passes the same frames; each encodes its contiguous share (`split_evenly`) and an
     all-gather rebuilds the whole embedding in frame order. Shares may differ by one frame and may be
     empty (T < sp): they are padded to the largest share for the all-gather and trimmed after.
     Runs without autograd: the vision tower and projector are frozen in RL (LongVILA-R1), which is also
@@ -398,7 +400,7 @@ def stage1_encode(model: VideoLM, frames, sp_group, chunk_size: int = 32) -> tor
     sp_rank, sp_size = group_rank(sp_group), group_size(sp_group)
     if len(frames) == 0:
         raise ValueError("no frames to encode")
-    counts = frame_split(len(frames), sp_size)
+    counts = [len(share) for share in split_evenly(len(frames), sp_size)]
     start = sum(counts[:sp_rank])
     tpf, D = model.config.tokens_per_frame, model.config.llm_hidden
     # One dtype on every rank for the all-gather, whatever autocast did to the encoder's output.

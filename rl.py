@@ -1,6 +1,6 @@
 """Stage 2: GRPO reinforcement learning of a VideoLM on long-video QA, with MR-SP and a rollout engine.
 
-One step (shared/DESIGN.md, "How a GRPO step flows"):
+One GRPO step, as the banners in `main()` show it:
   1. sample      each data-parallel rank takes --batch-size records
   2. encode      MR-SP stage 1: each video's frames are encoded once, split over the SP group, and
                  cached; every later use in this step (and later steps: the vision tower is frozen)
@@ -32,7 +32,7 @@ import eval as evaluation
 import model as M
 import mrsp
 import rollout
-import sft
+import train
 
 # ---- rewards ----
 
@@ -135,11 +135,10 @@ def score_group(record: data.Record, samples: list, args) -> list[Episode]:
 def rollout_share(num_prompts: int, ps: mrsp.ParallelState, engines_per_group: int) -> range:
     """The prompts this rank generates: the SP group's first `engines_per_group` ranks own engines and
     split the group's prompts into contiguous, near-equal shares (the other ranks get none).
-    rollout_share(5, ps, 2) is range(0, 2) on SP rank 0 and range(2, 5) on SP rank 1."""
+    rollout_share(5, ps, 2) is range(0, 3) on SP rank 0 and range(3, 5) on SP rank 1."""
     if ps.sp_rank >= engines_per_group:
         return range(0)
-    bounds = [round(r * num_prompts / engines_per_group) for r in range(engines_per_group + 1)]
-    return range(bounds[ps.sp_rank], bounds[ps.sp_rank + 1])
+    return mrsp.split_evenly(num_prompts, engines_per_group)[ps.sp_rank]
 
 
 def gather_episodes(groups, ps: mrsp.ParallelState):
@@ -156,7 +155,7 @@ def batch_logprobs(model, prompt_fn, episodes, ps, temperature) -> torch.Tensor:
     """Per-token log-probs [B, S] of the episodes' responses under `model` (sharded over SP)."""
     batch = model.build_sequence_batch([prompt_fn(e.record) for e in episodes],
                                        [e.sample.token_ids for e in episodes])
-    return sft.sequence_logprobs(model, batch, ps, temperature), batch.loss_mask
+    return train.sequence_logprobs(model, batch, ps, temperature), batch.loss_mask
 
 
 def lap(since: float, device: torch.device) -> tuple[float, float]:
@@ -171,7 +170,7 @@ def lap(since: float, device: torch.device) -> tuple[float, float]:
 def sync_engine(engine, model, ps):
     """Push the trainer's current LLM weights into the engine (collective: every rank gathers; only the
     ranks that own an engine keep the full tensors)."""
-    weights = sft.gather_llm_weights(model, keep=engine is not None)
+    weights = train.gather_llm_weights(model, keep=engine is not None)
     if engine is not None:
         engine.wake_up()
         engine.sync_weights(weights)
@@ -180,11 +179,11 @@ def sync_engine(engine, model, ps):
 # ---- main ----
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=sft.HelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=train.HelpFormatter)
     ap.add_argument("--init", required=True, help="checkpoint to start from (usually the SFT run's final/)")
     ap.add_argument("--data", required=True, help="training records (.jsonl)")
     ap.add_argument("--out", required=True, help="output folder")
-    sft.add_video_args(ap)
+    data.add_sampling_args(ap)
     ap.add_argument("--steps", type=int, default=30, help="GRPO steps (one rollout batch each)")
     ap.add_argument("--batch-size", type=int, default=8, help="prompts per step per data-parallel rank")
     ap.add_argument("--group-size", type=int, default=5, help="responses sampled per prompt (G)")
@@ -218,7 +217,7 @@ def parse_args(argv=None):
                     help="MR-SP stage 1: encode each video once and reuse it; --no-embed-cache re-encodes the "
                          "video for every sequence in every pass (the baseline the paper compares against)")
     ap.add_argument("--embed-cache-dir", default=None, help="also keep video embeddings on disk here")
-    sft.add_run_args(ap, save_every=10)
+    train.add_run_args(ap, save_every=10)
     args = ap.parse_args(argv)
     if not args.freeze_vision:
         ap.error("this implementation trains RL with a frozen vision tower (as LongVILA-R1): "
@@ -228,7 +227,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    ps, out, resume_from = sft.start_run(args)
+    ps, out, resume_from = train.start_run(args)
     start = Path(resume_from or args.init)
 
     # ---- policy, reference, optimizer, engine ----
@@ -244,10 +243,10 @@ def main(argv=None):
         for m in (policy, reference):
             if m is not None:
                 mrsp.enable_ulysses(m, ps.sp_group)
-    sft.shard_model(policy, ps)
+    train.shard_model(policy, ps)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    start_step = sft.load_trainer_state(resume_from, policy, optimizer, ps)["step"] if resume_from else 0
+    start_step = train.load_trainer_state(resume_from, policy, optimizer, ps)["step"] if resume_from else 0
     # With vLLM every rank owns an engine and the SP group's ranks split its prompts for rollout. (An
     # in-process vLLM engine takes the training process group as its world and builds groups of its own
     # from it, a collective step, so every rank must build one anyway; vLLM's executor for engines started
@@ -265,22 +264,22 @@ def main(argv=None):
             distributed_executor_backend="external_launcher" if ps.world_size > 1 else None)
 
     records = data.load_records(args.data)
-    sampling = sft.sampling_from_args(args)
+    sampling = data.FrameSampling.from_args(args)
     cache = (mrsp.VideoEmbeddingCache(policy, cache_dir=args.embed_cache_dir, sp_group=ps.sp_group)
              if args.embed_cache else None)
-    policy_prompt = sft.VideoPrompts(policy, sampling, ps, cache)
-    reference_prompt = sft.VideoPrompts(reference, sampling, ps, cache) if reference is not None else None
+    policy_prompt = train.VideoPrompts(policy, sampling, ps, cache)
+    reference_prompt = train.VideoPrompts(reference, sampling, ps, cache) if reference is not None else None
     builders = [b for b in (policy_prompt, reference_prompt) if b is not None]
-    log = sft.MetricsLog(out, enabled=ps.rank == 0, resume_step=start_step)
+    log = train.MetricsLog(out, enabled=ps.rank == 0, resume_step=start_step)
 
     from tqdm import tqdm
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=ps.rank != 0, desc="grpo")
     for step in bar:
         timing = {}
         tick = time.time()
-        vision_runs_before, skipped_before = sft.count_vision_runs(cache, *builders), policy_prompt.skipped
+        vision_runs_before, skipped_before = train.count_vision_runs(cache, *builders), policy_prompt.skipped
         # ---- 1. sample ----
-        recs = sft.records_for_step(records, step, args.batch_size, ps, args.seed)
+        recs = train.records_for_step(records, step, args.batch_size, ps, args.seed)
 
         # ---- 2. MR-SP stage 1: encode each video once (cached); an unreadable one is replaced ----
         with torch.no_grad():
@@ -311,26 +310,26 @@ def main(argv=None):
         no_signal = int((rewards.max(dim=1).values == rewards.min(dim=1).values).sum())
 
         # ---- 6a. old-policy and reference log-probs (no grad) ----
-        micro_batches = list(chunks(episodes, args.micro_batch_size))   # old_lp[k], ref_lp[k] belong to batch k
+        micro_batches = [episodes[i:i + args.micro_batch_size] for i in range(0, len(episodes), args.micro_batch_size)]   # old_lp[k], ref_lp[k] belong to batch k
         old_lp, ref_lp, gap = [], [], 0.0
-        with torch.no_grad(), sft.autocast(ps.device, args.bf16):
-            for chunk in micro_batches:
-                lp, mask = batch_logprobs(policy, policy_prompt, chunk, ps, args.temperature)
+        with torch.no_grad(), train.autocast(ps.device, args.bf16):
+            for micro in micro_batches:
+                lp, mask = batch_logprobs(policy, policy_prompt, micro, ps, args.temperature)
                 old_lp.append(lp)
-                gap = max(gap, engine_gap(lp, mask, chunk))
+                gap = max(gap, engine_gap(lp, mask, micro))
                 if reference is not None:
-                    ref_lp.append(batch_logprobs(reference, reference_prompt, chunk, ps, args.temperature)[0])
+                    ref_lp.append(batch_logprobs(reference, reference_prompt, micro, ps, args.temperature)[0])
         timing["time_logprobs"], tick = lap(tick, ps.device)
 
         # ---- 6b. policy update: clipped ratio + k3 KL, sequences sharded over SP ----
         stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
-        mini_batches = split_even(list(range(len(micro_batches))), args.mini_batches)  # micro-batch indices
+        mini_batches = mrsp.split_evenly(len(micro_batches), min(args.mini_batches, len(micro_batches)))  # micro-batch indices
         for mini_batch in mini_batches:
             for k in mini_batch:
-                chunk_eps = micro_batches[k]
-                with sft.autocast(ps.device, args.bf16):
-                    lp, mask = batch_logprobs(policy, policy_prompt, chunk_eps, ps, args.temperature)
-                    adv = torch.tensor([e.advantage for e in chunk_eps], device=lp.device)[:, None].expand_as(lp)
+                micro = micro_batches[k]
+                with train.autocast(ps.device, args.bf16):
+                    lp, mask = batch_logprobs(policy, policy_prompt, micro, ps, args.temperature)
+                    adv = torch.tensor([e.advantage for e in micro], device=lp.device)[:, None].expand_as(lp)
                     pg, clip_frac = policy_loss(lp, old_lp[k], adv, mask, args.clip_low, args.clip_high,
                                                 args.dual_clip, args.loss_agg)
                     kl = aggregate(kl_k3(lp, ref_lp[k]), mask, args.loss_agg) if ref_lp else torch.zeros(())
@@ -342,7 +341,7 @@ def main(argv=None):
                 stats["loss"] += loss.item() * weight
                 stats["kl"] += kl.item() * weight
                 stats["clip_frac"] += clip_frac.item() * weight
-            stats["grad_norm"] += sft.clip_grad_norm(params, args.max_grad_norm) / len(mini_batches)
+            stats["grad_norm"] += train.clip_grad_norm(params, args.max_grad_norm) / len(mini_batches)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         timing["time_update"], tick = lap(tick, ps.device)
@@ -356,24 +355,24 @@ def main(argv=None):
                "format": sum(e.format for e in episodes) / len(episodes),
                "response_len": sum(len(e.sample.token_ids) for e in episodes) / len(episodes),
                "no_signal_groups": no_signal, **stats, **timing,
-               "vision_runs": sft.count_vision_runs(cache, *builders) - vision_runs_before, "logprob_gap_max": gap,
+               "vision_runs": train.count_vision_runs(cache, *builders) - vision_runs_before, "logprob_gap_max": gap,
                "skipped_records": policy_prompt.skipped - skipped_before}
-        row = sft.reduce_metrics(row, ps, sum_keys=("no_signal_groups", "vision_runs", "skipped_records"),
+        row = train.reduce_metrics(row, ps, sum_keys=("no_signal_groups", "vision_runs", "skipped_records"),
                                  max_keys=("logprob_gap_max",))
         log.log(row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            sft.save_checkpoint(out, step + 1, policy, optimizer, ps)
+            train.save_checkpoint(out, step + 1, policy, optimizer, ps)
 
     # ---- finish ----
-    weights = sft.full_state_dict(policy, ps)
+    weights = train.full_state_dict(policy, ps)
     if ps.rank == 0:
         policy.save(out / "final", weights)
-        sft.plot_metrics(log.path, ["reward", "accuracy", "format", "kl", "response_len"], out / "rl_curves.png",
+        train.plot_metrics(log.path, ["reward", "accuracy", "format", "kl", "response_len"], out / "rl_curves.png",
                          f"GRPO: {args.data}")
         print(f"wrote {out / 'final'} and {out / 'rl_curves.png'}")
     del engine  # before the process group goes: an in-process vLLM engine holds groups of its own
-    sft.shutdown(ps)
+    train.shutdown(ps)
 
 
 def engine_gap(trainer_lp: torch.Tensor, mask: torch.Tensor, episodes) -> float:
@@ -385,18 +384,6 @@ def engine_gap(trainer_lp: torch.Tensor, mask: torch.Tensor, episodes) -> float:
         theirs = torch.tensor(e.sample.logprobs, dtype=mine.dtype, device=mine.device)
         gap = max(gap, (mine - theirs).abs().max().item())
     return gap
-
-
-def chunks(items, size):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
-def split_even(items, parts):
-    """Split a list into `parts` contiguous pieces of near-equal length (empty pieces dropped)."""
-    parts = max(1, min(parts, len(items)))
-    bounds = [round(i * len(items) / parts) for i in range(parts + 1)]
-    return [items[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 if __name__ == "__main__":

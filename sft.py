@@ -4,9 +4,7 @@ The target of every record is `<think>reasoning</think><answer>answer</answer>` 
 token; the loss is the token-mean negative log-likelihood over those response tokens only (the prompt
 and the video carry no loss). Long sequences are sharded over the sequence-parallel group (MR-SP,
 mrsp.py); the other ranks are data parallel; parameters and optimizer state are sharded with FSDP2.
-
-This file also holds the training plumbing that rl.py reuses: FSDP2 sharding, checkpoint + resume,
-the metrics log, the learning-rate schedule and the curve plot.
+The plumbing this shares with rl.py (run set-up, FSDP2, checkpoints, metrics, flags) is in train.py.
 
 Run:
     python sft.py --init runs/init --data data/synth/train.jsonl --out runs/sft
@@ -14,275 +12,14 @@ Run:
 Writes OUT/metrics.jsonl, OUT/checkpoint-STEP/ (every --save-every steps) and OUT/final/.
 """
 import argparse
-import json
-import logging
-import math
-import random
-import re
 import time
-from contextlib import nullcontext
-from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 import data
 import model as M
 import mrsp
-
-logger = logging.getLogger("train")
-
-# ---- distributed model: FSDP2 ----
-
-
-def shard_model(model: M.VideoLM, ps: mrsp.ParallelState):
-    """Shard parameters, gradients and optimizer state over all ranks with FSDP2 (no-op on one process).
-
-    FSDP2 gathers a module's weights in the hooks of its `forward`. VideoLM calls its parts directly
-    (the vision tower, the token embedding, each decoder layer, the final norm, the LM head), so each of
-    those is its own FSDP unit; nothing wraps them all. Frozen parts stay replicated: they need no
-    gradient reduction and every rank loaded the same weights.
-    """
-    if ps.world_size == 1:
-        return model
-    if model.llm.get_output_embeddings().weight is model.llm.get_input_embeddings().weight:
-        # Sharded as two units, the one tied weight would become two parameters and silently untie.
-        raise ValueError("this LLM ties its input and output embeddings (tie_word_embeddings=True, e.g. "
-                         "Qwen2-0.5B/1.5B), which FSDP2 cannot shard here; train it in one process, or make a "
-                         "checkpoint with its own LM head: python model.py init --untie-embeddings ...")
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    mesh = init_device_mesh(ps.device.type, (ps.world_size,))  # shard over every rank, dp and sp alike
-    decoder = model.llm.get_decoder()
-    units = [*decoder.layers, decoder.embed_tokens, decoder.norm, model.llm.get_output_embeddings(),
-             model.vision_tower, model.mm_projector]
-    for unit in units:
-        if any(p.requires_grad for p in unit.parameters()):
-            fully_shard(unit, mesh=mesh)
-    return model
-
-
-def full_state_dict(model: M.VideoLM, ps: mrsp.ParallelState) -> dict:
-    """The full, unsharded weights on rank 0, in CPU memory; an empty dict on the other ranks, which
-    only write nothing (collective: all ranks must call). For saving: rank 0 writes the checkpoint."""
-    if ps.world_size == 1:
-        return {k: v.detach() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def gather_llm_weights(model: M.VideoLM, keep: bool) -> list[tuple[str, torch.Tensor]]:
-    """The LLM's full weights (Hugging Face names), gathered one tensor at a time: what a rollout engine
-    needs after each update. Collective under FSDP: every rank calls, and the tensors are gathered in
-    the same order everywhere. A rank with `keep` returns them (on the CPU when sharded, so the GPU
-    never holds more than one unsharded tensor beside its shard); the others drop each one at once."""
-    weights = []
-    for name, tensor in model.llm.state_dict().items():
-        if isinstance(tensor, DTensor):
-            tensor = tensor.full_tensor()  # an all-gather over the FSDP mesh
-            if keep:
-                tensor = tensor.cpu()
-        if keep:
-            weights.append((name, tensor.detach()))
-    return weights
-
-
-def clip_grad_norm(params, max_norm: float) -> float:
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-
-def reduce_metrics(row: dict, ps: mrsp.ParallelState, sum_keys=(), max_keys=()) -> dict:
-    """Average a row of scalar metrics over the data-parallel ranks; sum the counts in `sum_keys`, take
-    the largest of `max_keys`."""
-    if ps.dp_size == 1:
-        return row
-    keys = [k for k in sorted(row) if k != "step"]
-    values = torch.tensor([float(row[k]) for k in keys], dtype=torch.float64, device=ps.device)
-    largest = values.clone()
-    dist.all_reduce(values, group=ps.dp_group)
-    dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=ps.dp_group)
-    out = {k: v if k in sum_keys else m if k in max_keys else v / ps.dp_size
-           for k, v, m in zip(keys, values.tolist(), largest.tolist())}
-    return {"step": row["step"], **out}
-
-
-def shutdown(ps: mrsp.ParallelState):
-    """Leave the torchrun job. A single process never made a group (an in-process vLLM engine may have
-    made one of its own, and tears it down itself)."""
-    if ps.world_size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
-
-# ---- checkpoint and resume ----
-
-CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)$")
-
-
-def latest_checkpoint(out_dir) -> Path | None:
-    """The newest complete OUT/checkpoint-STEP (half-written ones are temp folders and never match)."""
-    found = [(int(m.group(1)), p) for p in Path(out_dir).glob("checkpoint-*")
-             if (m := CHECKPOINT_RE.search(p.name)) and M.is_complete_checkpoint(p)
-             and (p / "trainer_state.pt").exists()]
-    return max(found)[1] if found else None
-
-
-def start_run(args) -> tuple[mrsp.ParallelState, Path, Path | None]:
-    """What sft.py and rl.py do first: the process groups, a seed per rank, the output folder, and the
-    checkpoint to resume from (None: start from --init)."""
-    ps = mrsp.init_distributed(args.sp_size)
-    torch.manual_seed(args.seed + ps.rank)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    return ps, out, latest_checkpoint(out) if args.resume else None
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
-def save_checkpoint(out_dir, step: int, model, optimizer, ps: mrsp.ParallelState, extra: dict | None = None):
-    """OUT/checkpoint-STEP: the model in the release layout plus trainer_state.pt (optimizer, step, the
-    RNG state of every rank). Written to a temporary folder and renamed (collective: all ranks call)."""
-    weights = full_state_dict(model, ps)
-    optim_state = optimizer_state(model, optimizer, ps)
-    rngs = [None] * ps.world_size
-    if ps.world_size > 1:
-        dist.all_gather_object(rngs, rng_state())
-    else:
-        rngs = [rng_state()]
-    if ps.rank == 0:
-        with M.atomic_directory(Path(out_dir) / f"checkpoint-{step}") as tmp:
-            model.write(tmp, weights)
-            torch.save({"step": step, "optimizer": optim_state, "rng": rngs, "extra": extra or {}},
-                       tmp / "trainer_state.pt")
-    if ps.world_size > 1:
-        dist.barrier()
-
-
-def optimizer_state(model, optimizer, ps):
-    if ps.world_size == 1:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_trainer_state(path, model, optimizer, ps) -> dict:
-    """Restore the optimizer and this rank's RNG from checkpoint `path`; returns the saved state."""
-    state = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
-    if ps.world_size == 1:
-        optimizer.load_state_dict(state["optimizer"])
-    else:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    set_rng_state(state["rng"][ps.rank])
-    return state
-
-
-# ---- metrics, schedule, plot ----
-
-class MetricsLog:
-    """OUT/metrics.jsonl, one JSON object per optimizer step. On resume, rows past the resumed step
-    (written after the last checkpoint by the run that died) are dropped so the file reads as one run."""
-
-    def __init__(self, out_dir, enabled: bool, resume_step: int = 0):
-        self.path = Path(out_dir) / "metrics.jsonl"
-        self.enabled = enabled
-        if enabled:
-            rows = self.read(self.path) if resume_step else []
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step))
-
-    @staticmethod
-    def read(path) -> list[dict]:
-        rows = []
-        for line in Path(path).read_text().splitlines() if Path(path).exists() else []:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a line cut short by a kill
-        return rows
-
-    def log(self, row: dict):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-
-def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int, min_ratio: float = 0.1) -> float:
-    """Linear warmup to base_lr over warmup_steps, then cosine decay to min_ratio * base_lr.
-
-    Example: lr_at(0, 100, 1e-3, 10) == 1e-4; lr_at(10, 100, 1e-3, 10) == 1e-3; lr_at(100, 100, 1e-3, 10) == 1e-4.
-    """
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def plot_metrics(metrics_path, keys: list[str], png_path, title: str):
-    """A PNG with one panel per metric against the step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = MetricsLog.read(metrics_path)
-    keys = [k for k in keys if any(k in r for r in rows)]
-    if not keys:
-        return
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        steps, values = zip(*[(r["step"], r[key]) for r in rows if key in r])
-        ax.plot(steps, values, marker=".", alpha=0.35, label="per step")
-        window = max(1, len(values) // 8)  # a rolling mean: one RL step's batch is a noisy sample
-        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1:], smooth, label=f"mean of {window}")
-        ax.set_xlabel("step")
-        ax.set_title(key)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the module docstring's layout and shows every flag's default."""
-
-
-def add_video_args(ap):
-    ap.add_argument("--num-frames", type=int, default=16, help="frames sampled uniformly per video")
-    ap.add_argument("--fps", type=float, default=None, help="sample this many frames per second instead")
-    ap.add_argument("--max-frames", type=int, default=data.MAX_FRAMES, help="cap on frames per video")
-
-
-def add_run_args(ap, save_every: int):
-    """The flags every training script shares: parallelism, precision, checkpoints, seed."""
-    ap.add_argument("--sp-size", type=int, default=1, help="sequence-parallel group size (MR-SP)")
-    ap.add_argument("--grad-checkpointing", action="store_true", help="recompute LLM activations in backward")
-    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
-                    help="bf16 autocast (default on a GPU)")
-    ap.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N steps (0: only final)")
-    ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    ap.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and initial RNG")
-
-
-def sampling_from_args(args) -> data.FrameSampling:
-    return data.FrameSampling(num_frames=None if args.fps else args.num_frames, fps=args.fps,
-                              max_frames=args.max_frames)
-
+import train
 
 # ---- SFT ----
 
@@ -291,141 +28,16 @@ def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return -(logprobs * mask).sum() / mask.sum().clamp(min=1)
 
 
-class VideoPrompts:
-    """Prompt embeddings for records: frames decoded, video encoded (through the MR-SP embedding cache
-    when the vision tower is frozen), text spliced around the video."""
-
-    def __init__(self, model: M.VideoLM, sampling: data.FrameSampling, ps: mrsp.ParallelState,
-                 cache: "mrsp.VideoEmbeddingCache | None"):
-        self.model, self.sampling, self.ps, self.cache = model, sampling, ps, cache
-        self.uncached_runs = 0
-        self.unreadable: dict[tuple, str] = {}
-        self.skipped = 0  # records replaced so far
-        self._srt_text: dict[tuple, str | None] = {}
-
-    def video_embeds(self, record: data.Record) -> torch.Tensor:
-        frames_fn = lambda: self._read_agreed(
-            lambda: data.load_frames(record.video, self.model.config.image_size, self.sampling)[0])
-        encode_fn = lambda frames: mrsp.stage1_encode(self.model, frames, self.ps.sp_group)
-        if self.cache is not None:
-            return self.cache.get(record.video, self.sampling, frames_fn, encode_fn)
-        # No cache: decode and encode again, with grad if the vision tower trains.
-        video_embeds = self.model.encode_video(frames_fn())
-        self.uncached_runs += 1
-        return video_embeds
-
-    def subtitles(self, record: data.Record) -> str | None:
-        """The subtitle text of the prompt. An .srt file shows the cues within the sampled frames' span, as
-        eval.py does; the frame times come from the container (a cached video is not decoded again), and
-        the text is kept, since every pass of a step builds the prompt again."""
-        path = data.subtitle_file(record)
-        if path is None:
-            return data.subtitle_text(record)
-        key = (record.video, path)
-        if key not in self._srt_text:
-            self._srt_text[key] = self._read_agreed(
-                lambda: data.subtitle_text(record, data.frame_timestamps(record.video, self.sampling)))
-        return self._srt_text[key]
-
-    def _read_agreed(self, read):
-        """read() on every rank of the SP group; if it raises VideoError on any of them, it raises on all,
-        so that no rank goes on to a collective (the encoding's all-gather) that the others skip."""
-        try:
-            value, error = read(), None
-        except data.VideoError as e:
-            value, error = None, e
-        if not mrsp.all_ranks_true(error is None, self.ps.sp_group, self.ps.device):
-            raise error or data.VideoError("another rank of the sequence-parallel group could not read this record's files")
-        return value
-
-    def __call__(self, record: data.Record) -> torch.Tensor:
-        before, after = data.build_prompt(record, subtitles=self.subtitles(record))
-        return self.model.prompt_embeds(before, self.video_embeds(record), after)   # [L, D]
-
-    def for_batch(self, recs: list[data.Record], records: list[data.Record]):
-        """(records, prompt embeddings [L_i, D] each) for one step's batch.
-
-        A record whose video or subtitle file cannot be read is reported once and replaced by the next
-        readable record of `records` (counted in `self.skipped`); its files are remembered in
-        `self.unreadable` ((video, subtitles) -> reason) and not tried again. The batch keeps its size on
-        every rank, so the collectives stay in step, and a long run is not lost to one corrupt file. For a
-        file that always fails, a resumed run makes the same replacement.
-        """
-        used, prompts = [], []
-        for record in recs:
-            for candidate in _this_then_next(record, records):
-                files = (candidate.video, candidate.subtitles)
-                if files in self.unreadable:
-                    continue
-                try:
-                    prompt = self(candidate)
-                except data.VideoError as e:
-                    self.unreadable[files] = str(e)
-                    if self.ps.sp_rank == 0:
-                        logger.warning("skipping record %s: %s", candidate.problem_id, e)
-                    continue
-                used.append(candidate)
-                prompts.append(prompt)
-                self.skipped += candidate is not record
-                break
-            else:
-                raise data.VideoError(f"none of the {len(records)} records has a readable video")
-        return used, prompts
-
-
-def _this_then_next(record: data.Record, records: list[data.Record]):
-    """`record`, then the records after it in `records`, wrapping around (the search runs only on a failure)."""
-    yield record
-    i = records.index(record)
-    for k in range(1, len(records)):
-        yield records[(i + k) % len(records)]
-
-
-def count_vision_runs(cache, *builders: VideoPrompts) -> int:
-    """Vision-tower runs so far: the shared cache's misses plus every builder's uncached encodes."""
-    return (cache.vision_runs if cache is not None else 0) + sum(b.uncached_runs for b in builders)
-
-
 def response_ids(model: M.VideoLM, record: data.Record) -> list[int]:
     return model.encode_text(data.format_response(record.reasoning, record.answer)) + [model.tokenizer.eos_token_id]
 
 
-def sequence_logprobs(model, batch: M.SequenceBatch, ps: mrsp.ParallelState, temperature: float = 1.0,
-                      chunk_rows: int = 4096):
-    """Per-token log-probs [B, S], the sequence sharded over the SP group when there is one.
-
-    With FSDP every rank must run the (sharded) LM head the same number of times, so the ranks agree on
-    a chunk count that covers the largest batch of scored positions anywhere.
-    """
-    num_chunks = None
-    if ps.world_size > 1:
-        count = torch.tensor([math.ceil(int(batch.loss_mask.sum()) / chunk_rows)], device=ps.device)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        num_chunks = max(1, int(count))
-    if ps.sp_size > 1:
-        return mrsp.sp_token_logprobs(model, batch, ps.sp_group, temperature=temperature, num_chunks=num_chunks)
-    return model.token_logprobs(batch, temperature=temperature, chunk_rows=chunk_rows, num_chunks=num_chunks)
-
-
-def records_for_step(records, step: int, per_rank: int, ps: mrsp.ParallelState, seed: int):
-    """This rank's records for `step`: a seeded shuffle per epoch, split by data-parallel rank.
-    A pure function of the step, so a resumed run sees exactly the records the original would have."""
-    per_step = per_rank * ps.dp_size
-    start = step * per_step
-    out = []
-    for i in range(start + ps.dp_rank * per_rank, start + (ps.dp_rank + 1) * per_rank):
-        epoch, pos = divmod(i, len(records))
-        order = np.random.default_rng(seed + epoch).permutation(len(records))
-        out.append(records[order[pos]])
-    return out
-
-
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=train.HelpFormatter)
     ap.add_argument("--init", required=True, help="checkpoint to start from (python model.py init ...)")
     ap.add_argument("--data", required=True, help="training records (.jsonl) with a `reasoning` field")
     ap.add_argument("--out", required=True, help="output folder")
-    add_video_args(ap)
+    data.add_sampling_args(ap)
     ap.add_argument("--steps", type=int, default=200, help="optimizer steps")
     ap.add_argument("--batch-size", type=int, default=8, help="records per micro-batch per data-parallel rank")
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -435,13 +47,13 @@ def parse_args(argv=None):
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
     ap.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=False,
                     help="keep the vision tower and projector fixed (their embeddings are then cached)")
-    add_run_args(ap, save_every=100)
+    train.add_run_args(ap, save_every=100)
     return ap.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    ps, out, resume_from = start_run(args)
+    ps, out, resume_from = train.start_run(args)
 
     # ---- model, optimizer ----
     model = M.VideoLM.load(resume_from or args.init, device=ps.device)
@@ -452,20 +64,20 @@ def main(argv=None):
         model.llm.gradient_checkpointing_enable()
     if ps.sp_size > 1:
         mrsp.enable_ulysses(model, ps.sp_group)
-    shard_model(model, ps)
+    train.shard_model(model, ps)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start_step = 0
     if resume_from:
-        start_step = load_trainer_state(resume_from, model, optimizer, ps)["step"]
+        start_step = train.load_trainer_state(resume_from, model, optimizer, ps)["step"]
         if ps.rank == 0:
             print(f"resumed from {resume_from} at step {start_step}")
 
     records = data.load_records(args.data)
-    sampling = sampling_from_args(args)
+    sampling = data.FrameSampling.from_args(args)
     cache = mrsp.VideoEmbeddingCache(model, sp_group=ps.sp_group) if args.freeze_vision else None
-    prompts = VideoPrompts(model, sampling, ps, cache)
-    log = MetricsLog(out, enabled=ps.rank == 0, resume_step=start_step)
+    prompts = train.VideoPrompts(model, sampling, ps, cache)
+    log = train.MetricsLog(out, enabled=ps.rank == 0, resume_step=start_step)
 
     # ---- train ----
     from tqdm import tqdm
@@ -473,42 +85,42 @@ def main(argv=None):
                desc="sft")
     for step in bar:
         t0 = time.time()
-        vision_runs_before, skipped_before = count_vision_runs(cache, prompts), prompts.skipped
-        lr = lr_at(step, args.steps, args.lr, args.warmup_steps)
+        vision_runs_before, skipped_before = train.count_vision_runs(cache, prompts), prompts.skipped
+        lr = train.lr_at(step, args.steps, args.lr, args.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum, tokens = 0.0, 0
         for micro in range(args.grad_accum):
-            recs = records_for_step(records, step * args.grad_accum + micro, args.batch_size, ps, args.seed)
-            with autocast(ps.device, args.bf16):
+            recs = train.records_for_step(records, step * args.grad_accum + micro, args.batch_size, ps, args.seed)
+            with train.autocast(ps.device, args.bf16):
                 recs, embeds = prompts.for_batch(recs, records)
                 batch = model.build_sequence_batch(embeds, [response_ids(model, r) for r in recs])
-                loss = sft_loss(sequence_logprobs(model, batch, ps), batch.loss_mask)
+                loss = sft_loss(train.sequence_logprobs(model, batch, ps), batch.loss_mask)
             # SP ranks each hold part of every gradient and FSDP averages over all ranks: scaling by
             # sp_size turns that average into the sum over the SP group and the mean over data parallel.
             (loss * ps.sp_size / args.grad_accum).backward()
             loss_sum += loss.item() / args.grad_accum
             tokens += int(batch.loss_mask.sum())
-        grad_norm = clip_grad_norm(params, args.max_grad_norm)
+        grad_norm = train.clip_grad_norm(params, args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         row = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
                "response_tokens": tokens, "time_s": time.time() - t0}
-        row["vision_runs"] = count_vision_runs(cache, prompts) - vision_runs_before
+        row["vision_runs"] = train.count_vision_runs(cache, prompts) - vision_runs_before
         row["skipped_records"] = prompts.skipped - skipped_before
-        row = reduce_metrics(row, ps, sum_keys=("response_tokens", "vision_runs", "skipped_records"))
+        row = train.reduce_metrics(row, ps, sum_keys=("response_tokens", "vision_runs", "skipped_records"))
         log.log(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            save_checkpoint(out, step + 1, model, optimizer, ps)
+            train.save_checkpoint(out, step + 1, model, optimizer, ps)
 
     # ---- finish ----
-    weights = full_state_dict(model, ps)
+    weights = train.full_state_dict(model, ps)
     if ps.rank == 0:
         model.save(out / "final", weights)
-        plot_metrics(log.path, ["loss", "grad_norm", "lr"], out / "sft_curves.png", f"SFT: {args.data}")
+        train.plot_metrics(log.path, ["loss", "grad_norm", "lr"], out / "sft_curves.png", f"SFT: {args.data}")
         print(f"wrote {out / 'final'}")
-    shutdown(ps)
+    train.shutdown(ps)
 
 
 if __name__ == "__main__":

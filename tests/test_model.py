@@ -141,6 +141,6 @@ def test_untie_embeddings_keeps_the_function_and_separates_the_weights(tiny_mode
 
 def test_sharding_a_tied_llm_is_refused_with_the_way_out(tiny_model):
     import mrsp
-    import sft
+    import train
     with pytest.raises(ValueError, match="--untie-embeddings"):
-        sft.shard_model(tie(tiny_model), mrsp.ParallelState(world_size=2, dp_size=2))
+        train.shard_model(tie(tiny_model), mrsp.ParallelState(world_size=2, dp_size=2))

@@ -246,7 +246,7 @@ def test_head_split_rules():
     assert mrsp.kv_head_repeats(28, 4, 7) == 7   # Qwen2-7B's heads on 7 ranks
     with pytest.raises(ValueError, match="sp_size 3 does not divide 4 query heads"):
         mrsp.kv_head_repeats(4, 2, 3)
-    assert mrsp.frame_split(7, 3) == [3, 2, 2] and mrsp.frame_split(1, 2) == [1, 0]
+    assert [len(s) for s in mrsp.split_evenly(7, 3)] == [3, 2, 2] and mrsp.split_evenly(1, 2) == [range(0, 1), range(1, 1)]
 
 
 # ---- the video-embedding cache ----

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import data
 import rl
-import sft
+import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,11 +109,6 @@ def test_numerical_and_free_form_accuracy():
     assert rl.accuracy_reward(free, "<think>.</think><answer>Dark  Blue</answer>") == 1
 
 
-def test_split_even():
-    assert rl.split_even([1, 2, 3, 4, 5], 2) == [[1, 2], [3, 4, 5]]
-    assert rl.split_even([1], 3) == [[1]]
-
-
 # ---- real runs on an easy task ----
 
 RL_ARGS = ["--num-frames", "8", "--batch-size", "4", "--group-size", "4", "--max-new-tokens", "64",
@@ -145,7 +140,7 @@ def test_killed_run_resumes_to_the_same_metrics(easy_task, tmp_path):
     # the same run, killed (SIGKILL) once its first checkpoint is complete, then resumed
     cmd = [sys.executable, "rl.py", *args, "--out", str(tmp_path / "killed")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while sft.latest_checkpoint(tmp_path / "killed") is None and proc.poll() is None:
+    while train.latest_checkpoint(tmp_path / "killed") is None and proc.poll() is None:
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -230,7 +225,7 @@ def test_rollout_share_splits_the_groups_prompts_among_its_engines():
     def shares(num_prompts, sp_size, engines):
         return [list(rl.rollout_share(num_prompts, rl.mrsp.ParallelState(sp_rank=r, sp_size=sp_size), engines))
                 for r in range(sp_size)]
-    assert shares(5, 2, 2) == [[0, 1], [2, 3, 4]]
+    assert shares(5, 2, 2) == [[0, 1, 2], [3, 4]]
     assert shares(5, 2, 1) == [[0, 1, 2, 3, 4], []]          # the torch engine: SP rank 0 generates all
     assert shares(2, 4, 4) == [[], [0], [1], []]             # fewer prompts than engines: some idle
     assert shares(8, 1, 1) == [list(range(8))]

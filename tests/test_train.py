@@ -1,0 +1,107 @@
+"""The training plumbing both stages share (train.py): the schedule, the data split over ranks, and the
+prompts of a batch (cached video, .srt cues, unreadable videos replaced, SP ranks agreeing)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import model as M
+import mrsp
+import train
+
+
+def test_warmup_then_cosine():
+    assert train.lr_at(0, 100, 1e-3, 10) == pytest.approx(1e-4)
+    assert train.lr_at(9, 100, 1e-3, 10) == pytest.approx(1e-3)
+    assert train.lr_at(55, 100, 1e-3, 10) == pytest.approx(1e-4 + 9e-4 * 0.5)  # halfway down the cosine
+    assert train.lr_at(100, 100, 1e-3, 10) == pytest.approx(1e-4)
+
+
+def test_records_for_step_split_data_parallel_ranks_and_epochs():
+    records = list(range(10))
+    one = [train.records_for_step(records, s, 4, mrsp.ParallelState(), seed=0) for s in range(5)]
+    assert sorted(one[0] + one[1] + one[2][:2]) == records  # epoch 1 is a permutation of every record
+    for dp_rank in (0, 1):
+        ps = mrsp.ParallelState(dp_rank=dp_rank, dp_size=2)
+        assert train.records_for_step(records, 0, 2, ps, seed=0) == one[0][2 * dp_rank:2 * dp_rank + 2]
+
+
+def test_training_prompts_show_the_srt_cues_within_the_sampled_frames(tiny_model, tmp_path):
+    """A record whose subtitles are an .srt file: the training prompt carries the cues that overlap the
+    sampled frames' span, as eval does, also when the video embeddings come from the cache."""
+    data.write_mp4(tmp_path / "v.mp4", np.zeros((10, 32, 32, 3), np.uint8), fps=1.0)   # a 10 s video
+    (tmp_path / "v.srt").write_text("1\n00:00:00,000 --> 00:00:01,000\nbefore\n\n"
+                                    "2\n00:00:04,000 --> 00:00:05,000\nduring\n\n"
+                                    "3\n00:00:20,000 --> 00:00:21,000\nafter\n")
+    (tmp_path / "r.jsonl").write_text(json.dumps(
+        {"problem_id": "q", "videos": "v.mp4", "problem": "What is said?", "problem_type": "free_form",
+         "answer": "during", "subtitles": "v.srt"}) + "\n")
+    record, = data.load_records(tmp_path / "r.jsonl")
+    sampling = data.FrameSampling(num_frames=2)                       # frames at 2 s and 7 s
+    tiny_model.freeze_vision()
+    cache = mrsp.VideoEmbeddingCache(tiny_model)
+    prompts = train.VideoPrompts(tiny_model, sampling, mrsp.ParallelState(), cache)
+    assert prompts.subtitles(record) == "during"
+    with torch.no_grad():
+        first, second = prompts(record), prompts(record)              # the second from the cache
+        before, after = data.build_prompt(record, subtitles="during")
+        expected = tiny_model.prompt_embeds(before, prompts.video_embeds(record), after)
+    assert cache.vision_runs == 1
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)
+
+
+def test_unreadable_videos_are_replaced_by_the_next_readable_record(tiny_model, tmp_path):
+    a, b, c = records = write_abc(tmp_path)
+    prompts = train.VideoPrompts(tiny_model, data.FrameSampling(num_frames=2), mrsp.ParallelState(), None)
+    with torch.no_grad():
+        used, embeds = prompts.for_batch([b, a, b], records)
+    assert [r.problem_id for r in used] == ["c", "a", "c"] and len(embeds) == 3   # the batch keeps its size
+    assert list(prompts.unreadable) == [(b.video, None)] and "b.mp4" in prompts.unreadable[(b.video, None)]
+    assert prompts.skipped == 2 and prompts.uncached_runs == 3                      # b was tried once
+    (tmp_path / "a.mp4").write_bytes(b"")
+    (tmp_path / "c.mp4").write_bytes(b"")
+    with pytest.raises(data.VideoError, match="none of the 3 records"):
+        prompts.for_batch([a], records)
+
+
+def write_abc(folder):
+    """Videos a, b, c (b is corrupt) and one record for each: the records, in order."""
+    for name in ("a", "c"):
+        data.write_mp4(Path(folder) / f"{name}.mp4", np.zeros((4, 32, 32, 3), np.uint8), fps=2.0)
+    (Path(folder) / "b.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 then garbage")
+    (Path(folder) / "r.jsonl").write_text("".join(json.dumps(
+        {"problem_id": name, "videos": f"{name}.mp4", "problem": "?", "problem_type": "free_form", "answer": "x"})
+        + "\n" for name in "abc"))
+    return data.load_records(Path(folder) / "r.jsonl")
+
+
+def one_rank_cannot_read_job(checkpoint: str, folder: str) -> list[str]:
+    """sp=2: video a reads on SP rank 0 but not on rank 1 (a file a rank cannot see, a flaky mount)."""
+    ps = mrsp.init_distributed(sp_size=2)
+    model = M.VideoLM.load(checkpoint).eval()
+    model.freeze_vision()
+    a, b, c = records = data.load_records(Path(folder) / "r.jsonl")
+    if ps.sp_rank == 1:
+        real = data.load_frames
+        def load_frames(path, *args):
+            if path == a.video:
+                raise data.VideoError(f"{path}: cannot decode video (injected on rank 1)")
+            return real(path, *args)
+        data.load_frames = load_frames
+    prompts = train.VideoPrompts(model, data.FrameSampling(num_frames=2), ps,
+                               mrsp.VideoEmbeddingCache(model, sp_group=ps.sp_group))
+    with torch.no_grad():
+        used, _ = prompts.for_batch([a, c], records)
+    return [r.problem_id for r in used]
+
+
+def test_a_file_one_sp_rank_cannot_read_is_skipped_by_the_whole_group(tiny_checkpoint, tmp_path):
+    """The SP ranks agree before encoding: both replace a, none waits in an all-gather for the other."""
+    from dist import run_ranks
+    write_abc(tmp_path)
+    ranks = run_ranks(one_rank_cannot_read_job, 2, str(tiny_checkpoint), str(tmp_path), timeout=90)
+    assert ranks == [["c", "c"], ["c", "c"]]  # a -> next readable record (b is corrupt) -> c, on both ranks

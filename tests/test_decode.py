@@ -6,8 +6,12 @@ says which frame it is (a frame one off is 8 levels away on one side).
 """
 import json
 import logging
+import os
 import signal
+import subprocess
+import sys
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import decord
@@ -17,6 +21,7 @@ import pytest
 import data
 from data import DecordReader, FrameSampling, PyAVReader, VideoError, load_frames, read_video, sample_indices
 
+ROOT = Path(__file__).resolve().parents[1]
 FPS = 10.0
 NUM_FRAMES = 60
 # Short GOPs (a keyframe every 8 frames) and B-frames, so that reading seeks and reorders.
@@ -312,3 +317,15 @@ def test_eval_report_counts_videos_by_reader(tiny_model, videos, tmp_path):
     records = data.load_records(tmp_path / "eval.jsonl")
     report = evaluation.evaluate(tiny_model, ScriptedEngine(), records, FrameSampling(num_frames=4), tmp_path / "out")
     assert report["decoders"] == {"decord": 1, "pyav": 1}  # distinct videos, not questions
+
+
+# ---- bench.py decode, in small ----
+
+def test_bench_decode_prints_the_table(tmp_path):
+    done = subprocess.run([sys.executable, "bench.py", "decode", "--seconds", "20", "--frames", "4", "--repeats", "1",
+                           "--image-size", "32", "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "SVT_LOG": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| h264 | 4 | decord |" in done.stdout and "| h264 | 4 | pyav |" in done.stdout
+    assert "| av1 | 4 | decord | cannot decode: ERROR cannot find video stream" in done.stdout
+    assert "of 40 |" in done.stdout  # PyAV's count of decoded frames, of the 20 s x 2 fps

@@ -7,6 +7,7 @@
     python bench.py step --frames 64 256 --preset small
     python bench.py prefill                                  # prefill tokens/s and MFU (Qwen2-1.5B shape on a GPU)
     python bench.py capacity                                 # most frames that fit: prefill and training step
+    python bench.py decode                                   # sampled frames from an hour-long video: decord vs PyAV
 """
 import argparse
 import gc
@@ -562,6 +563,99 @@ def cmd_capacity(args):
         print("| " + " | ".join(row) + " |")
 
 
+# ---- decode: sampled frames from an hour-long video, decord vs PyAV ----
+
+DECODE_CODECS = {  # codec -> (PyAV encoder, options that give a keyframe every `keyint` frames)
+    "h264": ("libx264", lambda keyint: {"g": str(keyint), "keyint_min": str(keyint), "preset": "veryfast"}),
+    "av1": ("libsvtav1", lambda keyint: {"g": str(keyint), "preset": "10"}),
+}
+
+
+def write_long_video(path: Path, codec: str, seconds: float, fps: float, size: int, keyint_s: float) -> None:
+    """An hour-long test video, written cheaply: size x size frames at `fps`, a keyframe every `keyint_s`
+    seconds (YouTube's encodes use 2-5 s). The picture moves every frame (gradients sliding by a pixel, a
+    level that counts), so every frame between keyframes is a real predicted frame."""
+    import av
+    import numpy as np
+    encoder, options = DECODE_CODECS[codec]
+    y, x = np.mgrid[0:size, 0:size]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(encoder, rate=int(fps))
+        stream.width = stream.height = size
+        stream.pix_fmt, stream.options = "yuv420p", options(round(keyint_s * fps))
+        for t in range(int(seconds * fps)):
+            frame = np.stack([(x + y + t) % 256, (2 * x - t) % 256, np.full_like(x, 7 * t % 256)], axis=-1)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame.astype(np.uint8), format="rgb24")))
+        container.mux(stream.encode())
+
+
+def _time_read(reader_class, path: Path, image_size: int, num_frames: int, repeats: int) -> dict:
+    """Fastest of `repeats` reads with one reader: seconds to open (index the packets) and to decode the
+    sampled frames, and how many frames the decoder produced (PyAV counts them; decord does not say)."""
+    import data
+    best = None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        reader = reader_class(str(path), image_size)
+        opened = time.perf_counter()
+        indices, _ = data.sample_indices(reader.num_frames, reader.avg_fps, data.FrameSampling(num_frames=num_frames))
+        frames = reader.frames(indices)
+        done = time.perf_counter()
+        reader.close()
+        row = {"open": opened - start, "decode": done - opened, "total": done - start, "frames": len(frames),
+               "decoded": getattr(reader, "decoded", None), "video_frames": reader.num_frames}
+        best = row if best is None or row["total"] < best["total"] else best
+    return best
+
+
+def _decode_every_frame(path: Path) -> tuple[float, int]:
+    """Seconds to decode every frame with PyAV (no conversion): what sampling without seeking would cost."""
+    import av
+    start = time.perf_counter()
+    with av.open(str(path)) as container:
+        count = sum(1 for _ in container.decode(video=0))
+    return time.perf_counter() - start, count
+
+
+def cmd_decode(args):
+    """Print a markdown table: seconds to read `--frames` frames spread over an hour-long video, per codec
+    and reader (decord where it can decode the codec, and PyAV), with PyAV's count of decoded frames."""
+    import data  # here, not at the top: data.py needs decord and PyAV, which prefill/capacity must run without
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-decode-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows, every = [], {}
+    for codec in args.codecs:
+        path = work / f"{codec}-{int(args.seconds)}s-{args.size}px-{args.video_fps:g}fps-key{args.keyint_s:g}s.mp4"
+        if not path.exists():
+            start = time.perf_counter()
+            write_long_video(path, codec, args.seconds, args.video_fps, args.size, args.keyint_s)
+            print(f"# wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.0f} s",
+                  flush=True)
+        every[codec] = _decode_every_frame(path)
+        for num_frames in args.frames:
+            for reader_class in data.VIDEO_READERS:
+                try:
+                    result = _time_read(reader_class, path, args.image_size, num_frames, args.repeats)
+                except data._ReadError as e:
+                    result = {"error": str(e)}
+                rows.append((codec, num_frames, reader_class.name, result))
+                print(f"# {codec}, {num_frames} frames, {reader_class.name}: {result}", flush=True)
+    print(f"\n{args.seconds:g} s videos, {args.size}x{args.size} at {args.video_fps:g} fps, a keyframe every "
+          f"{args.keyint_s:g} s; frames resized to {args.image_size}x{args.image_size}; fastest of {args.repeats}; "
+          f"{_device_name()}; `{_command_line()}`\n")
+    print("| codec | frames sampled | reader | open + index (s) | decode (s) | total (s) | frames decoded |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for codec, num_frames, reader, r in rows:
+        if "error" in r:
+            print(f"| {codec} | {num_frames} | {reader} | cannot decode: {r['error'][:60]} | | | |")
+            continue
+        decoded = "-" if r["decoded"] is None else f"{r['decoded']:,} of {r['video_frames']:,}"
+        print(f"| {codec} | {num_frames} | {reader} | {r['open']:.2f} | {r['decode']:.2f} | {r['total']:.2f} "
+              f"| {decoded} |")
+    for codec, (seconds, count) in every.items():
+        print(f"\nPyAV decoding every frame of the {codec} video ({count:,} frames, no resize): {seconds:.2f} s")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -625,6 +719,20 @@ def main():
     capacity.add_argument("--passes", nargs="+", choices=["prefill", "train"], default=["prefill", "train"],
                           help="which searches to run (one per call keeps a call short on a GPU)")
     capacity.set_defaults(fn=cmd_capacity)
+    decode = sub.add_parser("decode", formatter_class=fmt,
+                            help="seconds to read sampled frames from an hour-long video: decord vs PyAV")
+    decode.add_argument("--codecs", nargs="+", choices=sorted(DECODE_CODECS), default=["h264", "av1"],
+                        help="codecs of the test videos (decord cannot decode AV1)")
+    decode.add_argument("--frames", type=int, nargs="+", default=[16, 256], help="frames sampled (--num-frames)")
+    decode.add_argument("--seconds", type=float, default=3600.0, help="length of the test videos")
+    decode.add_argument("--video-fps", type=float, default=2.0, help="frame rate of the test videos")
+    decode.add_argument("--size", type=int, default=64, help="width and height of the test videos (pixels)")
+    decode.add_argument("--keyint-s", type=float, default=4.0, help="seconds between keyframes")
+    decode.add_argument("--image-size", type=int, default=448, help="frames are resized to this square size")
+    decode.add_argument("--repeats", type=int, default=3, help="reads per setting; the table shows the fastest")
+    decode.add_argument("--workdir", default=None,
+                        help="folder for the test videos, kept for reruns (default: a new temp folder)")
+    decode.set_defaults(fn=cmd_decode)
     args = ap.parse_args()
     args.fn(args)
 

@@ -5,7 +5,8 @@ A checkpoint answers every question of a record file (data.py's format) through 
 
     OUT/predictions.jsonl   one line per question, appended as questions finish (resume reads it back)
     OUT/report.json         accuracy, n, a breakdown by every label, format compliance, extraction counts,
-                            errors, and the settings used
+                            errors, the videos each reader decoded (decord, or PyAV where decord
+                            cannot), and the settings used
     OUT/settings.json       the settings that change answers; a resumed run must use the same ones
 
 Run it:
@@ -385,7 +386,7 @@ def build_report(records: list[Record], predictions: dict[str, dict], record_err
     label, each value -> {accuracy, correct, n}; format_compliance (fraction of answered questions with
     a well-formed <think>...</think><answer>...</answer>); extraction (answered questions by `how`);
     truncated (responses cut at the length limit); errors {count, items: [{problem_id or line, reason}]};
-    settings. Predictions of problem_ids not in `records` are ignored.
+    decoders (answered videos by the reader that decoded them: {"decord": 950, "pyav": 50}); settings. Predictions of problem_ids not in `records` are ignored.
     """
     rows = [predictions[r.problem_id] for r in records if r.problem_id in predictions]
     answered = [r for r in rows if r.get("error") is None]
@@ -402,6 +403,9 @@ def build_report(records: list[Record], predictions: dict[str, dict], record_err
     report["format_compliance"] = sum(r["format_ok"] for r in answered) / len(answered) if answered else 0.0
     report["extraction"] = dict(sorted(Counter(r["how"] for r in answered).items()))
     report["truncated"] = sum(r.get("finish_reason") == "length" for r in answered)
+    video = {r.problem_id: r.video for r in records}
+    read_by = {video[r["problem_id"]]: r["decoder"] for r in answered if r.get("decoder")}
+    report["decoders"] = dict(sorted(Counter(read_by.values()).items()))
     report["errors"] = {
         "count": n - len(answered),
         "items": [{"problem_id": r["problem_id"], "reason": r["error"]} for r in rows if r.get("error")]
@@ -472,7 +476,8 @@ def _prediction_row(record: Record, response: str | None, finish_reason: str | N
     return {"problem_id": record.problem_id, "problem_type": record.problem_type, "answer": record.answer,
             "prediction": prediction, "correct": correct, "how": how,
             "format_ok": error is None and is_well_formed(response), "labels": record.labels,
-            "finish_reason": finish_reason, "error": error, "response": response}
+            "finish_reason": finish_reason, "error": error, "response": response,
+            "decoder": None if error else data.decoder_of(record.video)}
 
 
 def _answer_batch(model, engine, batch: list[Record], sampling, subtitles, cache, strict,

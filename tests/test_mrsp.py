@@ -312,7 +312,7 @@ def test_cache_key_uses_sampling_key_and_vision_weights(frozen_model, video):
     assert cache.key(video, Sampling()) == cache.key(video, "n7-max8192")
     cached(cache, video)
     with torch.no_grad():
-        frozen_model.mm_projector.fc2.bias.add_(1.0)  # the projector changed (e.g. it trained)
+        frozen_model.mm_projector.layers[-1].bias.add_(1.0)  # the projector changed (e.g. it trained)
     cache.clear()
     cached(cache, video)
     assert cache.vision_runs == 2

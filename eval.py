@@ -565,7 +565,9 @@ def _eval_parser() -> argparse.ArgumentParser:
                    help="folder video and subtitle paths are relative to; None means the data file's folder")
     p.add_argument("--out", required=True,
                    help="report folder: predictions.jsonl, report.json; an unfinished run there resumes")
-    p.add_argument("--num-frames", type=int, default=16, help="frames spread evenly over each video")
+    p.add_argument("--num-frames", type=int, default=None,
+                   help="frames spread evenly over each video; None: the checkpoint's config.json setting "
+                        "(num_video_frames, or fps when it is > 0), as the release's own code samples")
     p.add_argument("--fps", type=float, default=None, help="sample this many frames per second instead")
     p.add_argument("--max-frames", type=int, default=data.MAX_FRAMES, help="cap on frames per video")
     p.add_argument("--subtitles", action=argparse.BooleanOptionalAction, default=False,
@@ -586,6 +588,15 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="stop at the first malformed record or unreadable video instead of counting it wrong")
     return p
+
+
+def checkpoint_sampling(config: dict, num_frames: int | None, fps: float | None, max_frames: int) -> FrameSampling:
+    """The frame sampling asked for on the command line, else the checkpoint's own: its config.json's `fps`
+    when that is > 0, else its `num_video_frames` (16 when it has neither)."""
+    if num_frames is None and fps is None:
+        fps = config.get("fps") or None
+        num_frames = config.get("num_video_frames") or 16
+    return FrameSampling(num_frames=num_frames, fps=fps, max_frames=max_frames)
 
 
 def _convert_parser(command: str) -> argparse.ArgumentParser:
@@ -628,8 +639,9 @@ def main(argv=None) -> int:
     records, record_errors = data.load_records_report(args.data, data_root)
     for e in record_errors:
         log.warning("%s", e)
-    sampling = FrameSampling(num_frames=args.num_frames, fps=args.fps, max_frames=args.max_frames)
     model = VideoLM.load(args.checkpoint, dtype=getattr(torch, args.dtype), device=args.device).eval()
+    sampling = checkpoint_sampling(model.release_config, args.num_frames, args.fps, args.max_frames)
+    log.info("frames: %s", sampling.key())
     engine = rollout.make_engine(args.engine, model, Path(args.checkpoint) / "llm",
                                  max_model_len=args.max_model_len, dtype=args.dtype)
     report = evaluate(model, engine, records, sampling, args.out, subtitles=args.subtitles,

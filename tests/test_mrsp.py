@@ -20,11 +20,12 @@ def example_frames(n: int) -> np.ndarray:
 
 
 def example_batch(model: M.VideoLM) -> M.SequenceBatch:
-    """Two sequences of different lengths (65 and 51 positions) after a 7-frame video prompt each."""
+    """Two sequences of different lengths (97 and 80 positions: neither sp=2 nor sp=3 divides 97) after a
+    7-frame video prompt each."""
     with torch.no_grad():
         video_embeds = model.encode_video(example_frames(7))
     before = "Watch the video.\n"
-    prompts = [model.prompt_embeds(before, video_embeds, "\nQuestion: How many scenes are red?"),
+    prompts = [model.prompt_embeds(before, video_embeds, "Question: How many scenes are red?"),
                model.prompt_embeds(before, video_embeds, "\nWhich colour comes first?")]
     responses = [model.encode_text("<think>Scene 1 is red. Scene 2 is blue.</think><answer>A</answer>"),
                  model.encode_text("<answer>B</answer>")]

@@ -327,7 +327,8 @@ def test_sft_rl_and_eval_start_from_a_release_checkpoint(tmp_path, tiny_tokenize
     data.main(["synth", "--out", str(tmp_path / "data"), "--n", "6", "--seed", "1", "--max-scenes", "3",
                "--test-frac", "0.34"])
     train, test = tmp_path / "data" / "train.jsonl", tmp_path / "data" / "test.jsonl"
-    start = write_release_checkpoint(tmp_path / "LongVILA-tiny", tiny_tokenizer, projector="mlp_downsample", grid=7)
+    start = write_release_checkpoint(tmp_path / "LongVILA-tiny", tiny_tokenizer, projector="mlp_downsample", grid=7,
+                                     num_video_frames=4)
     frames = ["--num-frames", "4"]
     sft.main(["--init", str(start), "--data", str(train), "--out", str(tmp_path / "sft"), "--steps", "2",
               "--batch-size", "2", "--save-every", "0", *frames])
@@ -335,9 +336,10 @@ def test_sft_rl_and_eval_start_from_a_release_checkpoint(tmp_path, tiny_tokenize
              "--steps", "1", "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "8", "--engine", "torch",
              "--save-every", "0", *frames])
     assert evaluation.main(["--checkpoint", str(tmp_path / "rl" / "final"), "--data", str(test), "--out",
-                            str(tmp_path / "eval"), "--max-new-tokens", "8", "--engine", "torch", *frames]) == 0
+                            str(tmp_path / "eval"), "--max-new-tokens", "8", "--engine", "torch"]) == 0
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["n"] == len(data.load_records(test)) and report["errors"]["count"] == 0
+    assert report["settings"]["num_frames"] == 4  # the checkpoint's num_video_frames, kept through SFT and RL
     final = M.VideoLM.load(tmp_path / "rl" / "final")
     assert (final.config.projector, final.config.block_order, final.config.tokens_per_frame) == \
         ("mlp_downsample", "column", 16)

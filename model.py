@@ -874,7 +874,8 @@ def main(argv=None):
           f"({c.grid}x{c.grid} patches of {c.image_size}px, hidden layer {c.select_layer}), projector "
           f"{c.projector} ({c.block_order}-major blocks) {count_parameters(model.mm_projector):,}, llm "
           f"{count_parameters(model.llm):,} ({model.llm.config.model_type}); {c.tokens_per_frame} tokens per "
-          f"frame + separator, {encoder} video encoder, vocab {len(model.tokenizer)}")
+          f"frame + separator, {encoder} video encoder, vocab {len(model.tokenizer)}; frames as released: "
+          f"num_video_frames {model.release_config.get('num_video_frames')}, fps {model.release_config.get('fps')}")
 
 
 if __name__ == "__main__":

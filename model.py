@@ -549,7 +549,7 @@ class VilaFamily:
                              frame_separator=separator)
 
     @staticmethod
-    def load(cls, path: Path, config: dict, dtype, device, attn_implementation: str,
+    def load(model_class: type, path: Path, config: dict, dtype, device, attn_implementation: str,
              block_order: str | None) -> VideoLM:
         from transformers import AutoModelForCausalLM, AutoTokenizer, SiglipVisionConfig, SiglipVisionModel
         vlm_config = VilaFamily.read_config(path, config, block_order)
@@ -567,8 +567,8 @@ class VilaFamily:
         if not tokenizer.chat_template:
             raise CheckpointError(f"{path / 'llm'}: the tokenizer has no chat template (tokenizer_config.json "
                                   f"chat_template); config.json chat_template is {config.get('chat_template')!r}")
-        return cls(vlm_config, vision, projector.to(dtype), llm, tokenizer, release_config=config,
-                   source=path).to(device)
+        return model_class(vlm_config, vision, projector.to(dtype), llm, tokenizer, release_config=config,
+                           source=path).to(device)
 
     @staticmethod
     def write(model: VideoLM, folder: Path, state_dict: dict):

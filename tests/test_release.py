@@ -204,6 +204,21 @@ def test_the_prompt_is_chatml_with_the_video_first_and_the_thinking_prompt(repli
     torch.testing.assert_close(prompt[nb:nb + 16], video[:16])
 
 
+def test_the_cache_key_follows_what_changes_the_embeddings(tmp_path, tiny_tokenizer):
+    """Same weights, another block order, hidden layer or video encoder: another video-embedding cache key."""
+    import dataclasses
+    import mrsp
+    folder = write_release_checkpoint(tmp_path / "ckpt", tiny_tokenizer, projector="mlp_downsample", grid=7)
+    model = M.VideoLM.load(folder)
+    key = mrsp.vision_fingerprint(model)
+    assert mrsp.vision_fingerprint(M.VideoLM.load(folder)) == key
+    assert mrsp.vision_fingerprint(M.VideoLM.load(folder, block_order="row")) != key
+    config = model.config
+    for change in (dict(select_layer=-1), dict(temporal_pool=2), dict(projector="mlp_downsample_2x2_fix")):
+        model.config = dataclasses.replace(config, **change)
+        assert mrsp.vision_fingerprint(model) != key, change
+
+
 # ---- save and load ----
 
 def safetensors_keys(path):

@@ -289,7 +289,8 @@ def cmd_step(args):
 
 SHAPES = {
     "tiny": M.PRESETS["tiny"],
-    # SigLIP-so400m at 384 px has 27x27 patches; mlp_downsample needs an even grid, so 392 px (28x28 -> 196).
+    # SigLIP-so400m at 392 px: 28x28 patches -> 196 tokens per frame, as many as LongVILA-7B's 384 px (27x27,
+    # zero-padded to 28x28); kept at 392 so the numbers in BENCHMARKS.md stay comparable.
     "qwen2-1.5b": dict(
         image_size=392, patch_size=14,
         vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16),
@@ -331,6 +332,11 @@ def build_llm(shape: str, max_positions: int):
                                                 attn_implementation=M.default_attn_implementation(_dtype()))
 
 
+def shape_config(shape: str) -> M.VideoLMConfig:
+    s = SHAPES[shape]
+    return M.VideoLMConfig(s["image_size"], s["patch_size"], s["vision"]["hidden_size"], s["llm"]["hidden_size"])
+
+
 def build_videolm(shape: str, max_positions: int) -> M.VideoLM:
     """A VideoLM of the shape's sizes with random weights (vision frozen); its tokenizer only maps the prompt
     text to ids below the LLM's vocabulary size."""
@@ -340,8 +346,9 @@ def build_videolm(shape: str, max_positions: int) -> M.VideoLM:
     with _device():
         vision = SiglipVisionModel(SiglipVisionConfig(image_size=s["image_size"], patch_size=s["patch_size"],
                                                       vision_use_head=False, **s["vision"])).to(_dtype())
-        config = M.VideoLMConfig(s["image_size"], s["patch_size"], s["vision"]["hidden_size"], s["llm"]["hidden_size"])
-        projector = M.MlpDownsampleProjector(config.vision_hidden, config.llm_hidden).to(_dtype())
+        config = shape_config(shape)
+        projector = M.MultimodalProjector(config.projector, config.vision_hidden, config.llm_hidden,
+                                          config.block_order).to(_dtype())
     tokenizer = M.train_tokenizer([CAPACITY_TEXT_BEFORE, CAPACITY_TEXT_AFTER, "\n"] * 4, vocab_size=300)
     model = M.VideoLM(config, vision, projector, llm, tokenizer)
     model.freeze_vision()
@@ -518,7 +525,7 @@ def largest_fitting(attempt, model, start: int, max_frames: int, resolution: int
 def cmd_capacity(args):
     """Print a markdown table: the most frames that fit for a no-grad prefill and for a training step."""
     max_frames = args.max_frames or (8192 if args.shape != "tiny" else 64)
-    tpf = (SHAPES[args.shape]["image_size"] // SHAPES[args.shape]["patch_size"] // 2) ** 2
+    tpf = shape_config(args.shape).tokens_per_frame
     model = build_videolm(args.shape, max_positions=max_frames * (tpf + 1) + args.response_len + 256)
     model.llm.gradient_checkpointing_enable()
     model.llm.train()  # Hugging Face checkpoints activations only in training mode (Qwen2 has no dropout)

@@ -288,9 +288,13 @@ class FrameSampling:
         return cls(num_frames=args.num_frames, fps=args.fps, max_frames=args.max_frames)
 
 
-def add_sampling_args(parser) -> None:
-    """--num-frames, --fps, --max-frames: the same three flags in every script that reads videos."""
-    parser.add_argument("--num-frames", type=int, default=16, help="frames spread evenly over each video")
+def add_sampling_args(parser, num_frames: int | None = 16) -> None:
+    """--num-frames, --fps, --max-frames: the same three flags in every script that reads videos.
+    `num_frames=None` (eval.py) leaves the choice to the caller, e.g. the checkpoint's own setting."""
+    parser.add_argument("--num-frames", type=int, default=num_frames,
+                        help="frames spread evenly over each video" + (
+                            "" if num_frames else "; None: the checkpoint's config.json setting (num_video_frames, "
+                                                  "or fps when it is > 0), as the release's own code samples"))
     parser.add_argument("--fps", type=float, default=None,
                         help="sample this many frames per second of video instead (overrides --num-frames)")
     parser.add_argument("--max-frames", type=int, default=MAX_FRAMES, help="cap on frames per video")
@@ -714,34 +718,36 @@ def frame_timestamps(path, sampling: FrameSampling) -> np.ndarray:
 
 # ---- prompt and response ----
 
-THINK_ANSWER_INSTRUCTION = ("Think step by step inside <think> </think>, "
-                            "then give the final answer inside <answer> </answer>.")
+# LongVILA-R1's thinking prompt, word for word as the model was trained with it (its model card's
+# `system_prompt_thinking`, grammar included): the model answers best to the text it learned.
+THINKING_PROMPT = ("You are a helpful assistant. The user asks a question, and then you solves it.\n\n"
+                   "Please first think deeply about the question based on the given video, and then provide the "
+                   "final answer. The reasoning process and answer are enclosed within <think> </think> and "
+                   "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
+                   "<answer> answer here </answer>.\n\n Question: {question}")
+SUBTITLES_INTRO = "This video's subtitles are listed below:\n"  # VideoMME's wording
 
 
 def build_prompt(record: Record, subtitles: str | None = None) -> tuple[str, str]:
-    """The prompt as (text before the video, text after it); model.py puts the video embeddings
-    between the two and the response follows the second directly. `subtitles` is the subtitle text
-    (eval reads .srt files); None leaves it out.
+    """The user's turn as (text before the video, text after it). The video comes first, as in Long-RL's
+    training; model.py wraps the turn in the chat template and puts the video embeddings between the
+    two pieces. The question is the record's problem with its options on lines "A. ...", as the
+    LongVideo-Reason and VideoMME annotations write them. `subtitles` is the subtitle text (eval reads
+    .srt files); None leaves it out.
 
     >>> before, after = build_prompt(record)   # a multiple-choice record with options red, green
     >>> print(before + "<video>" + after)
-    Watch the video.
-    <video>
-    Question: What colour is the first scene?
-    Options:
+    <video>You are a helpful assistant. The user asks a question, and then you solves it.
+    <BLANKLINE>
+    Please first think deeply about the question based on the given video, and then provide the final ...
+    <BLANKLINE>
+     Question: What colour is the first scene?
     A. red
     B. green
-    Think step by step inside <think> </think>, then give the final answer inside <answer> </answer>. An...
-    Response:
     """
-    after = f"\nSubtitles: {subtitles}\n" if subtitles else "\n"
-    after += f"Question: {record.problem}\n"
-    if record.options:
-        after += "Options:\n" + "".join(f"{option_letter(i)}. {o}\n" for i, o in enumerate(record.options))
-    after += THINK_ANSWER_INSTRUCTION
-    if record.problem_type == "multiple_choice":
-        after += " Answer with the option letter."
-    return "Watch the video.\n", after + "\nResponse: "
+    question = record.problem + "".join(f"\n{option_letter(i)}. {o}" for i, o in enumerate(record.options))
+    intro = f"{SUBTITLES_INTRO}{subtitles}\n\n" if subtitles else ""
+    return "", intro + THINKING_PROMPT.format(question=question)
 
 
 def format_response(reasoning: str, answer: str) -> str:

@@ -570,7 +570,7 @@ def _eval_parser() -> argparse.ArgumentParser:
                    help="folder video and subtitle paths are relative to; None means the data file's folder")
     p.add_argument("--out", required=True,
                    help="report folder: predictions.jsonl, report.json; an unfinished run there resumes")
-    data.add_sampling_args(p)
+    data.add_sampling_args(p, num_frames=None)  # None: the checkpoint's own setting
     p.add_argument("--subtitles", action=argparse.BooleanOptionalAction, default=False,
                    help="show each record's subtitles (the .srt cues within the sampled frames' span)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="longest response")
@@ -589,6 +589,15 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="stop at the first malformed record or unreadable video instead of counting it wrong")
     return p
+
+
+def checkpoint_sampling(config: dict, num_frames: int | None, fps: float | None, max_frames: int) -> FrameSampling:
+    """The frame sampling asked for on the command line, else the checkpoint's own: its config.json's `fps`
+    when that is > 0, else its `num_video_frames` (16 when it has neither)."""
+    if num_frames is None and fps is None:
+        fps = config.get("fps") or None
+        num_frames = config.get("num_video_frames") or 16
+    return FrameSampling(num_frames=num_frames, fps=fps, max_frames=max_frames)
 
 
 def _convert_parser(command: str) -> argparse.ArgumentParser:
@@ -631,8 +640,9 @@ def main(argv=None) -> int:
     records, record_errors = data.load_records_report(args.data, data_root)
     for e in record_errors:
         log.warning("%s", e)
-    sampling = FrameSampling.from_args(args)
     model = VideoLM.load(args.checkpoint, dtype=getattr(torch, args.dtype), device=args.device).eval()
+    sampling = checkpoint_sampling(model.release_config, args.num_frames, args.fps, args.max_frames)
+    log.info("frames: %s", sampling.key())
     engine = rollout.make_engine(args.engine, model, Path(args.checkpoint) / "llm",
                                  max_model_len=args.max_model_len, dtype=args.dtype)
     report = evaluate(model, engine, records, sampling, args.out, subtitles=args.subtitles,

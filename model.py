@@ -1,25 +1,43 @@
-"""VideoLM: a video vision-language model in the LongVILA layout.
+"""VideoLM: a video vision-language model in the VILA release layout (LongVILA, LongVILA-R1, NVILA).
 
     frames [T, H, W, 3] uint8
-      -> vision tower (SigLIP)           patch features [T, P, C]
-      -> mm_projector (mlp_downsample)   video embeddings [T, P/4, D]   (2x2 patch merge, then an MLP)
-      -> spliced between the prompt's text embeddings, a newline after every frame
-      -> causal LM (Qwen2 by default)    per-token log-probs of the response
+      -> vision tower (SigLIP)     hidden layer `mm_vision_select_layer` (-2: before the last layer and
+                                   the post-layernorm), every patch kept          [T, P, C]
+      -> mm_projector              k x k patch blocks (zero-padded grid), then an MLP  [T, tokens_per_frame, D]
+      -> video encoder             basic: "\n" after every frame; TSP: groups of frames mean-pooled first
+      -> spliced into the chat prompt where the video placeholder is, then the causal LM (Qwen2)
+
+| release model  | projector                | tower           | patch grid | tokens per frame (+ "\n") |
+|----------------|--------------------------|-----------------|------------|---------------------------|
+| LongVILA-R1-7B | `mlp_downsample_2x2_fix` | SigLIP 448 px   | 32 x 32    | 256 (257)                 |
+| LongVILA-7B    | `mlp_downsample`         | SigLIP 384 px   | 27 x 27    | 196 (197)                 |
+| NVILA-Lite     | `mlp_downsample_3x3_fix` | SigLIP 448 px   | 32 x 32    | 121 (122)                 |
 
 Everything downstream (MR-SP, rollout, SFT, RL, eval) goes through four calls:
 `encode_video`, `prompt_embeds`, `build_sequence_batch` and `token_logprobs`.
 
-A checkpoint folder (shared/DESIGN.md) holds `config.json`, `llm/` (a plain Hugging Face causal LM plus its
-tokenizer, loadable alone by AutoModelForCausalLM and by vLLM), `vision_tower/` and `mm_projector/`.
+A checkpoint is a folder in the release layout, read as it is (no conversion) and written back the same way:
+
+    config.json     model_type "vila" (or a training-style "LlavaLlamaModel" file): select layer and feature,
+                    image_aspect_ratio, num_video_frames, fps, video_encoder, llm_cfg / vision_tower_cfg /
+                    mm_projector_cfg dumps, model_dtype, chat_template (null: the tokenizer's)
+    llm/            a plain Hugging Face Qwen2ForCausalLM + tokenizer (ChatML template): vLLM loads it as is
+    vision_tower/   SiglipVisionModel (keys vision_model.*) + preprocessor_config.json
+    mm_projector/   config.json (mm_projector_type) + model.safetensors (keys layers.N.*)
+
+Everything that is particular to one model family (how frames become features, how the video goes into
+the prompt, the layout on disk) lives in one class, `VilaFamily`; a second family (e.g. Qwen2.5-VL) is a
+second such class chosen by `family_of`.
 
 Run:
     python model.py init --out runs/init --preset tiny --data data/synth/train.jsonl
-    python model.py init --out runs/init --llm PATH/Qwen2-7B --vision-tower PATH/siglip-so400m
-    python model.py info runs/init
+    python model.py init --out runs/init --llm PATH/Qwen2-7B-Instruct --vision-tower PATH/siglip-so400m-patch14-384
+    python model.py info PATH/LongVILA-R1-7B
 """
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -30,14 +48,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+log = logging.getLogger("model")
 
 IGNORE = -100  # target id of positions that carry no loss (prompt, video, padding)
 
 # Tiny models for a CPU. head_dim stays 32: vLLM's CPU attention rejects 16.
 PRESETS = {
     "tiny": dict(
-        image_size=32, patch_size=8,  # 4x4 patches -> 2x2 merge -> 4 tokens per frame
+        image_size=32, patch_size=8,  # 4x4 patches -> 2x2 blocks -> 4 tokens per frame
         vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
         llm=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2),
@@ -52,21 +73,56 @@ PRESETS = {
     ),
 }
 SPECIAL_TEXT_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+VIDEO_TOKEN = "<vila/video>"  # where the prompt text holds the video
+MEDIA_TOKENS = ["[BOS]", "[PAD]", "<vila/sentinel>", "<image>", VIDEO_TOKEN]  # VILA appends these to the vocabulary
+# ChatML as Qwen2's tokenizers write it: a default system turn when the conversation has none.
+CHATML_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML_TEXT = "system\nYou are a helpful assistant.\nuser\nassistant\n"  # its words, for a tokenizer corpus
+
+# Patch-block side k of each projector type; "row"/"column" is the order of the blocks' tokens.
+PROJECTOR_DOWNSAMPLE = {"mlp_downsample": 2, "mlp_downsample_2x2_fix": 2, "mlp_downsample_3x3_fix": 3}
+BLOCK_ORDERS = ("row", "column")
+
+
+class CheckpointError(ValueError):
+    """A folder that is not a checkpoint we can read faithfully; the message names the file and the value."""
 
 
 @dataclass
 class VideoLMConfig:
-    """The settings that are not inside the Hugging Face configs of llm/ and vision_tower/."""
-    image_size: int
+    """How frames become LLM input rows: read from the checkpoint's three config files.
+
+    Everything here decides the video embeddings, so the video-embedding cache keys on all of it.
+    """
+    image_size: int       # frames are resized to image_size x image_size
     patch_size: int
-    vision_hidden: int
-    llm_hidden: int
-    projector: str = "mlp_downsample"
-    frame_separator: str = "\n"  # text whose embedding follows every frame's tokens (LongVILA)
+    vision_hidden: int    # C, the tower's width (mm_hidden_size)
+    llm_hidden: int       # D, the LLM's width (hidden_size)
+    projector: str = "mlp_downsample_2x2_fix"  # mm_projector_type
+    block_order: str = "row"   # token order of the k x k blocks; "column" = mlp_downsample before 2024-12
+    select_layer: int = -2     # SigLIP hidden_states index (mm_vision_select_layer)
+    temporal_pool: int = 1     # frames mean-pooled per step: 1 = basic video encoder, > 1 = TSP
+    frame_separator: str = "\n"  # text whose embedding follows every frame (every pooled step)
+    family: str = "vila"
+
+    @property
+    def grid(self) -> int:
+        """Patches per side: 448 / 14 = 32, 384 / 14 = 27."""
+        return self.image_size // self.patch_size
+
+    @property
+    def downsample(self) -> int:
+        return PROJECTOR_DOWNSAMPLE[self.projector]
 
     @property
     def tokens_per_frame(self) -> int:
-        return (self.image_size // self.patch_size // 2) ** 2
+        """ceil(grid / k)^2: 256 at 32x32 with 2x2, 196 at 27x27 (zero-padded to 28x28), 121 with 3x3."""
+        return math.ceil(self.grid / self.downsample) ** 2
 
 
 def default_attn_implementation(dtype=torch.bfloat16) -> str:
@@ -81,27 +137,57 @@ def default_attn_implementation(dtype=torch.bfloat16) -> str:
 
 # ---- projector ----
 
-class MlpDownsampleProjector(nn.Module):
-    """LongVILA's "mlp_downsample": concatenate each 2x2 block of neighbouring patch features, then an MLP.
+class DownSample(nn.Module):
+    """Each k x k block of a frame's square patch grid -> one token of k*k*C channels.
 
-    Example: 16 frames of 32x32 pixels with 8x8 patches give features [16, 16, C]; the merge makes
-    [16, 4, 4C] and the MLP maps them to [16, 4, D]: four LLM tokens per frame.
+    A grid side that k does not divide gets zero rows at the bottom and zero columns on the right. A token's
+    channels are its block's patches in row-major order: for k = 2, patches (r, c), (r, c+1), (r+1, c),
+    (r+1, c+1). The tokens follow the blocks row by row ("row") or column by column ("column").
+    Example: 27x27 patches, k = 2 -> padded to 28x28 -> 14 x 14 = 196 tokens of 4C channels.
     """
 
-    def __init__(self, vision_hidden: int, llm_hidden: int):
+    def __init__(self, k: int, block_order: str):
         super().__init__()
-        self.norm = nn.LayerNorm(4 * vision_hidden)
-        self.fc1 = nn.Linear(4 * vision_hidden, llm_hidden)
-        self.fc2 = nn.Linear(llm_hidden, llm_hidden)
+        self.k, self.block_order = k, block_order
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T, P, C = x.shape
+        g, k = math.isqrt(P), self.k
+        if g * g != P:
+            raise ValueError(f"{P} patch features per frame do not form a square grid")
+        n = math.ceil(g / k)                                                   # blocks per side
+        x = F.pad(x.view(T, g, g, C), (0, 0, 0, n * k - g, 0, n * k - g))     # [T, g, g, C] -> [T, nk, nk, C]
+        x = x.view(T, n, k, n, k, C)                    # [T, block row, row in block, block col, col in block, C]
+        if self.block_order == "row":
+            x = x.permute(0, 1, 3, 2, 4, 5)             # [T, block row, block col, k, k, C]
+        else:
+            x = x.permute(0, 3, 1, 2, 4, 5)             # [T, block col, block row, k, k, C]
+        return x.reshape(T, n * n, k * k * C)           # [T, n*n, k*k*C]
+
+
+class MultimodalProjector(nn.Module):
+    """The release's mm_projector: one nn.Sequential `layers`, so its weights are named layers.N.*.
+
+    2x2 types (mlp_downsample, mlp_downsample_2x2_fix):
+        [DownSample(2), LayerNorm(4C), Linear(4C, D), GELU, Linear(D, D)]        -> layers.1, 2, 4
+    mlp_downsample_3x3_fix:
+        [DownSample(3), LayerNorm(9C), Linear(9C, 3C), GELU, LayerNorm(3C), Linear(3C, D), GELU, Linear(D, D)]
+                                                                                 -> layers.1, 2, 4, 5, 7
+    GELU is the exact one, 0.5 x (1 + erf(x / sqrt 2)). Patch features [T, P, C] -> [T, tokens_per_frame, D].
+    """
+
+    def __init__(self, projector_type: str, vision_hidden: int, llm_hidden: int, block_order: str = "row"):
+        super().__init__()
+        C, D = vision_hidden, llm_hidden
+        if PROJECTOR_DOWNSAMPLE[projector_type] == 2:
+            layers = [DownSample(2, block_order), nn.LayerNorm(4 * C), nn.Linear(4 * C, D), nn.GELU(), nn.Linear(D, D)]
+        else:
+            layers = [DownSample(3, block_order), nn.LayerNorm(9 * C), nn.Linear(9 * C, 3 * C), nn.GELU(),
+                      nn.LayerNorm(3 * C), nn.Linear(3 * C, D), nn.GELU(), nn.Linear(D, D)]
+        self.layers = nn.Sequential(*layers)
 
     def forward(self, patch_features: torch.Tensor) -> torch.Tensor:
-        T, P, C = patch_features.shape
-        g = math.isqrt(P)
-        if g * g != P or g % 2:
-            raise ValueError(f"mlp_downsample needs an even square patch grid, got {P} patches per frame")
-        x = patch_features.view(T, g // 2, 2, g // 2, 2, C)           # [T, g/2, 2, g/2, 2, C]
-        x = x.permute(0, 1, 3, 2, 4, 5).reshape(T, (g // 2) ** 2, 4 * C)  # [T, P/4, 4C]
-        return self.fc2(F.gelu(self.fc1(self.norm(x))))                # [T, P/4, D]
+        return self.layers(patch_features)                                     # [T, P, C] -> [T, tpf, D]
 
 
 # ---- the batch the log-prob passes consume ----
@@ -121,13 +207,19 @@ class SequenceBatch:
 
 class VideoLM(nn.Module):
     def __init__(self, config: VideoLMConfig, vision_tower: nn.Module, mm_projector: nn.Module,
-                 llm: nn.Module, tokenizer):
+                 llm: nn.Module, tokenizer, release_config: dict | None = None, source=None):
         super().__init__()
         self.config = config
         self.vision_tower = vision_tower
         self.mm_projector = mm_projector
         self.llm = llm
         self.tokenizer = tokenizer
+        self.release_config = release_config or {}  # config.json as loaded: keys we do not use are written back
+        self.source = Path(source) if source is not None else None  # the folder it was loaded from
+
+    @property
+    def family(self) -> type:
+        return family_of(self.config.family)
 
     @property
     def device(self) -> torch.device:
@@ -141,7 +233,7 @@ class VideoLM(nn.Module):
     # ---- video ----
 
     def pixel_values(self, frames) -> torch.Tensor:
-        """uint8 frames [T, H, W, 3] (numpy or torch) -> SigLIP input [T, 3, H, W] in [-1, 1]."""
+        """uint8 frames [T, H, W, 3] (numpy or torch) -> SigLIP input [T, 3, H, W]: x / 255, mean = std = 0.5."""
         frames = torch.as_tensor(np.asarray(frames) if not torch.is_tensor(frames) else frames)
         T, H, W, _ = frames.shape
         if H != self.config.image_size or W != self.config.image_size:
@@ -152,17 +244,18 @@ class VideoLM(nn.Module):
         return x / 127.5 - 1.0
 
     def encode_video(self, frames, chunk_size: int = 32) -> torch.Tensor:
-        """Frames [T, H, W, 3] -> video embeddings [T * tokens_per_frame, D].
+        """Frames [T, H, W, 3] -> video embeddings [T * tokens_per_frame, D]: projector outputs, frame by frame.
 
-        Frames go through the tower `chunk_size` at a time, so thousands of frames fit in bounded
-        memory; the result is the same as one pass (each frame is encoded independently).
+        The video encoder ("\\n" rows, TSP pooling) is applied later, in `prompt_embeds`, so these rows can
+        be split over ranks by frame (MR-SP stage 1) and cached. Frames go through the tower `chunk_size`
+        at a time, so thousands of frames fit in bounded memory; the result is the same as one pass.
         """
         chunks = []
         for start in range(0, len(frames), chunk_size):
             px = self.pixel_values(frames[start:start + chunk_size])             # [t, 3, H, W]
-            feats = self.vision_tower(pixel_values=px).last_hidden_state          # [t, P, C]
-            chunks.append(self.mm_projector(feats))                               # [t, P/4, D]
-        return torch.cat(chunks).flatten(0, 1)                                    # [T * P/4, D]
+            features = self.family.frame_features(self, px)                       # [t, P, C]
+            chunks.append(self.mm_projector(features))                            # [t, tpf, D]
+        return torch.cat(chunks).flatten(0, 1)                                    # [T * tpf, D]
 
     # ---- text and splicing ----
 
@@ -174,18 +267,17 @@ class VideoLM(nn.Module):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def prompt_embeds(self, text_before: str, video_embeds: torch.Tensor, text_after: str) -> torch.Tensor:
-        """Text before the video, the video with a separator after each frame, text after -> [L, D].
+        """The chat prompt with the video in it -> [L, D]: rollout, every training pass and eval use this.
 
-        The separator embedding is looked up now, from the current LLM, so cached video embeddings
-        (which hold projector outputs only) stay valid while the LLM trains.
+        `text_before` + video + `text_after` is the user's turn (data.build_prompt writes it); the family
+        wraps it in the chat template and turns the video embeddings [T * tokens_per_frame, D] into rows
+        (VILA: a "\\n" after every frame). Text embeddings are looked up now, from the current LLM, so cached
+        video embeddings (projector outputs only) stay valid while the LLM trains.
         """
-        tpf = self.config.tokens_per_frame
-        video = video_embeds.view(-1, tpf, video_embeds.shape[-1])                # [T, tpf, D]
-        sep = self.embed_ids(self.encode_text(self.config.frame_separator))       # [s, D]
-        sep = sep.to(video.dtype).unsqueeze(0).expand(video.shape[0], -1, -1)     # [T, s, D]
-        video = torch.cat([video, sep], dim=1).flatten(0, 1)                      # [T * (tpf + s), D]
-        before = self.embed_ids(self.encode_text(text_before))                    # [Lb, D]
-        after = self.embed_ids(self.encode_text(text_after))                      # [La, D]
+        before, after = self.family.chat_text(self.tokenizer, text_before, text_after)
+        video = self.family.video_rows(self, video_embeds)                        # [V, D]
+        before = self.embed_ids(self.encode_text(before))                         # [Lb, D]
+        after = self.embed_ids(self.encode_text(after))                           # [La, D]
         return torch.cat([before, video.to(before.dtype), after])                 # [L, D]
 
     def build_sequence_batch(self, prompt_embeds: list[torch.Tensor],
@@ -243,41 +335,30 @@ class VideoLM(nn.Module):
     # ---- save / load ----
 
     def write(self, folder, state_dict: dict | None = None):
-        """Write the checkpoint parts into `folder` (not atomic: wrap in `atomic_directory`).
+        """Write the checkpoint in the release layout into `folder` (not atomic: wrap in `atomic_directory`).
 
         `state_dict` overrides this module's own weights, e.g. the full weights an FSDP run gathered.
         """
-        folder = Path(folder)
-        sd = state_dict if state_dict is not None else self.state_dict()
-        part = lambda prefix: {k[len(prefix):]: v.detach().cpu().contiguous()
-                               for k, v in sd.items() if k.startswith(prefix)}
-        self.llm.save_pretrained(folder / "llm", state_dict=part("llm."))
-        self.tokenizer.save_pretrained(folder / "llm")
-        self.vision_tower.save_pretrained(folder / "vision_tower", state_dict=part("vision_tower."))
-        (folder / "mm_projector").mkdir(parents=True, exist_ok=True)
-        save_file(part("mm_projector."), str(folder / "mm_projector" / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps(asdict(self.config), indent=2))  # last: marks complete
+        self.family.write(self, Path(folder), state_dict if state_dict is not None else self.state_dict())
 
     def save(self, out_dir, state_dict: dict | None = None):
         with atomic_directory(out_dir) as tmp:
             self.write(tmp, state_dict)
 
     @classmethod
-    def load(cls, path, dtype=torch.float32, device="cpu", attn_implementation: str | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
+    def load(cls, path, dtype=torch.float32, device="cpu", attn_implementation: str | None = None,
+             block_order: str | None = None) -> "VideoLM":
+        """A checkpoint folder in the release layout (ours or the paper's) -> VideoLM on `device`.
+
+        `block_order` ("row" / "column") overrides the token order of a plain `mlp_downsample` projector
+        (see `VilaFamily.read_config`). Anything we cannot read faithfully is a CheckpointError.
+        """
         path = Path(path)
-        if not is_complete_checkpoint(path):
-            raise FileNotFoundError(f"{path} is not a complete VideoLM checkpoint "
-                                    "(needs config.json, llm/, vision_tower/, mm_projector/)")
-        attn = attn_implementation or default_attn_implementation(dtype)
-        config = VideoLMConfig(**json.loads((path / "config.json").read_text()))
-        llm = AutoModelForCausalLM.from_pretrained(path / "llm", dtype=dtype, attn_implementation=attn)
-        vision = SiglipVisionModel.from_pretrained(path / "vision_tower", dtype=dtype,
-                                                   attn_implementation="sdpa" if attn != "eager" else "eager")
-        projector = MlpDownsampleProjector(config.vision_hidden, config.llm_hidden)
-        projector.load_state_dict(load_file(str(path / "mm_projector" / "model.safetensors")))
-        tokenizer = AutoTokenizer.from_pretrained(path / "llm")
-        return cls(config, vision, projector.to(dtype), llm, tokenizer).to(device)
+        config = read_json(path / "config.json")
+        family = family_of(family_name(config, path))
+        return family.load(cls, path, config, dtype=dtype, device=device,
+                           attn_implementation=attn_implementation or default_attn_implementation(dtype),
+                           block_order=block_order)
 
 
 def is_complete_checkpoint(path) -> bool:
@@ -310,24 +391,361 @@ def atomic_directory(final_path):
         os.replace(tmp, final)
 
 
+def read_json(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        hint = "" if path.parent.is_dir() else f" ({path.parent} does not exist)"
+        raise CheckpointError(f"{path} not found{hint}: a checkpoint folder holds config.json, llm/, "
+                              "vision_tower/ and mm_projector/")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
+# ---- model families ----
+
+OUR_OLD_KEYS = {"image_size", "patch_size", "vision_hidden", "llm_hidden"}
+
+
+def family_name(config: dict, path: Path) -> str:
+    """Which family a top-level config.json belongs to (only VILA so far)."""
+    where = path / "config.json"
+    if OUR_OLD_KEYS <= set(config):
+        raise CheckpointError(
+            f"{where} is in the layout this project wrote before it read the release format; it is no longer "
+            "read. Re-create the checkpoint: `python model.py init --out DIR --preset tiny --data FILE.jsonl` "
+            "(or --llm/--vision-tower) and train again")
+    if config.get("model_type") in ("vila", "llava_llama") or \
+            {"VILAForCausalLM", "LlavaLlamaModel"} & set(config.get("architectures") or []):
+        return "vila"
+    raise CheckpointError(f"{where}: model_type {config.get('model_type')!r}, architectures "
+                          f"{config.get('architectures')!r} is not a VILA checkpoint (model_type 'vila' / "
+                          "architectures VILAForCausalLM or LlavaLlamaModel)")
+
+
+def family_of(name: str) -> type:
+    if name == "vila":
+        return VilaFamily
+    raise ValueError(f"unknown model family {name!r}")
+
+
+class VilaFamily:
+    """Everything particular to LongVILA / LongVILA-R1 / NVILA. A family provides:
+
+        frame_features(model, pixel_values)  frames -> patch features the projector takes   [t, P, C]
+        video_rows(model, video_embeds)      projector outputs -> the rows of the video in the prompt
+        chat_text(tokenizer, before, after)  the user's turn -> chat text before / after the video
+        load(...) / write(...)               the layout on disk
+
+    Positions: VILA's LLM sees plain positions 0..L-1 over text and video alike, which is what
+    `VideoLM.build_sequence_batch` builds. (Qwen2.5-VL's M-RoPE positions would be a family method.)
+    """
+
+    # ---- frames -> features -> rows ----
+
+    @staticmethod
+    def frame_features(model: VideoLM, pixel_values: torch.Tensor) -> torch.Tensor:
+        """SigLIP hidden_states[select_layer], every token kept ("cls_patch"; SigLIP has no CLS token).
+        hidden_states[i] is the output of the first i encoder layers, so -2 is the second-to-last layer's
+        output, before the last layer and the post-layernorm."""
+        out = model.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
+        return out.hidden_states[model.config.select_layer]                     # [t, P, C]
+
+    @staticmethod
+    def video_rows(model: VideoLM, video_embeds: torch.Tensor) -> torch.Tensor:
+        """Video embeddings [T * tpf, D] -> the video's rows in the prompt.
+
+        Basic encoder: [frame 1 tokens, "\\n", frame 2 tokens, "\\n", ...] -> [T * (tpf + 1), D].
+        TSP encoder (temporal_pool p): frames t*p .. t*p+p-1 are averaged token by token first, then the
+        "\\n" follows each pooled step -> [T/p * (tpf + 1), D]. The separator is the embedding of
+        `frame_separator` (one token for "\\n").
+        """
+        cfg = model.config
+        video = video_embeds.view(-1, cfg.tokens_per_frame, video_embeds.shape[-1])  # [T, tpf, D]
+        T, p = len(video), cfg.temporal_pool
+        if T % p:
+            raise ValueError(f"{T} frames do not make whole groups of {p} for the TSP video encoder: "
+                             f"sample a multiple of {p} frames")
+        video = video.view(T // p, p, *video.shape[1:]).mean(dim=1)              # [T/p, tpf, D]
+        sep = model.embed_ids(model.encode_text(cfg.frame_separator))             # [s, D]
+        sep = sep.to(video.dtype).unsqueeze(0).expand(len(video), -1, -1)        # [T/p, s, D]
+        return torch.cat([video, sep], dim=1).flatten(0, 1)                       # [T/p * (tpf + s), D]
+
+    @staticmethod
+    def chat_text(tokenizer, text_before: str, text_after: str) -> tuple[str, str]:
+        """The chat-template text on either side of the video.
+
+        The user's turn is text_before + <vila/video> + text_after, stripped as VILA strips it; the
+        tokenizer's template renders it with the assistant's turn opened. With Qwen2's ChatML and
+        text_before = "":
+            "<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n"  | video |
+            "You are a helpful ... Question: ...<|im_end|>\\n<|im_start|>assistant\\n"
+        """
+        if VIDEO_TOKEN in text_before + text_after:
+            raise ValueError(f"the prompt text contains the video placeholder {VIDEO_TOKEN!r}")
+        user = (text_before + VIDEO_TOKEN + text_after).strip()
+        text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)
+        before, after = text.split(VIDEO_TOKEN)
+        return before, after
+
+    # ---- on disk ----
+
+    @staticmethod
+    def read_config(path: Path, config: dict, block_order: str | None = None) -> VideoLMConfig:
+        """config.json, vision_tower/config.json and mm_projector/config.json -> VideoLMConfig, checked."""
+        where = path / "config.json"
+        projector_cfg = read_json(path / "mm_projector" / "config.json")
+        vision_cfg = read_json(path / "vision_tower" / "config.json")
+        llm_cfg = read_json(path / "llm" / "config.json")
+
+        projector = projector_cfg.get("mm_projector_type")
+        if projector not in PROJECTOR_DOWNSAMPLE:
+            raise CheckpointError(f"{path / 'mm_projector' / 'config.json'}: mm_projector_type {projector!r} is not "
+                                  f"supported (supported: {', '.join(PROJECTOR_DOWNSAMPLE)})")
+        order = block_order or projector_cfg.get("block_order") or \
+            ("column" if projector == "mlp_downsample" else "row")
+        if order not in BLOCK_ORDERS or (projector != "mlp_downsample" and order != "row"):
+            raise CheckpointError(f"{path / 'mm_projector' / 'config.json'}: block order {order!r} for "
+                                  f"{projector} (mlp_downsample takes 'row' or 'column', the _fix types 'row')")
+        if projector == "mlp_downsample" and not (block_order or projector_cfg.get("block_order")):
+            log.warning("%s: mlp_downsample with no block order given: reading its blocks column by column, as "
+                        "the VILA code released with LongVILA (2024-08) did. A model trained with VILA code from "
+                        "2024-12 on is row by row: set \"block_order\": \"row\" in mm_projector/config.json",
+                        path)
+
+        if vision_cfg.get("model_type") not in ("siglip_vision_model", "siglip"):
+            raise CheckpointError(f"{path / 'vision_tower' / 'config.json'}: model_type "
+                                  f"{vision_cfg.get('model_type')!r}; only SigLIP towers are supported")
+        vision_cfg = vision_cfg.get("vision_config", vision_cfg)
+        image_size, patch_size = vision_cfg.get("image_size"), vision_cfg.get("patch_size")
+        if not isinstance(image_size, int) or not isinstance(patch_size, int) or image_size % patch_size:
+            raise CheckpointError(f"{path / 'vision_tower' / 'config.json'}: image_size {image_size!r} with "
+                                  f"patch_size {patch_size!r} does not give a square grid of whole patches")
+        layers = vision_cfg.get("num_hidden_layers", 12)
+
+        feature = config.get("mm_vision_select_feature")
+        if feature != "cls_patch":
+            raise CheckpointError(f"{where}: mm_vision_select_feature {feature!r} is not supported (only "
+                                  "'cls_patch': every SigLIP token)")
+        layer = config.get("mm_vision_select_layer")
+        if not isinstance(layer, int) or not -(layers + 1) <= layer <= layers:
+            raise CheckpointError(f"{where}: mm_vision_select_layer {layer!r} is not a hidden layer of the "
+                                  f"{layers}-layer tower (-{layers + 1} .. {layers})")
+        aspect = config.get("image_aspect_ratio")
+        if aspect not in ("resize", "dynamic"):  # video frames: "dynamic" tiles images only, frames are resized
+            raise CheckpointError(f"{where}: image_aspect_ratio {aspect!r} is not supported for video frames "
+                                  "('resize' or 'dynamic': each frame resized whole to the tower's image size)")
+        _check_preprocessor(path / "vision_tower" / "preprocessor_config.json", image_size)
+        pool, separator = _video_encoder(config.get("video_encoder"), where)
+
+        for key, value, part in (("hidden_size", llm_cfg.get("hidden_size"), "llm/config.json"),
+                                 ("mm_hidden_size", vision_cfg.get("hidden_size"), "vision_tower/config.json")):
+            if config.get(key) is not None and config[key] != value:
+                raise CheckpointError(f"{where}: {key} {config[key]} disagrees with {part} ({value})")
+        return VideoLMConfig(image_size, patch_size, vision_cfg["hidden_size"], llm_cfg["hidden_size"],
+                             projector=projector, block_order=order, select_layer=layer, temporal_pool=pool,
+                             frame_separator=separator)
+
+    @staticmethod
+    def load(model_class: type, path: Path, config: dict, dtype, device, attn_implementation: str,
+             block_order: str | None) -> VideoLM:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, SiglipVisionConfig, SiglipVisionModel
+        vlm_config = VilaFamily.read_config(path, config, block_order)
+        llm = _from_pretrained(AutoModelForCausalLM, path / "llm", dtype=dtype,
+                               attn_implementation=attn_implementation)
+        vision_config = SiglipVisionConfig.from_pretrained(path / "vision_tower")
+        # the pooling head is never used; a tower saved without it loads without one
+        vision_config.vision_use_head = any(".head." in f".{k}" for k in _weight_names(path / "vision_tower"))
+        vision = _from_pretrained(SiglipVisionModel, path / "vision_tower", config=vision_config, dtype=dtype,
+                                  attn_implementation="eager" if attn_implementation == "eager" else "sdpa")
+        projector = MultimodalProjector(vlm_config.projector, vlm_config.vision_hidden, vlm_config.llm_hidden,
+                                        vlm_config.block_order)
+        _load_projector(projector, path / "mm_projector" / "model.safetensors")
+        tokenizer = AutoTokenizer.from_pretrained(path / "llm")
+        if not tokenizer.chat_template:
+            raise CheckpointError(f"{path / 'llm'}: the tokenizer has no chat template (tokenizer_config.json "
+                                  f"chat_template); config.json chat_template is {config.get('chat_template')!r}")
+        return model_class(vlm_config, vision, projector.to(dtype), llm, tokenizer, release_config=config,
+                           source=path).to(device)
+
+    @staticmethod
+    def write(model: VideoLM, folder: Path, state_dict: dict):
+        part = lambda prefix: {k[len(prefix):]: v.detach().cpu().contiguous()
+                               for k, v in state_dict.items() if k.startswith(prefix)}
+        llm_weights = part("llm.")
+        dtype = next(iter(llm_weights.values())).dtype  # (save_pretrained empties the dict)
+        model.llm.save_pretrained(folder / "llm", state_dict=llm_weights)
+        _write_tokenizer(model.tokenizer, folder / "llm")
+
+        tower = folder / "vision_tower"
+        tower.mkdir(parents=True, exist_ok=True)
+        model.vision_tower.config.architectures = ["SiglipVisionModel"]
+        model.vision_tower.config.save_pretrained(tower)
+        save_file({f"vision_model.{k}": v for k, v in part("vision_tower.").items()},
+                  str(tower / "model.safetensors"), metadata={"format": "pt"})
+        size = model.config.image_size
+        (tower / "preprocessor_config.json").write_text(json.dumps(dict(
+            image_processor_type="SiglipImageProcessor", do_resize=True, size=dict(height=size, width=size),
+            resample=3, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+            image_mean=[0.5] * 3, image_std=[0.5] * 3), indent=2))
+
+        (folder / "mm_projector").mkdir(parents=True, exist_ok=True)
+        projector_cfg = VilaFamily.projector_config(model.config)
+        (folder / "mm_projector" / "config.json").write_text(json.dumps(projector_cfg, indent=2))
+        save_file(part("mm_projector."), str(folder / "mm_projector" / "model.safetensors"), metadata={"format": "pt"})
+
+        if model.source is not None:  # the release's own code (trust_remote_code) travels with its weights
+            for file in model.source.glob("*.py"):
+                shutil.copy2(file, folder / file.name)
+        config = VilaFamily.release_config(model, projector_cfg, dtype)
+        (folder / "config.json").write_text(json.dumps(config, indent=2))  # last: marks complete
+
+    @staticmethod
+    def projector_config(cfg: VideoLMConfig) -> dict:
+        out = dict(architectures=["MultimodalProjector"], model_type="v2l_projector", mm_projector_type=cfg.projector)
+        if cfg.projector == "mlp_downsample":  # the type name alone does not say (see read_config)
+            out["block_order"] = cfg.block_order
+        return out
+
+    @staticmethod
+    def release_config(model: VideoLM, projector_cfg: dict, dtype: torch.dtype) -> dict:
+        """The top-level config.json: the loaded one with every key that describes the model rewritten."""
+        cfg = model.config
+        out = dict(model.release_config)
+        if not out:
+            out.update(architectures=["VILAForCausalLM"], model_type="vila", image_aspect_ratio="resize",
+                       num_video_frames=16, fps=0.0, chat_template=None)
+        encoder = {"_target_": "llava.model.encoders.BasicVideoEncoder"} if cfg.temporal_pool == 1 else \
+            {"_target_": "llava.model.encoders.TSPVideoEncoder", "pool_sizes": [[cfg.temporal_pool, 1, 1]]}
+        if cfg.frame_separator != "\n":
+            encoder["end_tokens"] = cfg.frame_separator
+        out.update(hidden_size=cfg.llm_hidden, mm_hidden_size=cfg.vision_hidden,
+                   mm_vision_select_layer=cfg.select_layer, mm_vision_select_feature="cls_patch",
+                   mm_projector_type=cfg.projector, video_encoder=json.dumps(encoder),
+                   llm_cfg=model.llm.config.to_dict(), vision_tower_cfg=model.vision_tower.config.to_dict(),
+                   mm_projector_cfg=projector_cfg, model_dtype=str(dtype))
+        return out
+
+
+def _video_encoder(value, where: Path) -> tuple[int, str]:
+    """config.json's video_encoder (a dict, or that dict as a JSON string, or absent) ->
+    (temporal pool, frame separator). Basic: (1, "\\n"); TSP with pool_sizes [[p, 1, 1]]: (p, "\\n")."""
+    if value is None:
+        return 1, "\n"
+    try:
+        encoder = json.loads(value) if isinstance(value, str) else dict(value)
+    except (json.JSONDecodeError, TypeError, ValueError):
+        raise CheckpointError(f"{where}: video_encoder {value!r} is not a JSON object") from None
+    target = str(encoder.get("_target_", ""))
+    if encoder.get("start_tokens") is not None or encoder.get("sep_tokens") is not None:
+        raise CheckpointError(f"{where}: video_encoder {value!r}: start_tokens / sep_tokens are not supported")
+    separator = encoder.get("end_tokens", "\n")
+    if target.endswith("BasicVideoEncoder"):
+        return 1, separator
+    pools = encoder.get("pool_sizes")
+    if target.endswith("TSPVideoEncoder") and isinstance(pools, list) and len(pools) == 1 \
+            and len(pools[0]) == 3 and list(pools[0][1:]) == [1, 1] and int(pools[0][0]) >= 1:
+        return int(pools[0][0]), separator
+    raise CheckpointError(f"{where}: video_encoder {value!r} is not supported (BasicVideoEncoder, or "
+                          "TSPVideoEncoder with one temporal pool size [[p, 1, 1]])")
+
+
+def _check_preprocessor(path: Path, image_size: int) -> None:
+    """Frames are scaled x / 255 and normalised with mean = std = 0.5 (to [-1, 1]) at the tower's size."""
+    if not path.is_file():
+        return
+    p = json.loads(path.read_text())
+    size = p.get("size", {})
+    checks = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    for key, want in checks.items():
+        if key in p and not np.allclose(p[key], want):
+            raise CheckpointError(f"{path}: {key} {p[key]} is not supported (frames are normalised with {want})")
+    if "rescale_factor" in p and not math.isclose(p["rescale_factor"], 1 / 255):
+        raise CheckpointError(f"{path}: rescale_factor {p['rescale_factor']} is not supported (1/255)")
+    if isinstance(size, dict) and {size.get("height", image_size), size.get("width", image_size)} != {image_size}:
+        raise CheckpointError(f"{path}: size {size} disagrees with the tower's image_size {image_size}")
+
+
+def _weight_names(folder: Path) -> set[str]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors weights")
+    names = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            names |= set(f.keys())
+    return names
+
+
+def _from_pretrained(auto_class, folder: Path, **kwargs):
+    """`auto_class.from_pretrained(folder)`, refusing weights that are missing or of another shape than
+    the folder's config.json says (Hugging Face would initialise them at random)."""
+    _weight_names(folder)
+    module, info = auto_class.from_pretrained(folder, output_loading_info=True, ignore_mismatched_sizes=True,
+                                              **kwargs)
+    problems = [f"{k} is missing" for k in sorted(info["missing_keys"])]
+    problems += [f"{k} has shape {list(a)}, config.json makes it {list(b)}" for k, a, b in
+                 sorted(info["mismatched_keys"])]
+    if problems:
+        raise CheckpointError(f"{folder}: the weights disagree with {folder / 'config.json'}: "
+                              + "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+    return module
+
+
+def _load_projector(projector: MultimodalProjector, file: Path) -> None:
+    weights = load_file(str(file))
+    own = projector.state_dict()
+    problems = [f"{k} is missing" for k in sorted(set(own) - set(weights))]
+    problems += [f"{k} is not a weight of this projector" for k in sorted(set(weights) - set(own))]
+    problems += [f"{k} has shape {list(weights[k].shape)}, needs {list(v.shape)}" for k, v in own.items()
+                 if k in weights and weights[k].shape != v.shape]
+    if problems:
+        raise CheckpointError(f"{file}: " + "; ".join(problems[:5]) + " (shapes follow mm_projector_type, "
+                              "mm_hidden_size and hidden_size)")
+    projector.load_state_dict(weights)
+
+
+def _write_tokenizer(tokenizer, folder: Path) -> None:
+    """save_pretrained, plus the chat template in tokenizer_config.json, where transformers 4.x (the
+    release's code) looks for it."""
+    tokenizer.save_pretrained(folder)
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    if tokenizer.chat_template:
+        config["chat_template"] = tokenizer.chat_template
+    path.write_text(json.dumps(config, indent=2))
+
+
 # ---- building a fresh model ----
 
 def train_tokenizer(texts, vocab_size: int):
-    """A byte-level BPE tokenizer trained on `texts` (nothing can be downloaded here).
-
-    Byte-level means any string, however hostile, still encodes; the think/answer tags are single tokens.
+    """A byte-level BPE tokenizer trained on `texts` (nothing can be downloaded here), built like the
+    release's Qwen2 tokenizer: Qwen2's pre-tokenization, ChatML (<|im_start|>, <|im_end|> = eos,
+    <|endoftext|> = pad, the ChatML chat template) and VILA's media tokens appended. Byte-level means any
+    string, however hostile, still encodes; the think/answer tags are single tokens.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
-    fast.add_tokens(SPECIAL_TEXT_TOKENS)
-    return fast
+    tok.train_from_iterator([CHATML_TEXT] * 10 + list(texts), trainer)
+    bpe = json.loads(tok.to_str())["model"]
+    qwen = Qwen2Tokenizer(vocab=bpe["vocab"], merges=[tuple(m) for m in bpe["merges"]], unk_token=None,
+                          eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    qwen.add_tokens([AddedToken(t, special=True) for t in special])
+    qwen.add_tokens(SPECIAL_TEXT_TOKENS)
+    qwen.add_tokens(MEDIA_TOKENS, special_tokens=True)
+    qwen.chat_template = CHATML_TEMPLATE
+    return qwen
 
 
 def tokenizer_corpus(record_files) -> list[str]:
@@ -346,34 +764,48 @@ def tokenizer_corpus(record_files) -> list[str]:
 
 
 def build_from_preset(preset: str, tokenizer, seed: int = 0, attn_implementation: str = "sdpa") -> VideoLM:
-    """A randomly initialised VideoLM of the preset's sizes, with `tokenizer`'s vocabulary."""
+    """A randomly initialised VideoLM of the preset's sizes, with `tokenizer`'s vocabulary: SigLIP (hidden
+    layer -2) -> mlp_downsample_2x2_fix -> Qwen2, LongVILA-R1's architecture in miniature."""
     from transformers import AutoModelForCausalLM, Qwen2Config, SiglipVisionConfig, SiglipVisionModel
     p = PRESETS[preset]
     torch.manual_seed(seed)
     vision = SiglipVisionModel(SiglipVisionConfig(image_size=p["image_size"], patch_size=p["patch_size"],
                                                   vision_use_head=False, **p["vision"]))
-    vocab = 64 * math.ceil(len(tokenizer) / 64)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    llm_config = Qwen2Config(vocab_size=vocab, max_position_embeddings=32768, tie_word_embeddings=False,
-                             bos_token_id=eos, eos_token_id=eos, pad_token_id=pad, **p["llm"])
+    llm_config = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=32768, tie_word_embeddings=False,
+                             bos_token_id=None, eos_token_id=eos, pad_token_id=pad, **p["llm"])
     llm = AutoModelForCausalLM.from_config(llm_config, attn_implementation=attn_implementation)
-    llm.generation_config.bos_token_id, llm.generation_config.eos_token_id = eos, eos
+    llm.generation_config.bos_token_id, llm.generation_config.eos_token_id = None, eos
     llm.generation_config.pad_token_id = pad
     config = VideoLMConfig(p["image_size"], p["patch_size"], p["vision"]["hidden_size"], p["llm"]["hidden_size"])
-    projector = MlpDownsampleProjector(config.vision_hidden, config.llm_hidden)
+    projector = MultimodalProjector(config.projector, config.vision_hidden, config.llm_hidden, config.block_order)
     return VideoLM(config, vision, projector, llm, tokenizer)
 
 
-def build_from_pretrained(llm_path, vision_path, seed: int = 0, dtype=torch.bfloat16) -> VideoLM:
-    """Assemble a VideoLM from a pretrained causal LM and SigLIP (the LongVILA recipe); the projector is new."""
+def build_from_pretrained(llm_path, vision_path, seed: int = 0, dtype=torch.bfloat16,
+                          projector: str = "mlp_downsample_2x2_fix", block_order: str = "row",
+                          temporal_pool: int = 1) -> VideoLM:
+    """Assemble a VideoLM from a pretrained causal LM and SigLIP (the LongVILA recipe); the projector is new.
+
+    As VILA does, the media tokens are appended to the tokenizer and the LLM's vocabulary is resized to it.
+    A tokenizer without a chat template gets ChatML.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
     torch.manual_seed(seed)
     llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(llm_path)
+    tokenizer.add_tokens([t for t in MEDIA_TOKENS if t not in tokenizer.get_vocab()], special_tokens=True)
+    tokenizer.chat_template = tokenizer.chat_template or CHATML_TEMPLATE
+    llm.resize_token_embeddings(len(tokenizer))
     vision = SiglipVisionModel.from_pretrained(vision_path, dtype=dtype)
     vc = vision.config
-    config = VideoLMConfig(vc.image_size, vc.patch_size, vc.hidden_size, llm.config.hidden_size)
-    projector = MlpDownsampleProjector(config.vision_hidden, config.llm_hidden).to(dtype)
-    return VideoLM(config, vision, projector, llm, AutoTokenizer.from_pretrained(llm_path))
+    if vc.image_size % vc.patch_size:
+        raise ValueError(f"{vision_path}: image_size {vc.image_size} is not a whole number of {vc.patch_size}-pixel "
+                         "patches")
+    config = VideoLMConfig(vc.image_size, vc.patch_size, vc.hidden_size, llm.config.hidden_size,
+                           projector=projector, block_order=block_order, temporal_pool=temporal_pool)
+    mm_projector = MultimodalProjector(projector, config.vision_hidden, config.llm_hidden, block_order).to(dtype)
+    return VideoLM(config, vision, mm_projector, llm, tokenizer)
 
 
 def untie_embeddings(llm) -> None:
@@ -390,10 +822,11 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    init = sub.add_parser("init", formatter_class=fmt, help="create a fresh checkpoint")
+    init = sub.add_parser("init", formatter_class=fmt, help="create a fresh checkpoint (release layout)")
     init.add_argument("--out", required=True, help="checkpoint folder to create")
     init.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                       help="sizes of a randomly initialised model (ignored with --llm/--vision-tower)")
@@ -402,6 +835,12 @@ def main(argv=None):
     init.add_argument("--vocab-size", type=int, default=None, help="tokenizer size (default: the preset's)")
     init.add_argument("--llm", default=None, help="a pretrained Hugging Face causal LM folder instead of a preset")
     init.add_argument("--vision-tower", default=None, help="a pretrained SigLIP folder (with --llm)")
+    init.add_argument("--projector", choices=sorted(PROJECTOR_DOWNSAMPLE), default="mlp_downsample_2x2_fix",
+                      help="mm_projector_type of the new projector (with --llm)")
+    init.add_argument("--block-order", choices=BLOCK_ORDERS, default="row",
+                      help="token order of the patch blocks; 'column' only with --projector mlp_downsample")
+    init.add_argument("--temporal-pool", type=int, default=1,
+                      help="frames averaged per step by the TSP video encoder; 1 = the basic encoder (with --llm)")
     init.add_argument("--seed", type=int, default=0, help="initialisation seed")
     init.add_argument("--untie-embeddings", action="store_true",
                       help="give a tied LM head (e.g. Qwen2-0.5B/1.5B) its own weight: needed to train sharded "
@@ -413,8 +852,11 @@ def main(argv=None):
     if args.cmd == "init":
         if bool(args.llm) != bool(args.vision_tower):
             ap.error("--llm and --vision-tower go together")
+        if args.block_order == "column" and args.projector != "mlp_downsample":
+            ap.error("--block-order column goes with --projector mlp_downsample")
         if args.llm:
-            model = build_from_pretrained(args.llm, args.vision_tower, seed=args.seed)
+            model = build_from_pretrained(args.llm, args.vision_tower, seed=args.seed, projector=args.projector,
+                                          block_order=args.block_order, temporal_pool=args.temporal_pool)
         else:
             if not args.data:
                 ap.error("a preset model trains its tokenizer on your records: pass --data FILE.jsonl")
@@ -426,10 +868,14 @@ def main(argv=None):
         print(f"wrote {args.out}")
         args.path = args.out
     model = VideoLM.load(args.path)
-    print(f"{args.path}: vision tower {count_parameters(model.vision_tower):,} params, projector "
-          f"{count_parameters(model.mm_projector):,}, llm {count_parameters(model.llm):,} "
-          f"({model.llm.config.model_type}); image {model.config.image_size}px, "
-          f"{model.config.tokens_per_frame} tokens per frame (+ separator), vocab {len(model.tokenizer)}")
+    c = model.config
+    encoder = "basic" if c.temporal_pool == 1 else f"TSP (pool {c.temporal_pool} frames)"
+    print(f"{args.path}: vision tower {count_parameters(model.vision_tower):,} params "
+          f"({c.grid}x{c.grid} patches of {c.image_size}px, hidden layer {c.select_layer}), projector "
+          f"{c.projector} ({c.block_order}-major blocks) {count_parameters(model.mm_projector):,}, llm "
+          f"{count_parameters(model.llm):,} ({model.llm.config.model_type}); {c.tokens_per_frame} tokens per "
+          f"frame + separator, {encoder} video encoder, vocab {len(model.tokenizer)}; frames as released: "
+          f"num_video_frames {model.release_config.get('num_video_frames')}, fps {model.release_config.get('fps')}")
 
 
 if __name__ == "__main__":

@@ -13,14 +13,12 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process vLLM 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")           # GiB
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+import data  # noqa: E402
 import model as M  # noqa: E402
 
 # Text of the shape the task uses, enough for a small byte-level BPE vocabulary.
 CORPUS = [
-    "Watch the video.\n",
-    "\nQuestion: How many scenes are red?\nOptions:\nA. 1\nB. 2\nC. 3\nD. 4\n"
-    "Think step by step inside <think> </think>, then give the final answer inside <answer> </answer>."
-    " Answer with the option letter.\nResponse: ",
+    data.THINKING_PROMPT.format(question="How many scenes are red?\nA. 1\nB. 2\nC. 3\nD. 4"),
     "<think>Scene 1 is red. Scene 2 is blue. Scene 3 is green. Red appears in scene 1.</think><answer>A</answer>",
     "Which colour comes right after the yellow scene? magenta cyan first last",
 ] * 10
@@ -39,7 +37,7 @@ def tiny_model(tiny_tokenizer):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_tokenizer, tmp_path_factory):
-    """Path of a saved tiny checkpoint (config.json, llm/, vision_tower/, mm_projector/)."""
+    """Path of a saved tiny checkpoint in the release layout (config.json, llm/, vision_tower/, mm_projector/)."""
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     M.build_from_preset("tiny", tiny_tokenizer, seed=0).save(path)
     return path
@@ -49,7 +47,6 @@ def tiny_checkpoint(tiny_tokenizer, tmp_path_factory):
 def easy_task(tmp_path_factory):
     """Synthetic videos whose correct option is always A, and a tiny model briefly SFT-ed on them
     (so it writes the think/answer format and answers some letter). Used by test_rl.py and test_sft.py."""
-    import data
     import sft
     root = tmp_path_factory.mktemp("easy")
     data.main(["synth", "--out", str(root / "data"), "--n", "12", "--seed", "3", "--max-scenes", "4",

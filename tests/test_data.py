@@ -252,16 +252,17 @@ def test_build_prompt_multiple_choice():
     record = Record("q", "v.mp4", "What colour is the first scene?", ["red", "green"], "multiple_choice",
                     "", "A")
     before, after = build_prompt(record)
-    assert before == "Watch the video.\n"
-    assert after == ("\nQuestion: What colour is the first scene?\nOptions:\nA. red\nB. green\n"
-                     + data.THINK_ANSWER_INSTRUCTION + " Answer with the option letter.\nResponse: ")
+    assert before == ""  # the video opens the user's turn
+    assert after == data.THINKING_PROMPT.format(question="What colour is the first scene?\nA. red\nB. green")
+    assert after.startswith("You are a helpful assistant.") and after.endswith(" Question: What colour is the "
+                                                                              "first scene?\nA. red\nB. green")
 
 
 def test_build_prompt_free_form_with_subtitles():
     record = Record("q", "v.mp4", "What happens?", [], "free_form", "", "a goal")
     _, after = build_prompt(record, subtitles="GOAL!")
-    assert after == ("\nSubtitles: GOAL!\nQuestion: What happens?\n" + data.THINK_ANSWER_INSTRUCTION
-                     + "\nResponse: ")
+    assert after == ("This video's subtitles are listed below:\nGOAL!\n\n"
+                     + data.THINKING_PROMPT.format(question="What happens?"))
 
 
 # ---- subtitles ----

@@ -11,7 +11,7 @@ def random_frames(n, size=32, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-def test_tokens_per_frame_follow_the_2x2_merge(tiny_model):
+def test_tokens_per_frame_follow_the_2x2_blocks(tiny_model):
     cfg = tiny_model.config
     assert cfg.tokens_per_frame == (cfg.image_size // cfg.patch_size // 2) ** 2 == 4
     video = tiny_model.encode_video(random_frames(3))
@@ -32,16 +32,20 @@ def test_wrong_frame_size_is_a_clear_error(tiny_model):
 
 
 @torch.no_grad()
-def test_prompt_embeds_put_a_separator_after_every_frame(tiny_model):
+def test_prompt_embeds_put_a_separator_after_every_frame_inside_the_chat_turn(tiny_model):
     video = tiny_model.encode_video(random_frames(3))                  # [12, D]
-    before, after = "Watch the video.\n", "\nQuestion: red?\nResponse: "
-    prompt = tiny_model.prompt_embeds(before, video, after)
-    nb, na = len(tiny_model.encode_text(before)), len(tiny_model.encode_text(after))
+    prompt = tiny_model.prompt_embeds("", video, "Question: red?")
+    chat_before, chat_after = M.VilaFamily.chat_text(tiny_model.tokenizer, "", "Question: red?")
+    assert chat_before.endswith("<|im_start|>user\n")                  # the video opens the user's turn
+    assert chat_after == "Question: red?<|im_end|>\n<|im_start|>assistant\n"
+    nb, na = len(tiny_model.encode_text(chat_before)), len(tiny_model.encode_text(chat_after))
     sep = tiny_model.embed_ids(tiny_model.encode_text("\n"))[0]
     assert prompt.shape[0] == nb + 3 * (4 + 1) + na
     torch.testing.assert_close(prompt[nb:nb + 4], video[:4])
     torch.testing.assert_close(prompt[nb + 4], sep)                    # after frame 1
     torch.testing.assert_close(prompt[nb + 9], sep)                    # after frame 2
+    torch.testing.assert_close(prompt[nb + 14], sep)                   # after frame 3
+    torch.testing.assert_close(prompt[-na:], tiny_model.embed_ids(tiny_model.encode_text(chat_after)))
 
 
 @torch.no_grad()
@@ -111,9 +115,9 @@ def test_interrupted_save_leaves_no_checkpoint(tiny_model, tmp_path):
 def test_save_over_an_existing_checkpoint_replaces_it(tiny_model, tmp_path):
     tiny_model.save(tmp_path / "final")
     with torch.no_grad():
-        tiny_model.mm_projector.fc2.bias.fill_(0.5)
+        tiny_model.mm_projector.layers[4].bias.fill_(0.5)
     tiny_model.save(tmp_path / "final")
-    assert M.VideoLM.load(tmp_path / "final").mm_projector.fc2.bias[0].item() == 0.5
+    assert M.VideoLM.load(tmp_path / "final").mm_projector.layers[4].bias[0].item() == 0.5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
 
 

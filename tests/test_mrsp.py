@@ -20,11 +20,12 @@ def example_frames(n: int) -> np.ndarray:
 
 
 def example_batch(model: M.VideoLM) -> M.SequenceBatch:
-    """Two sequences of different lengths (65 and 51 positions) after a 7-frame video prompt each."""
+    """Two sequences of different lengths (97 and 80 positions: neither sp=2 nor sp=3 divides 97) after a
+    7-frame video prompt each."""
     with torch.no_grad():
         video_embeds = model.encode_video(example_frames(7))
     before = "Watch the video.\n"
-    prompts = [model.prompt_embeds(before, video_embeds, "\nQuestion: How many scenes are red?"),
+    prompts = [model.prompt_embeds(before, video_embeds, "Question: How many scenes are red?"),
                model.prompt_embeds(before, video_embeds, "\nWhich colour comes first?")]
     responses = [model.encode_text("<think>Scene 1 is red. Scene 2 is blue.</think><answer>A</answer>"),
                  model.encode_text("<answer>B</answer>")]
@@ -312,7 +313,7 @@ def test_cache_key_uses_sampling_key_and_vision_weights(frozen_model, video):
     assert cache.key(video, Sampling()) == cache.key(video, "n7-max8192")
     cached(cache, video)
     with torch.no_grad():
-        frozen_model.mm_projector.fc2.bias.add_(1.0)  # the projector changed (e.g. it trained)
+        frozen_model.mm_projector.layers[-1].bias.add_(1.0)  # the projector changed (e.g. it trained)
     cache.clear()
     cached(cache, video)
     assert cache.vision_runs == 2

@@ -41,8 +41,14 @@ def shard_model(model: M.VideoLM, ps: mrsp.ParallelState):
 
     FSDP2 gathers a module's weights in the hooks of its `forward`. VideoLM calls its parts directly
     (the vision tower, the token embedding, each decoder layer, the final norm, the LM head), so each of
-    those is its own FSDP unit; nothing wraps them all. Frozen parts stay replicated: they need no
-    gradient reduction and every rank loaded the same weights.
+    those is its own FSDP unit; nothing wraps them all. When a unit frees its gathered weights again:
+      - a decoder layer: right after its forward (backward gathers it again), so a pass holds one
+        layer's full weights at a time, not the whole LLM;
+      - the token embedding, the final norm, the LM head (and a trainable vision tower and projector):
+        they run many times in a pass (every piece of every prompt, every chunk of scored positions), so
+        they stay gathered until backward frees them; after a pass without backward, `reshard(model)`.
+    The LLM is always sharded, trainable or not (the frozen reference model too). A frozen vision
+    tower and projector stay replicated: every rank encodes its own share of the frames with them.
     """
     if ps.world_size == 1:
         return model
@@ -55,12 +61,26 @@ def shard_model(model: M.VideoLM, ps: mrsp.ParallelState):
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(ps.device.type, (ps.world_size,))  # shard over every rank, dp and sp alike
     decoder = model.llm.get_decoder()
-    units = [*decoder.layers, decoder.embed_tokens, decoder.norm, model.llm.get_output_embeddings(),
-             model.vision_tower, model.mm_projector]
-    for unit in units:
+    # Each unit is an FSDP root of its own, and a root keeps its weights gathered after forward unless
+    # told otherwise: reshard_after_forward=True must be explicit (honoured for roots since torch 2.8).
+    for layer in decoder.layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    for unit in (decoder.embed_tokens, decoder.norm, model.llm.get_output_embeddings()):
+        fully_shard(unit, mesh=mesh, reshard_after_forward=False)
+    for unit in (model.vision_tower, model.mm_projector):
         if any(p.requires_grad for p in unit.parameters()):
-            fully_shard(unit, mesh=mesh)
+            fully_shard(unit, mesh=mesh, reshard_after_forward=False)
     return model
+
+
+def reshard(model: M.VideoLM):
+    """Free the full weights every FSDP unit of `model` still holds: after a pass without backward
+    (log-probs under no_grad, building prompts), which would otherwise leave the token embedding and
+    the LM head gathered (see `shard_model`). A no-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def full_state_dict(model: M.VideoLM, ps: mrsp.ParallelState) -> dict:

@@ -62,3 +62,67 @@ def test_decoder_layers_are_sharded_after_forward_and_backward(tiny_checkpoint):
         # the embedding and LM head stay gathered through a pass that has no backward, until reshard()
         assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(found["after a no-grad pass"])
         assert found["after reshard"] == []
+
+
+# ---- rl.py --grad-checkpointing ----
+
+def saved_for_backward_bytes(model: M.VideoLM, batch: M.SequenceBatch) -> int:
+    """Bytes of the tensors autograd keeps for backward during one forward (parameters not counted)."""
+    params = {p.data_ptr() for p in model.parameters()}
+    seen = {}
+    def pack(t):
+        if t.data_ptr() not in params:
+            seen[(t.data_ptr(), t.shape)] = t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.token_logprobs(batch)
+    return sum(seen.values())
+
+
+def test_rl_grad_checkpointing_keeps_a_fraction_of_the_activations(tiny_checkpoint):
+    """Before: rl.py loaded the policy in eval mode, where Hugging Face never checkpoints, so the flag did nothing."""
+    import rl
+    ps = mrsp.ParallelState()
+    D = M.VideoLM.load(tiny_checkpoint).llm.config.hidden_size
+    prompts = [torch.randn(300, D, generator=torch.Generator().manual_seed(0))]  # a long prompt: activations dominate
+    saved = {}
+    for flag in (False, True):
+        policy = rl.load_policy(tiny_checkpoint, ps, grad_checkpointing=flag)
+        saved[flag] = saved_for_backward_bytes(policy, policy.build_sequence_batch(prompts, [[5, 6, 7]]))
+    assert saved[True] < saved[False] / 4, saved
+
+
+# ---- the reference model ----
+
+def reference_job(checkpoint: str, sp_size: int, bf16: bool) -> dict:
+    import rl
+    ps = mrsp.init_distributed(sp_size=sp_size)
+    policy = rl.load_policy(checkpoint, ps)
+    reference = rl.load_reference(checkpoint, policy, ps, torch.bfloat16 if bf16 else torch.float32)
+    policy_params = {id(p) for p in policy.parameters()}
+    own = [name for name, p in reference.named_parameters() if id(p) not in policy_params]
+    with torch.no_grad(), train.autocast(ps.device, bf16):
+        logprobs = train.sequence_logprobs(reference, scored_batch(reference), ps)
+    train.reshard(reference)
+    return {"shares_vision": reference.vision_tower is policy.vision_tower
+                             and reference.mm_projector is policy.mm_projector,
+            "own": own, "llm": [f"llm.{name}" for name, _ in reference.llm.named_parameters()],
+            "gathered": gathered(reference.llm), "dtypes": {p.dtype for p in reference.llm.parameters()},
+            "requires_grad": any(p.requires_grad for p in reference.parameters()),
+            "logprobs": logprobs, "mask": scored_batch(reference).loss_mask}
+
+
+def test_reference_is_the_initial_llm_alone_sharded_in_the_compute_dtype(tiny_checkpoint):
+    """Before: the reference was a second whole VideoLM (vision tower included) in fp32, unsharded on
+    every rank. Its log-probs are those of the old, whole reference."""
+    old = M.VideoLM.load(tiny_checkpoint).eval()
+    with torch.no_grad():
+        expected = old.token_logprobs(scored_batch(old))
+    one = reference_job(str(tiny_checkpoint), 1, False)
+    assert one["shares_vision"] and one["own"] == one["llm"] and not one["requires_grad"]
+    assert torch.equal(one["logprobs"], expected)
+    for rank in run_ranks(reference_job, 2, str(tiny_checkpoint), 2, True, timeout=120):
+        assert rank["shares_vision"] and rank["own"] == rank["llm"] and not rank["requires_grad"]
+        assert rank["gathered"] == [] and rank["dtypes"] == {torch.bfloat16}
+        mask = rank["mask"]
+        torch.testing.assert_close(rank["logprobs"][mask], expected[mask], atol=0.1, rtol=0)  # bf16, sp=2

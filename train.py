@@ -173,40 +173,54 @@ def set_rng_state(state: dict):
 
 
 def save_checkpoint(out_dir, step: int, model, optimizer, ps: mrsp.ParallelState, extra: dict | None = None):
-    """OUT/checkpoint-STEP: the model in the release layout plus trainer_state.pt (optimizer, step, the
-    RNG state of every rank). Written to a temporary folder and renamed (collective: all ranks call)."""
+    """OUT/checkpoint-STEP (collective: all ranks call):
+
+        config.json, llm/, vision_tower/, mm_projector/   the model in the release layout (full weights, rank 0)
+        optimizer/            the optimizer state in shards: each rank writes the part it holds
+                              (torch.distributed.checkpoint: __RANK_0.distcp files and a .metadata index)
+        trainer_state.pt      step, the RNG state of every rank, `extra`
+
+    Under FSDP no rank ever holds the whole optimizer state (AdamW's is twice the fp32 model: ~56 GB at
+    7B). Everything is written into a temporary folder, renamed once every rank has finished: a killed
+    run leaves no half checkpoint behind.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     weights = full_state_dict(model, ps)
-    optim_state = optimizer_state(model, optimizer, ps)
-    rngs = [None] * ps.world_size
+    rngs = [rng_state()]
     if ps.world_size > 1:
+        rngs = [None] * ps.world_size
         dist.all_gather_object(rngs, rng_state())
-    else:
-        rngs = [rng_state()]
-    if ps.rank == 0:
-        with M.atomic_directory(Path(out_dir) / f"checkpoint-{step}") as tmp:
+    with M.atomic_directory(Path(out_dir) / f"checkpoint-{step}") if ps.rank == 0 else nullcontext() as tmp:
+        tmp = Path(broadcast_from_rank0(str(tmp) if ps.rank == 0 else None, ps))
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp / "optimizer")
+        if ps.rank == 0:
             model.write(tmp, weights)
-            torch.save({"step": step, "optimizer": optim_state, "rng": rngs, "extra": extra or {}},
-                       tmp / "trainer_state.pt")
+            torch.save({"step": step, "rng": rngs, "extra": extra or {}}, tmp / "trainer_state.pt")
+        if ps.world_size > 1:
+            dist.barrier()  # every rank's shard is written before rank 0 renames the folder
     if ps.world_size > 1:
         dist.barrier()
 
 
-def optimizer_state(model, optimizer, ps):
+def broadcast_from_rank0(value, ps: mrsp.ParallelState):
+    """Rank 0's `value` (any picklable object) on every rank."""
     if ps.world_size == 1:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def load_trainer_state(path, model, optimizer, ps) -> dict:
-    """Restore the optimizer and this rank's RNG from checkpoint `path`; returns the saved state."""
+    """Restore the optimizer (each rank reads back the shards it holds) and this rank's RNG from
+    checkpoint `path`; returns trainer_state.pt (step, rng, extra). Collective under FSDP."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     state = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
-    if ps.world_size == 1:
-        optimizer.load_state_dict(state["optimizer"])
-    else:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    optim = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the layout to read into
+    dcp.load(optim, checkpoint_id=Path(path) / "optimizer")
+    set_optimizer_state_dict(model, optimizer, optim["optimizer"])
     set_rng_state(state["rng"][ps.rank])
     return state
 

@@ -126,3 +126,47 @@ def test_reference_is_the_initial_llm_alone_sharded_in_the_compute_dtype(tiny_ch
         assert rank["gathered"] == [] and rank["dtypes"] == {torch.bfloat16}
         mask = rank["mask"]
         torch.testing.assert_close(rank["logprobs"][mask], expected[mask], atol=0.1, rtol=0)  # bf16, sp=2
+
+
+# ---- checkpoints: the optimizer state in per-rank shards ----
+
+def checkpoint_job(checkpoint: str, out: str) -> dict:
+    """Train 3 steps, checkpointing after the first; then resume from it and train steps 2 and 3 again."""
+    from pathlib import Path
+    ps = mrsp.init_distributed(sp_size=1)
+
+    def start(path):
+        model = M.VideoLM.load(path).train()
+        model.freeze_vision()
+        train.shard_model(model, ps)
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def step(model, optimizer, seed):
+        loss = -train.sequence_logprobs(model, scored_batch(model, seed), ps).sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    model, optimizer = start(checkpoint)
+    step(model, optimizer, seed=0)
+    train.save_checkpoint(out, 1, model, optimizer, ps)
+    whole = [step(model, optimizer, seed) for seed in (1, 2)]
+    model, optimizer = start(Path(out) / "checkpoint-1")
+    assert train.load_trainer_state(Path(out) / "checkpoint-1", model, optimizer, ps)["step"] == 1
+    resumed = [step(model, optimizer, seed) for seed in (1, 2)]
+    shard = Path(out) / "checkpoint-1" / "optimizer" / f"__{ps.rank}_0.distcp"
+    return {"whole": whole, "resumed": resumed, "shard_bytes": shard.stat().st_size,
+            "adamw_bytes": sum(2 * 4 * p.numel() for p in model.llm.parameters()),  # exp_avg, exp_avg_sq in fp32
+            "files": sorted(f.name for f in (Path(out) / "checkpoint-1").iterdir())}
+
+
+def test_checkpoint_optimizer_state_is_written_in_per_rank_shards_and_resumes(tiny_checkpoint, tmp_path):
+    """Before: rank 0 gathered the whole AdamW state into trainer_state.pt, and every rank read all of it back."""
+    ranks = run_ranks(checkpoint_job, 2, str(tiny_checkpoint), str(tmp_path), timeout=180)
+    for rank in ranks:
+        assert 0.45 < rank["shard_bytes"] / rank["adamw_bytes"] < 0.55, rank
+        assert rank["resumed"] == rank["whole"]
+    assert ranks[0]["files"] == ["config.json", "llm", "mm_projector", "optimizer", "trainer_state.pt", "vision_tower"]
+    assert train.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
+    assert (tmp_path / "checkpoint-1" / "trainer_state.pt").stat().st_size < 0.01 * ranks[0]["adamw_bytes"]

@@ -168,12 +168,14 @@ def lap(since: float, device: torch.device) -> tuple[float, float]:
 
 
 def sync_engine(engine, model, ps):
-    """Push the trainer's current LLM weights into the engine (collective: every rank gathers; only the
-    ranks that own an engine keep the full tensors)."""
-    weights = train.gather_llm_weights(model, keep=engine is not None)
-    if engine is not None:
-        engine.wake_up()
-        engine.sync_weights(weights)
+    """Stream the trainer's current LLM weights into the engine, one full tensor at a time in the
+    engine's dtype (collective: every rank gathers each tensor; a rank without an engine drops it)."""
+    weights = train.llm_weights(model, dtype=engine.dtype if engine is not None else None)
+    if engine is None:
+        for _ in weights:
+            pass
+    else:
+        engine.sync_weights(weights)  # a sleeping vLLM engine wakes its weights' memory only, then its KV cache
 
 
 # ---- the models of a run ----

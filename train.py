@@ -3,7 +3,7 @@
 What is here, in the order a training script uses it:
   - run set-up: process groups and the (dp x sp) layout (`start_run`), a seed per rank, the output folder
   - FSDP2: sharding the model over every rank (`shard_model`), gathering full weights for a checkpoint
-    or for the rollout engine (`full_state_dict`, `gather_llm_weights`)
+    or for the rollout engine (`full_state_dict`, `llm_weights`)
   - the prompts of a batch: frames decoded, the video encoded once through the MR-SP embedding cache,
     text spliced around it (`VideoPrompts`), and sequence-parallel log-probs (`sequence_logprobs`)
   - checkpoints and resume (`save_checkpoint`, `latest_checkpoint`, `load_trainer_state`)
@@ -19,6 +19,7 @@ import logging
 import math
 import random
 import re
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -92,20 +93,20 @@ def full_state_dict(model: M.VideoLM, ps: mrsp.ParallelState) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def gather_llm_weights(model: M.VideoLM, keep: bool) -> list[tuple[str, torch.Tensor]]:
-    """The LLM's full weights (Hugging Face names), gathered one tensor at a time: what a rollout engine
-    needs after each update. Collective under FSDP: every rank calls, and the tensors are gathered in
-    the same order everywhere. A rank with `keep` returns them (on the CPU when sharded, so the GPU
-    never holds more than one unsharded tensor beside its shard); the others drop each one at once."""
-    weights = []
+def llm_weights(model: M.VideoLM, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The LLM's full weights (Hugging Face names) in `dtype`, one tensor at a time: what a rollout
+    engine needs after each update, streamed into it (`engine.sync_weights(llm_weights(model, dtype))`).
+
+    A generator: each tensor is gathered where it lives (an all-gather over the FSDP mesh, GPU to GPU),
+    cast to the engine's dtype, handed on, and dropped before the next one is gathered, so no rank
+    holds more than one full tensor beside its shards and nothing goes through host memory. Collective
+    under FSDP: every rank must run the whole stream, in the same order; a rank without an engine
+    drains it (`for _ in llm_weights(model): pass`). In one process the tensors are the parameters.
+    """
     for name, tensor in model.llm.state_dict().items():
         if isinstance(tensor, DTensor):
-            tensor = tensor.full_tensor()  # an all-gather over the FSDP mesh
-            if keep:
-                tensor = tensor.cpu()
-        if keep:
-            weights.append((name, tensor.detach()))
-    return weights
+            tensor = tensor.full_tensor()
+        yield name, tensor.detach().to(dtype or tensor.dtype)
 
 
 def clip_grad_norm(params, max_norm: float) -> float:

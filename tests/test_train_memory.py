@@ -170,3 +170,49 @@ def test_checkpoint_optimizer_state_is_written_in_per_rank_shards_and_resumes(ti
     assert ranks[0]["files"] == ["config.json", "llm", "mm_projector", "optimizer", "trainer_state.pt", "vision_tower"]
     assert train.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
     assert (tmp_path / "checkpoint-1" / "trainer_state.pt").stat().st_size < 0.01 * ranks[0]["adamw_bytes"]
+
+
+# ---- weight sync: streamed, one full tensor at a time, in the engine's dtype ----
+
+def sync_job(checkpoint: str) -> dict:
+    """SP rank 0 owns a torch engine with an LLM of its own in bf16 (as rl.py builds it under FSDP); the
+    policy takes one update, then rl.sync_engine streams its weights into the engine."""
+    import weakref
+    import rl
+    import rollout
+    ps = mrsp.init_distributed(sp_size=2)
+    policy = rl.load_policy(checkpoint, ps)
+    engine = None
+    if ps.sp_rank == 0:
+        engine = rollout.TorchEngine(rl.with_own_llm(policy, checkpoint, torch.bfloat16, ps.device))
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    (-train.sequence_logprobs(policy, scored_batch(policy), ps).sum()).backward()
+    optimizer.step()
+
+    report = {"alive": [], "dtypes": set()}
+    if engine is not None:
+        def watched(named_tensors):
+            report["kind"] = type(named_tensors).__name__
+            earlier = []
+            for item in named_tensors:
+                report["alive"].append(sum(ref() is not None for ref in earlier))  # still held as this one arrives
+                report["dtypes"].add(item[1].dtype)
+                earlier.append(weakref.ref(item[1]))
+                yield item
+                del item
+        sync = engine.sync_weights
+        engine.sync_weights = lambda named_tensors: sync(watched(named_tensors))
+    rl.sync_engine(engine, policy, ps)
+    trainer = {name: t.clone() for name, t in train.llm_weights(policy, torch.bfloat16)}
+    if engine is not None:
+        report["equal"] = all(torch.equal(t, trainer[name]) for name, t in engine.model.llm.state_dict().items())
+    return report
+
+
+def test_weight_sync_streams_one_full_tensor_at_a_time_in_the_engine_dtype(tiny_checkpoint):
+    """Before: every rank gathered the whole fp32 LLM into a list (in host memory) before handing it over."""
+    engine_rank, other = run_ranks(sync_job, 2, str(tiny_checkpoint), timeout=120)
+    assert engine_rank["kind"] == "generator" and engine_rank["dtypes"] == {torch.bfloat16}
+    assert len(engine_rank["alive"]) > 10 and max(engine_rank["alive"]) == 0  # each freed before the next
+    assert engine_rank["equal"]
+    assert other["alive"] == []

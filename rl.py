@@ -286,8 +286,9 @@ def main(argv=None):
     engine = None
     if ps.sp_rank < engines_per_group:
         separate = args.engine == "torch" and ps.world_size > 1
+        decoding = with_own_llm(policy, start, torch.float32, ps.device) if separate else policy
         engine = rollout.make_engine(
-            args.engine, with_own_llm(policy, start, torch.float32, ps.device) if separate else policy, start / "llm",
+            args.engine, decoding, start / "llm",
             max_model_len=args.max_model_len, seed=args.seed, dtype="bfloat16" if args.bf16 else "float32",
             gpu_memory_utilization=args.gpu_memory_utilization, enable_sleep_mode=args.engine_sleep,
             distributed_executor_backend="external_launcher" if ps.world_size > 1 else None)

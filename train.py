@@ -77,7 +77,8 @@ def shard_model(model: M.VideoLM, ps: mrsp.ParallelState):
 def reshard(model: M.VideoLM):
     """Free the full weights every FSDP unit of `model` still holds: after a pass without backward
     (log-probs under no_grad, building prompts), which would otherwise leave the token embedding and
-    the LM head gathered (see `shard_model`). A no-op without FSDP."""
+    the LM head gathered (see `shard_model`). Also before reading the parameters themselves (to build
+    an optimizer, say): a gathered unit's parameters are its full tensors. A no-op without FSDP."""
     from torch.distributed.fsdp import FSDPModule
     for module in model.modules():
         if isinstance(module, FSDPModule):

@@ -168,12 +168,51 @@ def lap(since: float, device: torch.device) -> tuple[float, float]:
 
 
 def sync_engine(engine, model, ps):
-    """Push the trainer's current LLM weights into the engine (collective: every rank gathers; only the
-    ranks that own an engine keep the full tensors)."""
-    weights = train.gather_llm_weights(model, keep=engine is not None)
-    if engine is not None:
-        engine.wake_up()
-        engine.sync_weights(weights)
+    """Stream the trainer's current LLM weights into the engine, one full tensor at a time in the
+    engine's dtype (collective: every rank gathers each tensor; a rank without an engine drops it)."""
+    weights = train.llm_weights(model, dtype=engine.dtype if engine is not None else None)
+    if engine is None:
+        for _ in weights:
+            pass
+    else:
+        engine.sync_weights(weights)  # a sleeping vLLM engine wakes its weights' memory only, then its KV cache
+
+
+# ---- the models of a run ----
+
+def load_policy(path, ps: mrsp.ParallelState, grad_checkpointing: bool = False) -> M.VideoLM:
+    """The policy, ready to train: its LLM in training mode (Hugging Face checkpoints activations only
+    in training mode; Qwen2 has no dropout, and the torch engine decodes in eval mode by itself), the
+    vision tower and projector frozen (LongVILA-R1), Ulysses attention over the SP group, FSDP2 shards."""
+    policy = M.VideoLM.load(path, device=ps.device)
+    policy.freeze_vision()
+    policy.llm.train()
+    if grad_checkpointing:
+        policy.llm.gradient_checkpointing_enable()
+    if ps.sp_size > 1:
+        mrsp.enable_ulysses(policy, ps.sp_group)
+    return train.shard_model(policy, ps)
+
+
+def with_own_llm(policy: M.VideoLM, path, dtype: torch.dtype, device) -> M.VideoLM:
+    """A VideoLM with the LLM of checkpoint `path` (in `dtype`, on `device`) and the policy's own
+    frozen vision tower and projector: a second model for what only needs a second LLM. The vision
+    weights of `path` are read on the CPU and dropped (in RL they equal the policy's: they never train)."""
+    loaded = M.VideoLM.load(path, dtype=dtype)
+    return M.VideoLM(loaded.config, policy.vision_tower, policy.mm_projector, loaded.llm.to(device),
+                     loaded.tokenizer)
+
+
+def load_reference(path, policy: M.VideoLM, ps: mrsp.ParallelState, dtype: torch.dtype) -> M.VideoLM:
+    """The reference model of the KL term: the LLM of checkpoint `path` (the initial policy), frozen,
+    in the compute dtype (bf16 under --bf16: it only runs forward, under autocast), sharded with FSDP2
+    like the policy's. It owns no vision weights: prompts reuse the policy's cached video embeddings."""
+    reference = with_own_llm(policy, path, dtype, ps.device)
+    reference.llm.requires_grad_(False)
+    reference.llm.eval()
+    if ps.sp_size > 1:
+        mrsp.enable_ulysses(reference, ps.sp_group)
+    return train.shard_model(reference, ps)
 
 
 # ---- main ----
@@ -231,19 +270,9 @@ def main(argv=None):
     start = Path(resume_from or args.init)
 
     # ---- policy, reference, optimizer, engine ----
-    policy = M.VideoLM.load(start, device=ps.device)
-    policy.freeze_vision()
-    if args.grad_checkpointing:
-        policy.llm.gradient_checkpointing_enable()
-    reference = None
-    if args.kl_coef > 0:
-        reference = M.VideoLM.load(args.init, device=ps.device).eval()  # the reference stays the initial policy
-        reference.requires_grad_(False)
-    if ps.sp_size > 1:
-        for m in (policy, reference):
-            if m is not None:
-                mrsp.enable_ulysses(m, ps.sp_group)
-    train.shard_model(policy, ps)
+    policy = load_policy(start, ps, grad_checkpointing=args.grad_checkpointing)
+    compute_dtype = torch.bfloat16 if args.bf16 else torch.float32
+    reference = load_reference(args.init, policy, ps, compute_dtype) if args.kl_coef > 0 else None
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start_step = train.load_trainer_state(resume_from, policy, optimizer, ps)["step"] if resume_from else 0
@@ -252,13 +281,14 @@ def main(argv=None):
     # from it, a collective step, so every rank must build one anyway; vLLM's executor for engines started
     # by an external launcher such as torchrun puts each on its rank's GPU, where the default executor
     # would put them all on GPU 0.) The torch engine runs on SP rank 0 only: under FSDP the policy's
-    # weights are sharded, so it decodes with an unsharded copy of its own, kept current by sync_engine.
+    # weights are sharded, so it decodes with an unsharded copy of the LLM, kept current by sync_engine.
     engines_per_group = ps.sp_size if args.engine == "vllm" else 1
     engine = None
     if ps.sp_rank < engines_per_group:
         separate = args.engine == "torch" and ps.world_size > 1
+        decoding = with_own_llm(policy, start, torch.float32, ps.device) if separate else policy
         engine = rollout.make_engine(
-            args.engine, M.VideoLM.load(start, device=ps.device) if separate else policy, start / "llm",
+            args.engine, decoding, start / "llm",
             max_model_len=args.max_model_len, seed=args.seed, dtype="bfloat16" if args.bf16 else "float32",
             gpu_memory_utilization=args.gpu_memory_utilization, enable_sleep_mode=args.engine_sleep,
             distributed_executor_backend="external_launcher" if ps.world_size > 1 else None)
@@ -287,6 +317,7 @@ def main(argv=None):
         timing["time_encode"], tick = lap(tick, ps.device)
 
         # ---- 3. rollout: G responses per prompt, one prefill each; the SP group's engines share the prompts ----
+        train.reshard(policy)  # the token embedding, gathered to build the prompts, goes back to its shards
         groups = []
         share = rollout_share(len(prompts), ps, engines_per_group)
         if len(share):
@@ -319,6 +350,8 @@ def main(argv=None):
                 gap = max(gap, engine_gap(lp, mask, micro))
                 if reference is not None:
                     ref_lp.append(batch_logprobs(reference, reference_prompt, micro, ps, args.temperature)[0])
+        if reference is not None:
+            train.reshard(reference)  # it has no backward to free its embedding and LM head
         timing["time_logprobs"], tick = lap(tick, ps.device)
 
         # ---- 6b. policy update: clipped ratio + k3 KL, sequences sharded over SP ----

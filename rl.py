@@ -45,7 +45,16 @@ def format_reward(response: str) -> float:
 
 
 def accuracy_reward(record: data.Record, response: str) -> float:
-    """1.0 when the answer matches the ground truth (option letter, number within tolerance, or exact text)."""
+    """1.0 when the answer inside the last complete <answer>...</answer> matches the ground truth (option
+    letter, number within tolerance, or exact text). Only the tagged answer counts, as in the release: an
+    untagged "The answer is B" scores 0 here, though eval.py's lenient reading accepts it, since paying
+    for an answer outside the tags would teach the policy to drop the format.
+
+    Example: accuracy_reward(record, "<think>.</think><answer>B</answer>") == 1.0 and
+    accuracy_reward(record, "The answer is B") == 0.0 when record.answer == "B".
+    """
+    if evaluation.extract_answer(response) is None:
+        return 0.0
     return 1.0 if evaluation.score_answer(record, response)[0] else 0.0
 
 
@@ -57,21 +66,27 @@ def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: floa
         A_ij = (r_ij - mean_j r_ij) / (std_j r_ij + eps)      (scale_by_std=False: r_ij - mean_j r_ij, Dr. GRPO)
 
     std is the unbiased sample std. A group whose rewards are all equal gets A = 0: it carries no signal.
-    Example: [[1, 0, 0, 1]] -> [[0.866, -0.866, -0.866, 0.866]].
+    So does a group of one (G = 1), whose unbiased std would be 0/0 = NaN.
+    Example: [[1, 0, 0, 1]] -> [[0.866, -0.866, -0.866, 0.866]]; [[1]] -> [[0]].
     """
     centred = rewards - rewards.mean(dim=1, keepdim=True)
     if not scale_by_std:
         return centred
-    return centred / (rewards.std(dim=1, keepdim=True) + eps)
+    std = rewards.std(dim=1, keepdim=True, correction=1 if rewards.shape[1] > 1 else 0)
+    return centred / (std + eps)
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(policy || reference) from samples of the policy:
 
         k3 = exp(ref - logp) - (ref - logp) - 1   >= 0, unbiased, low variance (Schulman, "Approximating KL").
+
+    Clamped as verl does: the log-ratio to [-20, 20] before the exp, and k3 to at most 10. A token the
+    two models disagree on wildly (a log-prob gap past ~88 overflows exp, in bf16 as in fp32) then adds a
+    bounded loss and a zero gradient, instead of inf, whose backward is inf * 0 = NaN.
     """
-    log_ratio = ref_logprobs - logprobs
-    return torch.exp(log_ratio) - log_ratio - 1
+    log_ratio = (ref_logprobs - logprobs).clamp(-20, 20)
+    return (torch.exp(log_ratio) - log_ratio - 1).clamp(max=10)
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -96,13 +111,15 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_hig
                 loss_agg="token-mean"):
     """Clipped-ratio policy-gradient loss with separate low/high clip and dual clip.   all inputs [B, S]
 
-        r = exp(logp - logp_old)
+        r = exp(clamp(logp - logp_old, -20, 20))
         l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))
         l = min(l, -A dual_clip)   where A < 0   (bounds the loss when a bad action became very likely)
 
+    The log-ratio is clamped to [-20, 20] before the exp, as verl does: unclamped, a gap past ~88 makes
+    r = inf, and even where the clip discards that branch its backward is inf * 0 = NaN.
     Returns (loss, clip_fraction): the share of response tokens where clipping changed the loss.
     """
-    ratio = torch.exp(logprobs - old_logprobs)
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-20, 20))
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
     per_token = torch.maximum(unclipped, clipped)

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import eval as evaluation
 import rl
 import train
 
@@ -76,6 +77,28 @@ def test_policy_gradient_pushes_up_positive_advantages():
     assert logp.grad[0, 0] < 0 < logp.grad[0, 1]  # descent raises the good token, lowers the bad one
 
 
+def test_a_group_of_one_gets_zero_advantage_not_nan():
+    one = rl.group_advantages(torch.tensor([[1.0], [0.0]]))  # --group-size 1: no group to compare against
+    assert torch.equal(one, torch.zeros(2, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_huge_logprob_gaps_give_a_finite_loss_and_finite_gradients(dtype):
+    """Gaps of +-1000 nats between new, old and reference log-probs overflow exp unclamped (inf, and
+    inf * 0 = NaN in backward). Clamped as verl does, the loss and every gradient stay finite."""
+    logp = torch.tensor([[0.0, -1000.0, 0.0, -1000.0]], dtype=dtype, requires_grad=True)
+    old = torch.tensor([[-1000.0, 0.0, -1000.0, 0.0]], dtype=dtype)
+    ref = torch.tensor([[-1000.0, 0.0, 0.0, -1000.0]], dtype=dtype)
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]], dtype=dtype)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    pg, _ = rl.policy_loss(logp, old, adv, mask)
+    kl = rl.aggregate(rl.kl_k3(logp, ref), mask, "token-mean")
+    loss = pg + 0.01 * kl
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all(), (loss, logp.grad)
+    assert rl.kl_k3(logp, ref).max() <= 10
+
+
 # ---- rewards on hostile outputs ----
 
 def mc_record(answer="B"):
@@ -91,7 +114,7 @@ def mc_record(answer="B"):
     ("<think>x</think><answer>B</answer><answer>C</answer>", 0, 0),  # two answers: the last counts, format broken
     ("<think>x</think><answer>A, B</answer>", 1, 0),               # several options named
     ("<think><think>x</think></think><answer>B</answer>", 0, 1),   # nested tags
-    ("<think>x</think><answer>B", 0, 1),                           # unclosed answer: read as plain text
+    ("<think>x</think><answer>B", 0, 0),                           # unclosed answer: no tagged answer, no reward
     ("", 0, 0),
     ("<think>" + "blue " * 5000 + "</think>", 0, 0),               # maximal length, never answers
     ("<think>x</think><answer></answer>", 0, 0),
@@ -107,6 +130,15 @@ def test_numerical_and_free_form_accuracy():
     assert rl.accuracy_reward(num, "<think>.</think><answer>4</answer>") == 0
     free = data.Record("f", "v.mp4", "Colour?", [], "free_form", "", "dark blue")
     assert rl.accuracy_reward(free, "<think>.</think><answer>Dark  Blue</answer>") == 1
+
+
+def test_accuracy_reward_reads_only_the_tagged_answer_while_eval_stays_lenient():
+    """Paying for an untagged answer would teach the policy to drop the format; eval still reads it."""
+    untagged = "<think>blue scenes</think>The answer is B"
+    assert rl.accuracy_reward(mc_record("B"), untagged) == 0
+    assert rl.accuracy_reward(mc_record("B"), "The answer is B") == 0
+    assert evaluation.score_answer(mc_record("B"), untagged) == (True, "B")
+    assert evaluation.score_answer(mc_record("B"), "The answer is B") == (True, "B")
 
 
 # ---- real runs on an easy task ----

@@ -230,7 +230,7 @@ def cmd_step(args):
                              "--nproc-per-node", sp_size, "rl.py"], ["--sp-size", sp_size])}
     common = ["--init", init, "--data", records_file, "--engine", "torch", "--steps", args.steps, "--save-every", 0,
               "--batch-size", args.batch_size, "--group-size", args.group_size,
-              "--max-new-tokens", args.max_new_tokens, "--seed", args.seed]
+              "--max-new-tokens", args.max_new_tokens, "--seed", args.seed, "--micro-batch-size", 16]
     results = {}  # (frames, config) -> rows of steps 2..N
     for frames in args.frames:
         for config in configs:

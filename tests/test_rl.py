@@ -144,7 +144,7 @@ def test_accuracy_reward_reads_only_the_tagged_answer_while_eval_stays_lenient()
 # ---- real runs on an easy task ----
 
 RL_ARGS = ["--num-frames", "8", "--batch-size", "4", "--group-size", "4", "--max-new-tokens", "64",
-           "--engine", "torch", "--lr", "1e-3", "--kl-coef", "0.01"]
+           "--engine", "torch", "--lr", "1e-3", "--kl-coef", "0.01", "--micro-batch-size", "16"]
 
 
 def rows_of(out):
@@ -161,6 +161,8 @@ def test_short_rl_run_raises_reward_on_easy_task(easy_task, tmp_path):
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
     assert mean(last, "reward") > mean(first, "reward") + 0.25, [round(r["reward"], 3) for r in rows]
     assert sum(r["vision_runs"] for r in rows) == 12  # each of the 12 training videos encoded once, then cached
+    assert rows[-1]["embed_cache_misses"] == rows[-1]["embed_cache_entries"] == 12 < rows[-1]["embed_cache_hits"]
+    assert rows[-1]["embed_cache_bytes"] > 0
     assert (tmp_path / "final" / "llm" / "model.safetensors").exists() and (tmp_path / "rl_curves.png").exists()
 
 
@@ -179,8 +181,10 @@ def test_killed_run_resumes_to_the_same_metrics(easy_task, tmp_path):
     assert not (tmp_path / "killed" / "final").exists()
     rl.main(args + ["--out", str(tmp_path / "killed"), "--resume"])
 
-    # timings differ, and so do vision-tower runs: the resumed process starts with a cold embedding cache
-    volatile = lambda r: {k: v for k, v in r.items() if not k.startswith("time_") and k != "vision_runs"}
+    # timings differ, and so do vision-tower runs and the cache's counts: the resumed process starts with a
+    # cold embedding cache
+    volatile = lambda r: {k: v for k, v in r.items()
+                          if not k.startswith(("time_", "embed_cache_")) and k != "vision_runs"}
     whole, resumed = rows_of(tmp_path / "whole"), rows_of(tmp_path / "killed")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for a, b in zip(whole, resumed):
@@ -251,6 +255,30 @@ def test_two_mini_batches_make_the_ratio_clip_bite(easy_task, tmp_path):
     rl.main(base + ["--out", str(tmp_path / "two"), "--mini-batches", "2", "--micro-batch-size", "8"])
     assert rows_of(tmp_path / "one")[0]["clip_frac"] == 0
     assert rows_of(tmp_path / "two")[0]["clip_frac"] > 0
+
+
+def test_engine_length_is_checked_or_derived_at_start_up(tiny_model):
+    """The longest prompt of the first records + --max-new-tokens must fit the engine; without
+    --max-model-len that sum (plus slack for later, longer text) is the engine's length."""
+    records = [mc_record(), data.Record("q2", "v.mp4", "How many red scenes are there, in all?", [], "numerical", "", "2")]
+    sampling = data.FrameSampling(num_frames=256)  # the paper's 7B setting; no video is opened to count them
+    sep = len(tiny_model.encode_text(tiny_model.config.frame_separator))
+    lengths = [frames * (tiny_model.config.tokens_per_frame + sep) + text
+               for frames, text in (rl.prompt_positions(tiny_model, r, sampling) for r in records)]
+    needed = max(lengths) + 64
+    assert min(lengths) > 256 * 5
+    args = lambda *flag: rl.parse_args(["--init", "i", "--data", "d.jsonl", "--out", "o", "--max-new-tokens", "64", *flag])
+    assert rl.engine_max_model_len(tiny_model, records, sampling, args()) == needed + rl.TEXT_SLACK
+    assert rl.engine_max_model_len(tiny_model, records, sampling, args("--max-model-len", str(needed))) == needed
+    with pytest.raises(ValueError, match=f"needs --max-model-len of at least {needed}, got {needed - 1}"):
+        rl.engine_max_model_len(tiny_model, records, sampling, args("--max-model-len", str(needed - 1)))
+
+
+def test_a_prompt_too_long_for_the_engine_is_refused_before_the_first_step(easy_task, tmp_path):
+    with pytest.raises(ValueError, match=r"8 frames x \(4 tokens \+ 1 separator\).*--max-model-len"):
+        rl.main(["--init", str(easy_task["init"]), "--data", str(easy_task["data"]), "--out", str(tmp_path),
+                 "--steps", "1", *RL_ARGS, "--max-model-len", "100"])
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_rollout_share_splits_the_groups_prompts_among_its_engines():

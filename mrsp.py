@@ -447,8 +447,8 @@ class VideoEmbeddingCache:
     (RL). If they train, call `clear()` after every optimizer step: it empties memory and
     re-fingerprints, so old disk entries are never hit.
 
-    Memory. One video of a 7B model at 256 frames is 256 x 257 x 3584 values: 0.9 GB in fp32, 0.47 GB in
-    bf16. So entries are stored in `dtype` (the compute dtype, bf16 under --bf16; None keeps the encoder's
+    Memory. One video of a 7B model at 256 frames is 256 frames x 256 tokens x 3584 values: 0.94 GB in
+    fp32, 0.47 GB in bf16. So entries are stored in `dtype` (the compute dtype, bf16 under --bf16; None keeps the encoder's
     dtype), on `storage` ("cpu": host memory, and `get` copies the entry to the model's device for each
     use; None: the model's device), and the entries held stay within `max_bytes` in all: the least
     recently used go first (None: no bound; 0: nothing in memory, only on disk). `held` maps key to

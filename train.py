@@ -375,7 +375,7 @@ def add_cache_args(ap):
     """The flags of the video-embedding cache (MR-SP stage 1), for a stage whose vision tower is frozen."""
     ap.add_argument("--embed-cache-gb", type=float, default=8.0,
                     help="GiB of video embeddings the cache keeps in memory per rank, least recently used "
-                         "dropped first (a 7B video of 256 frames is ~0.47 GiB in bf16)")
+                         "dropped first (a 7B video of 256 frames is 0.44 GiB in bf16)")
     ap.add_argument("--embed-cache-offload", action=argparse.BooleanOptionalAction, default=True,
                     help="keep cached video embeddings in host memory; each is copied to the GPU when a "
                          "prompt uses it (no effect on a CPU)")

@@ -2,6 +2,7 @@
 
     python bench.py memory                                   # MR-SP stage 2: memory per rank, sp=1 vs sp=2
     python bench.py memory --seq-lens 16384 65536 --sp-sizes 1 2 4 --preset small
+    python bench.py memory --grpo-step                       # one GRPO step per rank, LLM of the 7B's width
     python bench.py engines                                  # rollout throughput: torch vs vLLM engine
     python bench.py step                                     # s per GRPO step: no cache / stage 1 / stages 1+2
     python bench.py step --frames 64 256 --preset small
@@ -24,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.multiprocessing as mp
 
@@ -80,7 +82,10 @@ def _memory_rank(rank: int, sp_size: int, seq_len: int, response_len: int, prese
 
 
 def cmd_memory(args):
-    """Print a markdown table: memory per rank (max over the SP group) for each length and sp size."""
+    """Print a markdown table: memory per rank (max over the SP group) for each length and sp size.
+    With --grpo-step: the per-rank footprint of one whole GRPO step instead (`cmd_grpo_memory`)."""
+    if args.grpo_step:
+        return cmd_grpo_memory(args)
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a CPU measurement: the spawned ranks must not see a GPU
     ctx = mp.get_context("spawn")
     rows = []
@@ -108,6 +113,136 @@ def cmd_memory(args):
     for seq_len, sp_size, saved, peak, seconds in rows:
         ratio = (f"{saved / base[seq_len][0]:.2f}x / {peak / base[seq_len][1]:.2f}x" if seq_len in base else "-")
         print(f"| {seq_len:,} | {sp_size} | {saved:,.0f} | {peak:,.0f} | {ratio} | {seconds:.1f} |")
+
+
+# ---- memory: per-rank footprint of one GRPO step at the 7B's width ----
+
+WIDE_7B = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4)
+
+
+def _wide_videolm(layers: int, vocab_size: int, seed: int) -> M.VideoLM:
+    """A VideoLM whose LLM has the 7B's width (hidden 3584, 28 query / 4 KV heads, MLP 18944, untied head)
+    and `layers` decoder layers, in bf16; a small SigLIP at 448 px with patch 14 gives the 7B's 256 tokens
+    per frame. Random weights: memory does not depend on their values."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, SiglipVisionConfig, SiglipVisionModel
+    torch.manual_seed(seed)
+    tokenizer = M.train_tokenizer([CAPACITY_TEXT_BEFORE, CAPACITY_TEXT_AFTER, "\n"] * 4, vocab_size=300)
+    vision = SiglipVisionModel(SiglipVisionConfig(image_size=448, patch_size=14, hidden_size=64, intermediate_size=128,
+                                                  num_hidden_layers=1, num_attention_heads=2, vision_use_head=False))
+    llm_config = Qwen2Config(vocab_size=vocab_size, num_hidden_layers=layers, tie_word_embeddings=False,
+                             max_position_embeddings=32768, **WIDE_7B)
+    llm = AutoModelForCausalLM.from_config(llm_config, attn_implementation="sdpa", dtype=torch.bfloat16)
+    config = M.VideoLMConfig(448, 14, 64, WIDE_7B["hidden_size"])
+    projector = M.MlpDownsampleProjector(config.vision_hidden, config.llm_hidden)
+    return M.VideoLM(config, vision.to(torch.bfloat16), projector.to(torch.bfloat16), llm, tokenizer)
+
+
+def _local_bytes(tensors) -> int:
+    """Bytes this rank holds of `tensors` (a DTensor counts its local shard only)."""
+    from torch.distributed.tensor import DTensor
+    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors if torch.is_tensor(t))
+
+
+def _grpo_memory_rank(rank: int, world_size: int, settings: dict, port: int, video: str, results):
+    """One rank of one GRPO update, as rl.py's steps 2 and 6 run it: the video encoded through the embedding
+    cache (bf16), old-policy and reference log-probs, then the clipped loss + k3 KL, backward, clip, AdamW.
+    Policy sharded with FSDP2 (train.shard_model) over all ranks, one SP group of all ranks (Ulysses),
+    bf16 weights, bf16 autocast. Reports bytes held per rank and the process's peak RSS (VmHWM)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import data
+    import rl
+    import rollout
+    import train
+    ps = mrsp.init_distributed(sp_size=world_size)
+    start = time.perf_counter()
+    # ---- policy, reference, optimizer, cache: as rl.py's set-up makes them ----
+    policy = _wide_videolm(settings["layers"], settings["vocab_size"], seed=0).to(ps.device)
+    policy.freeze_vision()
+    reference = _wide_videolm(settings["layers"], settings["vocab_size"], seed=0).to(ps.device).eval()
+    reference.requires_grad_(False)
+    if ps.sp_size > 1:
+        for m in (policy, reference):
+            mrsp.enable_ulysses(m, ps.sp_group)
+    train.shard_model(policy, ps)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=1e-2)
+    cache = mrsp.VideoEmbeddingCache(policy, sp_group=ps.sp_group, dtype=torch.bfloat16)
+    if ps.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ps.device)
+
+    # ---- 2. encode (through the cache), the group's episodes ----
+    frames = np.random.default_rng(0).integers(0, 256, (settings["frames"], 448, 448, 3), dtype=np.uint8)
+    record = data.Record("bench", video, "What happens?", [], "free_form", "", "x")
+    with torch.no_grad():
+        video_embeds = cache.get(video, f"n{settings['frames']}", frames_fn=lambda: frames,
+                                 encode_fn=lambda f: mrsp.stage1_encode(policy, f, ps.sp_group))
+        prompt = policy.prompt_embeds(CAPACITY_TEXT_BEFORE, video_embeds, CAPACITY_TEXT_AFTER)   # [L, D]
+    generator = torch.Generator().manual_seed(0)
+    episodes = [rl.Episode(record, rollout.Sample(torch.randint(3, 300, (settings["response_len"],), generator=generator
+                                                                ).tolist(), [0.0] * settings["response_len"], "length", ""),
+                           reward=float(i % 2), accuracy=0.0, format=0.0, advantage=1.0 if i % 2 else -1.0)
+                for i in range(settings["group_size"])]
+    prompt_fn = lambda record: prompt
+
+    # ---- 6a. old-policy and reference log-probs; 6b. the update ----
+    with torch.no_grad(), train.autocast(ps.device, True):
+        old_lp, mask = rl.batch_logprobs(policy, prompt_fn, episodes, ps, 1.0)
+        ref_lp = rl.batch_logprobs(reference, prompt_fn, episodes, ps, 1.0)[0]
+    with train.autocast(ps.device, True):
+        lp, mask = rl.batch_logprobs(policy, prompt_fn, episodes, ps, 1.0)
+        adv = torch.tensor([e.advantage for e in episodes], device=lp.device)[:, None].expand_as(lp)
+        loss = rl.policy_loss(lp, old_lp, adv, mask)[0] + 0.01 * rl.aggregate(rl.kl_k3(lp, ref_lp), mask, "token-mean")
+    (loss * ps.sp_size).backward()
+    grad_bytes = _local_bytes([p.grad for p in params if p.grad is not None])
+    train.clip_grad_norm(params, 1.0)
+    optimizer.step()
+    optim_bytes = _local_bytes([v for state in optimizer.state.values() for v in state.values()])
+    optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - start
+    peak_rss = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) * 1024
+    cuda_peak = torch.cuda.max_memory_allocated(ps.device) if ps.device.type == "cuda" else None
+    results.put(dict(rank=rank, positions=len(prompt) + settings["response_len"],
+                     params=_local_bytes(policy.parameters()), grads=grad_bytes, optimizer=optim_bytes,
+                     reference=_local_bytes([*reference.parameters(), *reference.buffers()]),
+                     cache=cache.bytes, peak_rss=peak_rss, cuda_peak=cuda_peak, seconds=seconds))
+    train.shutdown(ps)
+
+
+def cmd_grpo_memory(args):
+    """Print a markdown table: per rank, the bytes of one GRPO step's state and its peak memory, for
+    each process count (all ranks one SP group, the policy FSDP2-sharded over them)."""
+    settings = dict(layers=args.layers, vocab_size=args.vocab_size, frames=args.frames,
+                    group_size=args.group_size, response_len=args.response_len)
+    ctx = mp.get_context("spawn")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        video = Path(tmp) / "video.mp4"  # the cache keys on the file's path, size and mtime; nothing decodes it
+        video.write_bytes(b"frames come from a random array")
+        for ranks in args.ranks:
+            results = ctx.SimpleQueue()
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            mp.start_processes(_grpo_memory_rank, nprocs=ranks, start_method="spawn",
+                               args=(ranks, settings, port, str(video), results))
+            rows += sorted((dict(results.get(), ranks=ranks) for _ in range(ranks)), key=lambda r: r["rank"])
+            print(f"# {ranks} rank(s) done", flush=True)
+    mib = lambda b: "-" if b is None else f"{b / 2**20:,.0f}"
+    print(f"\ncommand: `{_command_line()}`\ndevice: {_device_name()}\n"
+          f"One GRPO update (encode through the cache, old + reference log-probs, loss, backward, clip, AdamW) "
+          f"of one group of {args.group_size} responses x {args.response_len} tokens on a {args.frames}-frame video "
+          f"({rows[0]['positions']:,} positions per sequence); LLM of the 7B's width with {args.layers} layer(s), "
+          f"vocabulary {args.vocab_size:,}, bf16 weights and autocast; all ranks one SP group, policy FSDP2-sharded. "
+          f"MiB per rank:\n")
+    print("| ranks | rank | params | grads | optimizer state | params + grads + optimizer | reference | cache "
+          "| peak RSS | CUDA peak | seconds |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['ranks']} | {r['rank']} | {mib(r['params'])} | {mib(r['grads'])} | {mib(r['optimizer'])} | "
+              f"{mib(r['params'] + r['grads'] + r['optimizer'])} | {mib(r['reference'])} | {mib(r['cache'])} | "
+              f"{mib(r['peak_rss'])} | {mib(r['cuda_peak'])} | {r['seconds']:.0f} |")
 
 
 # ---- engines: rollout throughput of the torch and vLLM engines ----
@@ -231,7 +366,7 @@ def cmd_step(args):
                              "--nproc-per-node", sp_size, "rl.py"], ["--sp-size", sp_size])}
     common = ["--init", init, "--data", records_file, "--engine", "torch", "--steps", args.steps, "--save-every", 0,
               "--batch-size", args.batch_size, "--group-size", args.group_size,
-              "--max-new-tokens", args.max_new_tokens, "--seed", args.seed]
+              "--max-new-tokens", args.max_new_tokens, "--seed", args.seed, "--micro-batch-size", 16]
     results = {}  # (frames, config) -> rows of steps 2..N
     for frames in args.frames:
         for config in configs:
@@ -671,8 +806,18 @@ def main():
                             help="peak memory per rank of MR-SP stage 2 (forward + backward) on the CPU")
     memory.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 32768], help="sequence lengths (tokens)")
     memory.add_argument("--sp-sizes", type=int, nargs="+", default=[1, 2], help="sequence-parallel sizes")
-    memory.add_argument("--response-len", type=int, default=512, help="scored tokens at the end of the sequence")
+    memory.add_argument("--response-len", type=int, default=512,
+                        help="scored tokens at the end of the sequence (--grpo-step: tokens per response)")
     memory.add_argument("--preset", choices=sorted(M.PRESETS), default="tiny", help="model sizes")
+    memory.add_argument("--grpo-step", action="store_true",
+                        help="measure one whole GRPO step per rank instead (policy update + reference + cache) with "
+                             "an LLM of the 7B's width; then --ranks, --layers, --vocab-size, --frames, --group-size "
+                             "and --response-len apply")
+    memory.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="--grpo-step: process counts to compare")
+    memory.add_argument("--layers", type=int, default=1, help="--grpo-step: decoder layers")
+    memory.add_argument("--vocab-size", type=int, default=152064, help="--grpo-step: LLM vocabulary (Qwen2-7B's)")
+    memory.add_argument("--frames", type=int, default=2, help="--grpo-step: frames of the video (257 positions each)")
+    memory.add_argument("--group-size", type=int, default=2, help="--grpo-step: responses in the group")
     memory.set_defaults(fn=cmd_memory)
     engines = sub.add_parser("engines", formatter_class=fmt,
                              help="rollout throughput (generated tokens/s) of the torch and vLLM engines")

@@ -19,10 +19,11 @@ RUN="torchrun --standalone --nproc-per-node $NPROC"
 python data.py synth --out "$OUT/data" --n "$N_VIDEOS" --seed "$SEED" --answers open
 python model.py init --out "$OUT/init" --preset tiny --data "$OUT/data/train.jsonl" --seed "$SEED"
 $RUN sft.py --init "$OUT/init" --data "$OUT/data/train.jsonl" --out "$OUT/sft" --steps "$SFT_STEPS" \
-    --seed "$SEED" --save-every 200
+    --seed "$SEED" --save-every 200 --lr 1e-3
 python eval.py --checkpoint "$OUT/sft/final" --data "$OUT/data/test.jsonl" --out "$OUT/eval-sft" --engine "$ENGINE"
 $RUN rl.py --init "$OUT/sft/final" --data "$OUT/data/train.jsonl" --out "$OUT/rl" --steps "$RL_STEPS" \
-    --batch-size 8 --group-size 8 --lr 5e-5 --max-new-tokens 128 --engine "$ENGINE" --seed "$SEED"
+    --batch-size 8 --group-size 8 --lr 5e-5 --max-new-tokens 128 --engine "$ENGINE" --seed "$SEED" \
+    --micro-batch-size 16
 python eval.py --checkpoint "$OUT/rl/final" --data "$OUT/data/test.jsonl" --out "$OUT/eval-rl" --engine "$ENGINE"
 python - "$OUT" <<'PY'
 # Held-out accuracy after each stage, overall and by question type; a bar chart in OUT/results.png.

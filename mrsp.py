@@ -434,16 +434,26 @@ def vision_fingerprint(model: VideoLM) -> str:
 class VideoEmbeddingCache:
     """Video embeddings by (video file, frame sampling, vision weights): in memory, optionally on disk.
 
-        cache = VideoEmbeddingCache(model, cache_dir="runs/embeds", sp_group=ps.sp_group)
+        cache = VideoEmbeddingCache(model, cache_dir="runs/embeds", sp_group=ps.sp_group,
+                                    max_bytes=8 * 2**30, dtype=torch.bfloat16, storage="cpu")
         video_embeds = cache.get(path, sampling,
                                  frames_fn=lambda: data.load_frames(path, image_size, sampling)[0],
                                  encode_fn=lambda frames: stage1_encode(model, frames, ps.sp_group))
 
     Frames are loaded and encoded only on a miss. The key is (absolute path, file size, mtime_ns,
-    sampling.key(), vision_fingerprint(model)): editing or touching the video, changing the sampling, or
-    different vision weights all miss. The fingerprint is computed once, at construction, so the cache is
-    valid only while the vision tower and projector are frozen (RL). If they train, call `clear()` after
-    every optimizer step: it empties memory and re-fingerprints, so old disk entries are never hit.
+    sampling.key(), vision_fingerprint(model), stored dtype): editing or touching the video, changing the
+    sampling, different vision weights or another storage dtype all miss. The fingerprint is computed
+    once, at construction, so the cache is valid only while the vision tower and projector are frozen
+    (RL). If they train, call `clear()` after every optimizer step: it empties memory and
+    re-fingerprints, so old disk entries are never hit.
+
+    Memory. One video of a 7B model at 256 frames is 256 frames x 256 tokens x 3584 values: 0.94 GB in
+    fp32, 0.47 GB in bf16. So entries are stored in `dtype` (the compute dtype, bf16 under --bf16; None keeps the encoder's
+    dtype), on `storage` ("cpu": host memory, and `get` copies the entry to the model's device for each
+    use; None: the model's device), and the entries held stay within `max_bytes` in all: the least
+    recently used go first (None: no bound; 0: nothing in memory, only on disk). `held` maps key to
+    entry, least recently used first; `metrics()` reports the bytes held, the entries, the hits and the
+    misses.
 
     On disk: one safetensors file per key, named sha256(key), with the full key and the shape in its
     metadata, written to a temporary name and renamed. A file that is unreadable (truncated, garbage),
@@ -453,11 +463,13 @@ class VideoEmbeddingCache:
     Within an SP group all ranks call `get` with the same arguments in the same order (a miss runs the
     collective `stage1_encode`); with `sp_group`, ranks also agree on disk hits, since another DP group
     may finish writing a file between two ranks' reads. Only SP rank 0 writes.
-    `max_items` bounds the in-memory entries (least recently used go first); None keeps all.
     """
 
-    def __init__(self, model: VideoLM, cache_dir=None, sp_group=None, max_items: int | None = None):
-        self.model, self.sp_group, self.max_items = model, sp_group, max_items
+    def __init__(self, model: VideoLM, cache_dir=None, sp_group=None, max_bytes: int | None = None,
+                 dtype: torch.dtype | None = None, storage=None):
+        self.model, self.sp_group, self.max_bytes = model, sp_group, max_bytes
+        self.dtype = dtype or model.llm.get_input_embeddings().weight.dtype  # what stage1_encode returns
+        self.storage = torch.device(storage) if storage is not None else model.device
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -465,7 +477,8 @@ class VideoEmbeddingCache:
             warnings.warn("the vision tower or projector is trainable: cached video embeddings go stale when "
                           "it trains; call cache.clear() after every optimizer step (or model.freeze_vision())")
         self.vision_id = vision_fingerprint(model)
-        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.held: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.bytes = 0  # held in memory, the sum of the entries' sizes
         self.hits = self.misses = self.vision_runs = 0
         self._warned = False
 
@@ -473,31 +486,50 @@ class VideoEmbeddingCache:
         path = os.path.abspath(video_path)
         st = os.stat(path)
         sampling_key = sampling if isinstance(sampling, str) else sampling.key()
-        return json.dumps([path, st.st_size, st.st_mtime_ns, sampling_key, self.vision_id])
+        return json.dumps([path, st.st_size, st.st_mtime_ns, sampling_key, self.vision_id, str(self.dtype)])
 
     def get(self, video_path, sampling, frames_fn, encode_fn) -> torch.Tensor:
-        """Video embeddings [T * tokens_per_frame, D]: from memory, else disk, else encode_fn(frames_fn())."""
+        """Video embeddings [T * tokens_per_frame, D] on the model's device, in the stored dtype: from
+        memory, else disk, else encode_fn(frames_fn())."""
         key = self.key(video_path, sampling)
-        if key in self._memory:
-            self._memory.move_to_end(key)
+        if key in self.held:
+            self.held.move_to_end(key)
             self.hits += 1
-            return self._memory[key]
+            return self.held[key].to(self.model.device, non_blocking=True)
         embeds = self._load(key)
         if all_ranks_true(embeds is not None, self.sp_group, self.model.device):  # all load, or all encode
             self.hits += 1
         else:
             self.misses += 1
-            embeds = encode_fn(frames_fn())
+            embeds = self._to_storage(encode_fn(frames_fn()))
             self.vision_runs += 1
             self._save(key, embeds)
-        self._memory[key] = embeds
-        if self.max_items is not None and len(self._memory) > self.max_items:
-            self._memory.popitem(last=False)
+        self._hold(key, embeds)
+        return embeds.to(self.model.device, non_blocking=True)
+
+    def metrics(self) -> dict:
+        """The cache's footprint for a metrics row: bytes and entries held now, hits and misses so far."""
+        return {"embed_cache_bytes": self.bytes, "embed_cache_entries": len(self.held),
+                "embed_cache_hits": self.hits, "embed_cache_misses": self.misses}
+
+    def _to_storage(self, embeds: torch.Tensor) -> torch.Tensor:
+        embeds = embeds.detach().to(self.storage, self.dtype)
+        if self.storage.type == "cpu" and self.model.device.type == "cuda":
+            embeds = embeds.pin_memory()  # page-locked: the copy to the GPU at each use runs at full speed
         return embeds
+
+    def _hold(self, key: str, embeds: torch.Tensor) -> None:
+        """Keep `embeds` in memory, then drop the least recently used until within max_bytes (the new
+        entry too, if it alone is larger)."""
+        self.held[key] = embeds
+        self.bytes += embeds.nbytes
+        while self.max_bytes is not None and self.bytes > self.max_bytes:
+            self.bytes -= self.held.popitem(last=False)[1].nbytes
 
     def clear(self) -> None:
         """Forget the in-memory entries and re-fingerprint the vision weights (after they trained)."""
-        self._memory.clear()
+        self.held.clear()
+        self.bytes = 0
         self.vision_id = vision_fingerprint(self.model)
 
     def path(self, key: str) -> Path:
@@ -520,7 +552,7 @@ class VideoEmbeddingCache:
         if json.loads(meta.get("shape", "null")) != shape or len(shape) != 2 or shape[1] != D \
                 or shape[0] == 0 or shape[0] % tpf:
             return self._reject(path, f"shape {shape}, expected [frames * {tpf}, {D}] as recorded")
-        return embeds.to(self.model.device)
+        return self._to_storage(embeds)
 
     def _reject(self, path: Path, why: str) -> None:
         if not self._warned:

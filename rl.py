@@ -45,7 +45,16 @@ def format_reward(response: str) -> float:
 
 
 def accuracy_reward(record: data.Record, response: str) -> float:
-    """1.0 when the answer matches the ground truth (option letter, number within tolerance, or exact text)."""
+    """1.0 when the answer inside the last complete <answer>...</answer> matches the ground truth (option
+    letter, number within tolerance, or exact text). Only the tagged answer counts, as in the release: an
+    untagged "The answer is B" scores 0 here, though eval.py's lenient reading accepts it, since paying
+    for an answer outside the tags would teach the policy to drop the format.
+
+    Example: accuracy_reward(record, "<think>.</think><answer>B</answer>") == 1.0 and
+    accuracy_reward(record, "The answer is B") == 0.0 when record.answer == "B".
+    """
+    if evaluation.extract_answer(response) is None:
+        return 0.0
     return 1.0 if evaluation.score_answer(record, response)[0] else 0.0
 
 
@@ -57,21 +66,27 @@ def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: floa
         A_ij = (r_ij - mean_j r_ij) / (std_j r_ij + eps)      (scale_by_std=False: r_ij - mean_j r_ij, Dr. GRPO)
 
     std is the unbiased sample std. A group whose rewards are all equal gets A = 0: it carries no signal.
-    Example: [[1, 0, 0, 1]] -> [[0.866, -0.866, -0.866, 0.866]].
+    So does a group of one (G = 1), whose unbiased std would be 0/0 = NaN.
+    Example: [[1, 0, 0, 1]] -> [[0.866, -0.866, -0.866, 0.866]]; [[1]] -> [[0]].
     """
     centred = rewards - rewards.mean(dim=1, keepdim=True)
     if not scale_by_std:
         return centred
-    return centred / (rewards.std(dim=1, keepdim=True) + eps)
+    std = rewards.std(dim=1, keepdim=True, correction=1 if rewards.shape[1] > 1 else 0)
+    return centred / (std + eps)
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(policy || reference) from samples of the policy:
 
         k3 = exp(ref - logp) - (ref - logp) - 1   >= 0, unbiased, low variance (Schulman, "Approximating KL").
+
+    Clamped as verl does: the log-ratio to [-20, 20] before the exp, and k3 to at most 10. A token the
+    two models disagree on wildly (a log-prob gap past ~88 overflows exp, in bf16 as in fp32) then adds a
+    bounded loss and a zero gradient, instead of inf, whose backward is inf * 0 = NaN.
     """
-    log_ratio = ref_logprobs - logprobs
-    return torch.exp(log_ratio) - log_ratio - 1
+    log_ratio = (ref_logprobs - logprobs).clamp(-20, 20)
+    return (torch.exp(log_ratio) - log_ratio - 1).clamp(max=10)
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -96,13 +111,15 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_hig
                 loss_agg="token-mean"):
     """Clipped-ratio policy-gradient loss with separate low/high clip and dual clip.   all inputs [B, S]
 
-        r = exp(logp - logp_old)
+        r = exp(clamp(logp - logp_old, -20, 20))
         l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))
         l = min(l, -A dual_clip)   where A < 0   (bounds the loss when a bad action became very likely)
 
+    The log-ratio is clamped to [-20, 20] before the exp, as verl does: unclamped, a gap past ~88 makes
+    r = inf, and even where the clip discards that branch its backward is inf * 0 = NaN.
     Returns (loss, clip_fraction): the share of response tokens where clipping changed the loss.
     """
-    ratio = torch.exp(logprobs - old_logprobs)
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-20, 20))
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
     per_token = torch.maximum(unclipped, clipped)
@@ -215,6 +232,55 @@ def load_reference(path, policy: M.VideoLM, ps: mrsp.ParallelState, dtype: torch
     return train.shard_model(reference, ps)
 
 
+# ---- start-up check: the engine's length ----
+
+PROMPT_SCAN = 64    # records whose prompts are measured at start-up
+TEXT_SLACK = 512    # positions a derived --max-model-len leaves for later records with longer text
+
+
+def prompt_positions(model: M.VideoLM, record: data.Record, sampling: data.FrameSampling) -> tuple[int, int]:
+    """(frame steps, text positions) of `record`'s chat prompt, without decoding a frame; the prompt is
+    text + steps x (tokens per frame + separator) positions (a step is a frame, or a TSP-pooled group). The frame count is the sampling's bound
+    with --num-frames (no file opened) and the container's count with --fps; an .srt counts every cue."""
+    frames = (min(sampling.num_frames, sampling.max_frames) if sampling.fps is None
+              else len(data.frame_timestamps(record.video, sampling)))
+    before, after = model.family.chat_text(model.tokenizer, *data.build_prompt(record, subtitles=data.subtitle_text(record)))
+    return frames // model.config.temporal_pool, len(model.encode_text(before)) + len(model.encode_text(after))
+
+
+def engine_max_model_len(model: M.VideoLM, records: list[data.Record], sampling: data.FrameSampling, args) -> int:
+    """The engine's max_model_len, settled before the first step: the longest prompt among the first
+    PROMPT_SCAN records plus --max-new-tokens must fit in --max-model-len, or the run is refused now with
+    the numbers (not mid-step, after the models and the engine have loaded). Without --max-model-len it
+    is that sum plus TEXT_SLACK. A 7B prompt of 256 frames is 256 x (256 + 1) ~ 66k positions.
+
+    Example (tiny model, 4 tokens per frame + 1 separator, 8 frames, 80 text positions, 64 new tokens):
+    needs 8 x 5 + 80 + 64 = 184; --max-model-len 150 raises, no flag gives 184 + 512 = 696.
+    """
+    tpf, sep = model.config.tokens_per_frame, len(model.encode_text(model.config.frame_separator))
+    longest = None
+    for record in records[:PROMPT_SCAN]:
+        try:
+            frames, text = prompt_positions(model, record, sampling)
+        except data.VideoError:
+            continue  # the step replaces an unreadable record; it makes no prompt
+        if longest is None or frames * (tpf + sep) + text > longest[0]:
+            longest = (frames * (tpf + sep) + text, frames, text, record.problem_id)
+    if longest is None:
+        raise data.VideoError(f"none of the first {PROMPT_SCAN} records of {args.data} has a readable video")
+    positions, frames, text, problem_id = longest
+    needed = positions + args.max_new_tokens
+    if args.max_model_len is None:
+        return needed + TEXT_SLACK
+    if needed > args.max_model_len:
+        raise ValueError(
+            f"{args.data}: the prompt of record {problem_id!r} is {positions} positions ({frames} frames x "
+            f"({tpf} tokens + {sep} separator) + {text} text); with --max-new-tokens {args.max_new_tokens} "
+            f"it needs --max-model-len of at least {needed}, got {args.max_model_len}. Raise --max-model-len "
+            f"(or leave it out to derive it), or lower --num-frames / --max-frames / --fps or --max-new-tokens")
+    return args.max_model_len
+
+
 # ---- main ----
 
 def parse_args(argv=None):
@@ -228,7 +294,9 @@ def parse_args(argv=None):
     ap.add_argument("--group-size", type=int, default=5, help="responses sampled per prompt (G)")
     ap.add_argument("--mini-batches", type=int, default=1,
                     help="optimizer updates per rollout batch (the batch is split; >1 makes the clip matter)")
-    ap.add_argument("--micro-batch-size", type=int, default=16, help="sequences per forward/backward")
+    ap.add_argument("--micro-batch-size", type=int, default=2,
+                    help="sequences (or groups with shared prefix) per forward/backward: each carries a whole "
+                         "video, ~66k positions for a 7B model at 256 frames, so keep it small there")
     ap.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (the paper's 1e-6 suits 7B)")
     ap.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
@@ -245,7 +313,9 @@ def parse_args(argv=None):
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     ap.add_argument("--top-p", type=float, default=0.99, help="nucleus sampling")
     ap.add_argument("--engine", choices=["vllm", "torch"], default="vllm", help="rollout engine")
-    ap.add_argument("--max-model-len", type=int, default=8192, help="engine's longest prompt + response")
+    ap.add_argument("--max-model-len", type=int, default=None,
+                    help="engine's longest prompt + response; checked at start-up against the first records' "
+                         "prompts + --max-new-tokens (default: derived from them, see engine_max_model_len)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5,
                     help="share of GPU memory the vLLM engine may take (the trainer needs the rest)")
     ap.add_argument("--engine-sleep", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
@@ -256,6 +326,7 @@ def parse_args(argv=None):
                     help="MR-SP stage 1: encode each video once and reuse it; --no-embed-cache re-encodes the "
                          "video for every sequence in every pass (the baseline the paper compares against)")
     ap.add_argument("--embed-cache-dir", default=None, help="also keep video embeddings on disk here")
+    train.add_cache_args(ap)
     train.add_run_args(ap, save_every=10)
     args = ap.parse_args(argv)
     if not args.freeze_vision:
@@ -273,6 +344,9 @@ def main(argv=None):
     policy = load_policy(start, ps, grad_checkpointing=args.grad_checkpointing)
     compute_dtype = torch.bfloat16 if args.bf16 else torch.float32
     reference = load_reference(args.init, policy, ps, compute_dtype) if args.kl_coef > 0 else None
+    records = data.load_records(args.data)
+    sampling = data.FrameSampling.from_args(args)
+    max_model_len = engine_max_model_len(policy, records, sampling, args)  # refuses too long prompts now
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start_step = train.load_trainer_state(resume_from, policy, optimizer, ps)["step"] if resume_from else 0
@@ -289,14 +363,11 @@ def main(argv=None):
         decoding = with_own_llm(policy, start, torch.float32, ps.device) if separate else policy
         engine = rollout.make_engine(
             args.engine, decoding, start / "llm",
-            max_model_len=args.max_model_len, seed=args.seed, dtype="bfloat16" if args.bf16 else "float32",
+            max_model_len=max_model_len, seed=args.seed, dtype="bfloat16" if args.bf16 else "float32",
             gpu_memory_utilization=args.gpu_memory_utilization, enable_sleep_mode=args.engine_sleep,
             distributed_executor_backend="external_launcher" if ps.world_size > 1 else None)
 
-    records = data.load_records(args.data)
-    sampling = data.FrameSampling.from_args(args)
-    cache = (mrsp.VideoEmbeddingCache(policy, cache_dir=args.embed_cache_dir, sp_group=ps.sp_group)
-             if args.embed_cache else None)
+    cache = train.embedding_cache(policy, args, ps, cache_dir=args.embed_cache_dir) if args.embed_cache else None
     policy_prompt = train.VideoPrompts(policy, sampling, ps, cache)
     reference_prompt = train.VideoPrompts(reference, sampling, ps, cache) if reference is not None else None
     builders = [b for b in (policy_prompt, reference_prompt) if b is not None]
@@ -389,9 +460,10 @@ def main(argv=None):
                "response_len": sum(len(e.sample.token_ids) for e in episodes) / len(episodes),
                "no_signal_groups": no_signal, **stats, **timing,
                "vision_runs": train.count_vision_runs(cache, *builders) - vision_runs_before, "logprob_gap_max": gap,
-               "skipped_records": policy_prompt.skipped - skipped_before}
-        row = train.reduce_metrics(row, ps, sum_keys=("no_signal_groups", "vision_runs", "skipped_records"),
-                                 max_keys=("logprob_gap_max",))
+               "skipped_records": policy_prompt.skipped - skipped_before, **train.cache_metrics(cache)}
+        row = train.reduce_metrics(row, ps, sum_keys=("no_signal_groups", "vision_runs", "skipped_records",
+                                                      *train.CACHE_SUM_KEYS),
+                                   max_keys=("logprob_gap_max", *train.CACHE_MAX_KEYS))
         log.log(row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:

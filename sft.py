@@ -41,12 +41,15 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=200, help="optimizer steps")
     ap.add_argument("--batch-size", type=int, default=8, help="records per micro-batch per data-parallel rank")
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    ap.add_argument("--lr", type=float, default=1e-5,
+                    help="peak learning rate (AdamW); 1e-5 is a usual full fine-tuning rate for a 7B model "
+                         "(the tiny model of demo.sh and the tests learns at 1e-3)")
     ap.add_argument("--warmup-steps", type=int, default=10, help="linear warmup steps before cosine decay")
     ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
     ap.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=False,
                     help="keep the vision tower and projector fixed (their embeddings are then cached)")
+    train.add_cache_args(ap)
     train.add_run_args(ap, save_every=100)
     return ap.parse_args(argv)
 
@@ -75,7 +78,7 @@ def main(argv=None):
 
     records = data.load_records(args.data)
     sampling = data.FrameSampling.from_args(args)
-    cache = mrsp.VideoEmbeddingCache(model, sp_group=ps.sp_group) if args.freeze_vision else None
+    cache = train.embedding_cache(model, args, ps) if args.freeze_vision else None
     prompts = train.VideoPrompts(model, sampling, ps, cache)
     log = train.MetricsLog(out, enabled=ps.rank == 0, resume_step=start_step)
 
@@ -108,7 +111,9 @@ def main(argv=None):
                "response_tokens": tokens, "time_s": time.time() - t0}
         row["vision_runs"] = train.count_vision_runs(cache, prompts) - vision_runs_before
         row["skipped_records"] = prompts.skipped - skipped_before
-        row = train.reduce_metrics(row, ps, sum_keys=("response_tokens", "vision_runs", "skipped_records"))
+        row.update(train.cache_metrics(cache))
+        row = train.reduce_metrics(row, ps, sum_keys=("response_tokens", "vision_runs", "skipped_records",
+                                                      *train.CACHE_SUM_KEYS), max_keys=train.CACHE_MAX_KEYS)
         log.log(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:

@@ -407,6 +407,34 @@ def count_vision_runs(cache, *builders: VideoPrompts) -> int:
     return (cache.vision_runs if cache is not None else 0) + sum(b.uncached_runs for b in builders)
 
 
+def add_cache_args(ap):
+    """The flags of the video-embedding cache (MR-SP stage 1), for a stage whose vision tower is frozen."""
+    ap.add_argument("--embed-cache-gb", type=float, default=8.0,
+                    help="GiB of video embeddings the cache keeps in memory per rank, least recently used "
+                         "dropped first (a 7B video of 256 frames is 0.44 GiB in bf16)")
+    ap.add_argument("--embed-cache-offload", action=argparse.BooleanOptionalAction, default=True,
+                    help="keep cached video embeddings in host memory; each is copied to the GPU when a "
+                         "prompt uses it (no effect on a CPU)")
+
+
+def embedding_cache(model: M.VideoLM, args, ps: mrsp.ParallelState, cache_dir=None) -> "mrsp.VideoEmbeddingCache":
+    """The run's video-embedding cache, as the flags of `add_cache_args` and --bf16 ask: entries in the
+    compute dtype, in host memory when offloaded, within --embed-cache-gb."""
+    return mrsp.VideoEmbeddingCache(model, cache_dir=cache_dir, sp_group=ps.sp_group,
+                                    max_bytes=int(args.embed_cache_gb * 2**30),
+                                    dtype=torch.bfloat16 if args.bf16 else None,
+                                    storage="cpu" if args.embed_cache_offload else None)
+
+
+def cache_metrics(cache: "mrsp.VideoEmbeddingCache | None") -> dict:
+    """The cache's footprint for a metrics row (nothing without a cache); see VideoEmbeddingCache.metrics."""
+    return cache.metrics() if cache is not None else {}
+
+
+CACHE_SUM_KEYS = ("embed_cache_hits", "embed_cache_misses")  # reduce_metrics: totals over data-parallel ranks
+CACHE_MAX_KEYS = ("embed_cache_bytes", "embed_cache_entries")  # and the fullest rank's footprint
+
+
 def sequence_logprobs(model, batch: M.SequenceBatch, ps: mrsp.ParallelState, temperature: float = 1.0,
                       chunk_rows: int = 4096):
     """Per-token log-probs [B, S], the sequence sharded over the SP group when there is one.

@@ -79,3 +79,19 @@ def test_prefill_and_capacity_need_neither_decord_nor_pyav():
     code = ("import sys; sys.modules.update(av=None, decord=None, vllm=None); import bench; "
             "assert 'data' not in sys.modules and 'rollout' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_memory_grpo_step_reports_each_ranks_share():
+    """One GRPO step at the 7B's width (one decoder layer and a small vocabulary, to stay small) on 1 and 2 ranks:
+    FSDP2 gives each of 2 ranks half the gradients and optimizer state of one process."""
+    out = run_bench("memory", "--grpo-step", "--ranks", "1", "2", "--layers", "1", "--vocab-size", "1024",
+                    "--frames", "1", "--response-len", "8")
+    header, *rows = table_rows(out, "| ranks")
+    assert header[:8] == ["ranks", "rank", "params", "grads", "optimizer state", "params + grads + optimizer",
+                          "reference", "cache"]
+    assert [(r[0], r[1]) for r in rows] == [("1", "0"), ("2", "0"), ("2", "1")]
+    mib = lambda cell: float(cell.replace(",", ""))
+    one, half = rows[0], rows[1]
+    for col in (3, 4):  # grads, optimizer state: each rank holds half (+ rounding to whole MiB)
+        assert mib(half[col]) <= mib(one[col]) / 2 + 1 and mib(one[col]) > 4
+    assert mib(one[7]) > 0  # the video's embeddings are held by the cache

@@ -2,6 +2,7 @@
 
 Each distributed job (`sp_job`) runs every check on one set of ranks, so processes start once per size.
 """
+import json
 import os
 
 import numpy as np
@@ -296,13 +297,46 @@ def test_cache_misses_when_the_video_or_sampling_changes(frozen_model, video):
     assert cache.vision_runs == 4 and cache.hits == 0
 
 
-def test_cache_memory_bound_drops_least_recently_used(frozen_model, video):
-    cache = mrsp.VideoEmbeddingCache(frozen_model, max_items=1)
+def entry_bytes(model, frames: int, dtype=torch.float32) -> int:
+    return frames * model.config.tokens_per_frame * model.config.llm_hidden * dtype.itemsize
+
+
+def test_cache_byte_bound_drops_least_recently_used(frozen_model, video):
+    cache = mrsp.VideoEmbeddingCache(frozen_model, max_bytes=entry_bytes(frozen_model, 7 + 4))
+    cached(cache, video)                                    # n7
+    cached(cache, video, sampling="n4-max8192", frames=4)   # n4: both fit
+    cached(cache, video)                                    # n7 again: n4 is now the least recently used
+    cached(cache, video, sampling="n2-max8192", frames=2)   # n2 does not fit beside both: n4 goes
+    assert cache.bytes == entry_bytes(frozen_model, 7 + 2)
+    cached(cache, video)                                    # a hit
+    cached(cache, video, sampling="n4-max8192", frames=4)   # encoded again; n2 makes room
+    assert (cache.vision_runs, cache.hits) == (4, 2)
+    assert [json.loads(k)[3] for k in cache.held] == ["n7-max8192", "n4-max8192"]
+    assert cache.bytes == entry_bytes(frozen_model, 7 + 4) == sum(e.nbytes for e in cache.held.values())
+
+
+def test_cache_stores_in_the_compute_dtype_in_host_memory(frozen_model, video, tmp_path):
+    cache = mrsp.VideoEmbeddingCache(frozen_model, cache_dir=tmp_path / "cache", dtype=torch.bfloat16, storage="cpu")
+    full = mrsp.stage1_encode(frozen_model, example_frames(7), None)
+    embeds = cached(cache, video)
+    assert embeds.dtype == torch.bfloat16 and torch.equal(embeds, full.to(torch.bfloat16))
+    held, = cache.held.values()
+    assert held.dtype == torch.bfloat16 and held.device.type == "cpu"
+    assert cache.bytes == entry_bytes(frozen_model, 7, torch.bfloat16)
+    from_disk = mrsp.VideoEmbeddingCache(frozen_model, cache_dir=tmp_path / "cache", dtype=torch.bfloat16)
+    assert torch.equal(cached(from_disk, video), embeds) and from_disk.vision_runs == 0
+    fp32 = mrsp.VideoEmbeddingCache(frozen_model, cache_dir=tmp_path / "cache")  # never served the bf16 file
+    assert cached(fp32, video).dtype == torch.float32 and fp32.vision_runs == 1
+
+
+def test_cache_metrics_report_bytes_entries_hits_misses(frozen_model, video):
+    cache = mrsp.VideoEmbeddingCache(frozen_model)
     cached(cache, video)
-    cached(cache, video, sampling="n4-max8192", frames=4)  # evicts n7
-    cached(cache, video, sampling="n4-max8192", frames=4)
     cached(cache, video)
-    assert (cache.vision_runs, cache.hits) == (3, 1)
+    assert cache.metrics() == {"embed_cache_bytes": entry_bytes(frozen_model, 7), "embed_cache_entries": 1,
+                               "embed_cache_hits": 1, "embed_cache_misses": 1}
+    cache.clear()
+    assert cache.metrics()["embed_cache_bytes"] == 0
 
 
 def test_cache_key_uses_sampling_key_and_vision_weights(frozen_model, video):

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import eval as evaluation
 import rl
 import train
 
@@ -76,6 +77,28 @@ def test_policy_gradient_pushes_up_positive_advantages():
     assert logp.grad[0, 0] < 0 < logp.grad[0, 1]  # descent raises the good token, lowers the bad one
 
 
+def test_a_group_of_one_gets_zero_advantage_not_nan():
+    one = rl.group_advantages(torch.tensor([[1.0], [0.0]]))  # --group-size 1: no group to compare against
+    assert torch.equal(one, torch.zeros(2, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_huge_logprob_gaps_give_a_finite_loss_and_finite_gradients(dtype):
+    """Gaps of +-1000 nats between new, old and reference log-probs overflow exp unclamped (inf, and
+    inf * 0 = NaN in backward). Clamped as verl does, the loss and every gradient stay finite."""
+    logp = torch.tensor([[0.0, -1000.0, 0.0, -1000.0]], dtype=dtype, requires_grad=True)
+    old = torch.tensor([[-1000.0, 0.0, -1000.0, 0.0]], dtype=dtype)
+    ref = torch.tensor([[-1000.0, 0.0, 0.0, -1000.0]], dtype=dtype)
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]], dtype=dtype)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    pg, _ = rl.policy_loss(logp, old, adv, mask)
+    kl = rl.aggregate(rl.kl_k3(logp, ref), mask, "token-mean")
+    loss = pg + 0.01 * kl
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all(), (loss, logp.grad)
+    assert rl.kl_k3(logp, ref).max() <= 10
+
+
 # ---- rewards on hostile outputs ----
 
 def mc_record(answer="B"):
@@ -91,7 +114,7 @@ def mc_record(answer="B"):
     ("<think>x</think><answer>B</answer><answer>C</answer>", 0, 0),  # two answers: the last counts, format broken
     ("<think>x</think><answer>A, B</answer>", 1, 0),               # several options named
     ("<think><think>x</think></think><answer>B</answer>", 0, 1),   # nested tags
-    ("<think>x</think><answer>B", 0, 1),                           # unclosed answer: read as plain text
+    ("<think>x</think><answer>B", 0, 0),                           # unclosed answer: no tagged answer, no reward
     ("", 0, 0),
     ("<think>" + "blue " * 5000 + "</think>", 0, 0),               # maximal length, never answers
     ("<think>x</think><answer></answer>", 0, 0),
@@ -109,10 +132,19 @@ def test_numerical_and_free_form_accuracy():
     assert rl.accuracy_reward(free, "<think>.</think><answer>Dark  Blue</answer>") == 1
 
 
+def test_accuracy_reward_reads_only_the_tagged_answer_while_eval_stays_lenient():
+    """Paying for an untagged answer would teach the policy to drop the format; eval still reads it."""
+    untagged = "<think>blue scenes</think>The answer is B"
+    assert rl.accuracy_reward(mc_record("B"), untagged) == 0
+    assert rl.accuracy_reward(mc_record("B"), "The answer is B") == 0
+    assert evaluation.score_answer(mc_record("B"), untagged) == (True, "B")
+    assert evaluation.score_answer(mc_record("B"), "The answer is B") == (True, "B")
+
+
 # ---- real runs on an easy task ----
 
 RL_ARGS = ["--num-frames", "8", "--batch-size", "4", "--group-size", "4", "--max-new-tokens", "64",
-           "--engine", "torch", "--lr", "1e-3", "--kl-coef", "0.01"]
+           "--engine", "torch", "--lr", "1e-3", "--kl-coef", "0.01", "--micro-batch-size", "16"]
 
 
 def rows_of(out):
@@ -129,6 +161,8 @@ def test_short_rl_run_raises_reward_on_easy_task(easy_task, tmp_path):
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
     assert mean(last, "reward") > mean(first, "reward") + 0.25, [round(r["reward"], 3) for r in rows]
     assert sum(r["vision_runs"] for r in rows) == 12  # each of the 12 training videos encoded once, then cached
+    assert rows[-1]["embed_cache_misses"] == rows[-1]["embed_cache_entries"] == 12 < rows[-1]["embed_cache_hits"]
+    assert rows[-1]["embed_cache_bytes"] > 0
     assert (tmp_path / "final" / "llm" / "model.safetensors").exists() and (tmp_path / "rl_curves.png").exists()
 
 
@@ -147,8 +181,10 @@ def test_killed_run_resumes_to_the_same_metrics(easy_task, tmp_path):
     assert not (tmp_path / "killed" / "final").exists()
     rl.main(args + ["--out", str(tmp_path / "killed"), "--resume"])
 
-    # timings differ, and so do vision-tower runs: the resumed process starts with a cold embedding cache
-    volatile = lambda r: {k: v for k, v in r.items() if not k.startswith("time_") and k != "vision_runs"}
+    # timings differ, and so do vision-tower runs and the cache's counts: the resumed process starts with a
+    # cold embedding cache
+    volatile = lambda r: {k: v for k, v in r.items()
+                          if not k.startswith(("time_", "embed_cache_")) and k != "vision_runs"}
     whole, resumed = rows_of(tmp_path / "whole"), rows_of(tmp_path / "killed")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for a, b in zip(whole, resumed):
@@ -221,11 +257,35 @@ def test_two_mini_batches_make_the_ratio_clip_bite(easy_task, tmp_path):
     assert rows_of(tmp_path / "two")[0]["clip_frac"] > 0
 
 
+def test_engine_length_is_checked_or_derived_at_start_up(tiny_model):
+    """The longest prompt of the first records + --max-new-tokens must fit the engine; without
+    --max-model-len that sum (plus slack for later, longer text) is the engine's length."""
+    records = [mc_record(), data.Record("q2", "v.mp4", "How many red scenes are there, in all?", [], "numerical", "", "2")]
+    sampling = data.FrameSampling(num_frames=256)  # the paper's 7B setting; no video is opened to count them
+    sep = len(tiny_model.encode_text(tiny_model.config.frame_separator))
+    lengths = [frames * (tiny_model.config.tokens_per_frame + sep) + text
+               for frames, text in (rl.prompt_positions(tiny_model, r, sampling) for r in records)]
+    needed = max(lengths) + 64
+    assert min(lengths) > 256 * 5
+    args = lambda *flag: rl.parse_args(["--init", "i", "--data", "d.jsonl", "--out", "o", "--max-new-tokens", "64", *flag])
+    assert rl.engine_max_model_len(tiny_model, records, sampling, args()) == needed + rl.TEXT_SLACK
+    assert rl.engine_max_model_len(tiny_model, records, sampling, args("--max-model-len", str(needed))) == needed
+    with pytest.raises(ValueError, match=f"needs --max-model-len of at least {needed}, got {needed - 1}"):
+        rl.engine_max_model_len(tiny_model, records, sampling, args("--max-model-len", str(needed - 1)))
+
+
+def test_a_prompt_too_long_for_the_engine_is_refused_before_the_first_step(easy_task, tmp_path):
+    with pytest.raises(ValueError, match=r"8 frames x \(4 tokens \+ 1 separator\).*--max-model-len"):
+        rl.main(["--init", str(easy_task["init"]), "--data", str(easy_task["data"]), "--out", str(tmp_path),
+                 "--steps", "1", *RL_ARGS, "--max-model-len", "100"])
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_rollout_share_splits_the_groups_prompts_among_its_engines():
     def shares(num_prompts, sp_size, engines):
         return [list(rl.rollout_share(num_prompts, rl.mrsp.ParallelState(sp_rank=r, sp_size=sp_size), engines))
                 for r in range(sp_size)]
     assert shares(5, 2, 2) == [[0, 1, 2], [3, 4]]
     assert shares(5, 2, 1) == [[0, 1, 2, 3, 4], []]          # the torch engine: SP rank 0 generates all
-    assert shares(2, 4, 4) == [[], [0], [1], []]             # fewer prompts than engines: some idle
+    assert shares(2, 4, 4) == [[0], [1], [], []]             # fewer prompts than engines: some idle
     assert shares(8, 1, 1) == [list(range(8))]

@@ -27,7 +27,7 @@ def test_sp2_sft_with_trainable_vision_and_checkpointing_equals_one_process(easy
     """torchrun, 2 ranks, --sp-size 2: FSDP2 over both ranks (vision tower included), Ulysses attention,
     gradient checkpointing. Same data, same losses step after step as a single process."""
     args = ["--init", str(easy_task["root"] / "init"), "--data", str(easy_task["data"]), "--steps", "3",
-            "--batch-size", "4", "--num-frames", "8", "--save-every", "0", "--grad-checkpointing"]
+            "--batch-size", "4", "--num-frames", "8", "--save-every", "0", "--grad-checkpointing", "--lr", "1e-3"]
     sft.main(args + ["--out", str(tmp_path / "sp1")])
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                     "sft.py", *args, "--out", str(tmp_path / "sp2"), "--sp-size", "2"],

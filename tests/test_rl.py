@@ -173,7 +173,9 @@ def test_killed_run_resumes_to_the_same_metrics(easy_task, tmp_path):
 
     # the same run, killed (SIGKILL) once its first checkpoint is complete, then resumed
     cmd = [sys.executable, "rl.py", *args, "--out", str(tmp_path / "killed")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # the same thread count as this process: a different one changes float sums, and so the metrics
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     while train.latest_checkpoint(tmp_path / "killed") is None and proc.poll() is None:
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)

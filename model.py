@@ -453,7 +453,7 @@ class VideoLM(nn.Module):
         A long video scores thousands of response tokens against a vocabulary of ~152k: a block's fp32
         logits are [n, V] (4096 x 152k = 2.5 GB). With autograd on, each block is checkpointed: backward
         recomputes its logits instead of keeping them, so the head holds one block at a time, however
-        many rows are scored (the decoder's hidden states, kept anyway, are its only saved input).
+        many rows are scored (its only saved inputs are views of `hidden` and `targets`).
         """
         lm_head = self.llm.get_output_embeddings()
 
@@ -462,12 +462,11 @@ class VideoLM(nn.Module):
             return torch.log_softmax(logits, dim=-1).gather(1, tgt[:, None]).squeeze(1)
 
         pieces = []
-        for rows in torch.tensor_split(torch.arange(len(hidden), device=hidden.device), num_blocks):
+        for h, tgt in zip(hidden.tensor_split(num_blocks), targets.tensor_split(num_blocks)):  # views, no copies
             if torch.is_grad_enabled():
-                pieces.append(torch.utils.checkpoint.checkpoint(block_logprobs, hidden[rows], targets[rows],
-                                                                use_reentrant=False))
+                pieces.append(torch.utils.checkpoint.checkpoint(block_logprobs, h, tgt, use_reentrant=False))
             else:
-                pieces.append(block_logprobs(hidden[rows], targets[rows]))
+                pieces.append(block_logprobs(h, tgt))
         return torch.cat(pieces)                                                  # [N]
 
     # ---- save / load ----

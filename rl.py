@@ -11,7 +11,10 @@ One GRPO step, as the banners in `main()` show it:
   4. rewards     0.9 x accuracy + 0.1 x format (weights configurable)
   5. advantages  group-normalised: (r - mean) / (std + 1e-6), or without the std (Dr. GRPO)
   6. update      old-policy and reference log-probs, then the clipped policy loss with a k3 KL term;
-                 the long sequences are sharded over the SP group (MR-SP stage 2, Ulysses attention)
+                 a group's G responses share its prompt: each group is one packed row, the prompt run
+                 once (P + G*R positions, not G*(P + R)); the rows are sharded over the SP group (MR-SP
+                 stage 2, Ulysses attention). With one mini-batch the old log-probs come from the
+                 update's own forward (on-policy), not an extra pass
   7. sync        the new LLM weights go into the engine in place; metrics; checkpoint
 
 Run:
@@ -151,11 +154,58 @@ def gather_episodes(groups, ps: mrsp.ParallelState):
     return [g for share in shares for g in share]
 
 
-def batch_logprobs(model, prompt_fn, episodes, ps, temperature) -> torch.Tensor:
-    """Per-token log-probs [B, S] of the episodes' responses under `model` (sharded over SP)."""
+def batch_logprobs(model, prompt_fn, episodes, ps, temperature, shared_prefix: bool, group_size: int):
+    """Log-probs of the episodes' response tokens under `model`, and the mask of real tokens.
+
+    shared_prefix: the episodes are whole groups (G consecutive episodes share a prompt); each group is
+    one packed row [prompt][response 1]...[response G], the prompt run once: [E, R_max] per response.
+    Otherwise each episode is its own sequence [prompt; response]: [E, S]. Either way sharded over SP;
+    the losses only sum over the mask, so they do not care which layout it is.
+    """
+    if shared_prefix:
+        groups = [episodes[i:i + group_size] for i in range(0, len(episodes), group_size)]
+        batch = model.build_packed_batch([prompt_fn(g[0].record) for g in groups],
+                                         [[e.sample.token_ids for e in g] for g in groups],
+                                         sp_rank=ps.sp_rank, sp_size=ps.sp_size)   # this rank's slice
+        return train.sequence_logprobs(model, batch, ps, temperature), batch.response_mask
     batch = model.build_sequence_batch([prompt_fn(e.record) for e in episodes],
                                        [e.sample.token_ids for e in episodes])
     return train.sequence_logprobs(model, batch, ps, temperature), batch.loss_mask
+
+
+def micro_batches_of(episodes_by_group, micro_batch_size: int, shared_prefix: bool) -> list[list]:
+    """The episodes of each forward/backward. --micro-batch-size counts sequences (responses); with the
+    shared prefix a micro-batch holds whole groups, as many as fit (at least one): G = 5 and 16 -> 3
+    groups, 15 responses, 3 prompts."""
+    if shared_prefix:
+        per = max(1, micro_batch_size // len(episodes_by_group[0]))
+        return [[e for g in episodes_by_group[i:i + per] for e in g] for i in range(0, len(episodes_by_group), per)]
+    episodes = [e for g in episodes_by_group for e in g]
+    return [episodes[i:i + micro_batch_size] for i in range(0, len(episodes), micro_batch_size)]
+
+
+def micro_batch_weight(micro, mini_batch, loss_agg: str) -> float:
+    """The share of its mini-batch's loss that a micro-batch's `aggregate` stands for, so that the
+    micro-batches add up to the mini-batch's loss taken whole, whatever the split:
+
+        token-mean          tokens in the micro-batch / tokens in the mini-batch
+        seq-mean-token-*    sequences in the micro-batch / sequences in the mini-batch
+
+    Example: 40 sequences in micro-batches of 16/16/8 under seq-mean -> 0.4, 0.4, 0.2 (equal weights of
+    1/3 would count the last 8 sequences double).
+    """
+    if loss_agg == "token-mean":
+        tokens = lambda eps: sum(len(e.sample.token_ids) for e in eps)
+        return tokens(micro) / tokens(mini_batch)
+    return len(micro) / len(mini_batch)
+
+
+def llm_positions(prompt_lens: list[int], episodes_by_group, shared_prefix: bool) -> int:
+    """LLM positions of one pass over the step's episodes: sum of P + G*R per group with the shared
+    prefix, of G*(P + R) without."""
+    responses = [sum(len(e.sample.token_ids) for e in g) for g in episodes_by_group]
+    copies = [1 if shared_prefix else len(g) for g in episodes_by_group]
+    return sum(c * P + R for c, P, R in zip(copies, prompt_lens, responses))
 
 
 def lap(since: float, device: torch.device) -> tuple[float, float]:
@@ -189,7 +239,12 @@ def parse_args(argv=None):
     ap.add_argument("--group-size", type=int, default=5, help="responses sampled per prompt (G)")
     ap.add_argument("--mini-batches", type=int, default=1,
                     help="optimizer updates per rollout batch (the batch is split; >1 makes the clip matter)")
-    ap.add_argument("--micro-batch-size", type=int, default=16, help="sequences per forward/backward")
+    ap.add_argument("--micro-batch-size", type=int, default=16,
+                    help="sequences per forward/backward; with the shared prefix, whole groups: as many as fit "
+                         "(at least one)")
+    ap.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
+                    help="run each group's prompt once in the log-prob and update passes (P + G*R positions, not "
+                         "G*(P + R)); --no-shared-prefix runs every response as its own sequence")
     ap.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (the paper's 1e-6 suits 7B)")
     ap.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
@@ -239,10 +294,11 @@ def main(argv=None):
     if args.kl_coef > 0:
         reference = M.VideoLM.load(args.init, device=ps.device).eval()  # the reference stays the initial policy
         reference.requires_grad_(False)
-    if ps.sp_size > 1:
-        for m in (policy, reference):
-            if m is not None:
-                mrsp.enable_ulysses(m, ps.sp_group)
+    for m in (policy, reference):
+        if m is not None and ps.sp_size > 1:
+            mrsp.enable_ulysses(m, ps.sp_group)  # it also runs the shared-prefix attention
+        elif m is not None and args.shared_prefix:
+            M.enable_shared_prefix(m)
     train.shard_model(policy, ps)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -310,41 +366,57 @@ def main(argv=None):
         no_signal = int((rewards.max(dim=1).values == rewards.min(dim=1).values).sum())
 
         # ---- 6a. old-policy and reference log-probs (no grad) ----
-        micro_batches = [episodes[i:i + args.micro_batch_size] for i in range(0, len(episodes), args.micro_batch_size)]   # old_lp[k], ref_lp[k] belong to batch k
-        old_lp, ref_lp, gap = [], [], 0.0
+        # Micro-batches of whole groups with the shared prefix (see micro_batches_of). With one mini-batch
+        # the update is on-policy: the old log-probs equal the current ones before the update, so 6b takes
+        # them (detached) from its own forward instead of an extra pass here (as verl does).
+        micro_batches = micro_batches_of(episodes_by_group, args.micro_batch_size, args.shared_prefix)
+        mini_batches = mrsp.split_evenly(len(micro_batches), min(args.mini_batches, len(micro_batches)))
+        on_policy = len(mini_batches) == 1
+        passes = lambda micro: batch_logprobs(policy, policy_prompt, micro, ps, args.temperature,
+                                              args.shared_prefix, args.group_size)
+        old_lp, ref_lp, gap = [], [], 0.0   # old_lp[k], ref_lp[k] belong to micro-batch k
         with torch.no_grad(), train.autocast(ps.device, args.bf16):
             for micro in micro_batches:
-                lp, mask = batch_logprobs(policy, policy_prompt, micro, ps, args.temperature)
-                old_lp.append(lp)
-                gap = max(gap, engine_gap(lp, mask, micro))
+                if not on_policy:
+                    lp, mask = passes(micro)
+                    old_lp.append(lp)
+                    gap = max(gap, engine_gap(lp, mask, micro))
                 if reference is not None:
-                    ref_lp.append(batch_logprobs(reference, reference_prompt, micro, ps, args.temperature)[0])
+                    ref_lp.append(batch_logprobs(reference, reference_prompt, micro, ps, args.temperature,
+                                                 args.shared_prefix, args.group_size)[0])
         timing["time_logprobs"], tick = lap(tick, ps.device)
 
         # ---- 6b. policy update: clipped ratio + k3 KL, sequences sharded over SP ----
         stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
-        mini_batches = mrsp.split_evenly(len(micro_batches), min(args.mini_batches, len(micro_batches)))  # micro-batch indices
         for mini_batch in mini_batches:
+            mini_episodes = [e for k in mini_batch for e in micro_batches[k]]
             for k in mini_batch:
                 micro = micro_batches[k]
                 with train.autocast(ps.device, args.bf16):
-                    lp, mask = batch_logprobs(policy, policy_prompt, micro, ps, args.temperature)
+                    lp, mask = passes(micro)
+                    if on_policy:
+                        old_lp.append(lp.detach())
+                        gap = max(gap, engine_gap(old_lp[k], mask, micro))
                     adv = torch.tensor([e.advantage for e in micro], device=lp.device)[:, None].expand_as(lp)
                     pg, clip_frac = policy_loss(lp, old_lp[k], adv, mask, args.clip_low, args.clip_high,
                                                 args.dual_clip, args.loss_agg)
                     kl = aggregate(kl_k3(lp, ref_lp[k]), mask, args.loss_agg) if ref_lp else torch.zeros(())
                     loss = pg + args.kl_coef * kl
-                # The mini-batch loss is the mean of its micro-batches' losses (each aggregated by
-                # --loss-agg). FSDP averages over all ranks; x sp_size makes that a sum over the SP group.
-                (loss * ps.sp_size / len(mini_batch)).backward()
-                weight = 1 / len(micro_batches)
-                stats["loss"] += loss.item() * weight
-                stats["kl"] += kl.item() * weight
-                stats["clip_frac"] += clip_frac.item() * weight
+                # The micro-batches add up to the mini-batch's loss taken whole (micro_batch_weight). FSDP
+                # averages over all ranks; x sp_size makes that a sum over the SP group.
+                weight = micro_batch_weight(micro, mini_episodes, args.loss_agg)
+                (loss * weight * ps.sp_size).backward()
+                stats["loss"] += loss.item() * weight / len(mini_batches)
+                stats["kl"] += kl.item() * weight / len(mini_batches)
+                stats["clip_frac"] += clip_frac.item() * weight / len(mini_batches)
             stats["grad_norm"] += train.clip_grad_norm(params, args.max_grad_norm) / len(mini_batches)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         timing["time_update"], tick = lap(tick, ps.device)
+        one_pass = llm_positions([len(p) for p in prompts], episodes_by_group, args.shared_prefix)
+        stats["llm_positions"] = (llm_positions([len(p) for p in prompts], episodes_by_group, True)  # rollout
+                                  + one_pass * (1 + (not on_policy) + (reference is not None)))
+        stats["old_logprobs_reused"] = float(on_policy)
 
         # ---- 7. sync weights into the engine, log, checkpoint ----
         sync_engine(engine, policy, ps)
@@ -357,7 +429,8 @@ def main(argv=None):
                "no_signal_groups": no_signal, **stats, **timing,
                "vision_runs": train.count_vision_runs(cache, *builders) - vision_runs_before, "logprob_gap_max": gap,
                "skipped_records": policy_prompt.skipped - skipped_before}
-        row = train.reduce_metrics(row, ps, sum_keys=("no_signal_groups", "vision_runs", "skipped_records"),
+        row = train.reduce_metrics(row, ps, sum_keys=("no_signal_groups", "vision_runs", "skipped_records",
+                                                     "llm_positions"),
                                  max_keys=("logprob_gap_max",))
         log.log(row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}")

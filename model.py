@@ -112,10 +112,14 @@ class MlpDownsampleProjector(nn.Module):
 @dataclass
 class SequenceBatch:
     """Right-padded full sequences (prompt + response), one per row. Right padding needs no attention
-    mask under a causal LM: a real token never attends to the padding after it."""
-    inputs_embeds: torch.Tensor  # [B, S, D]
+    mask under a causal LM: a real token never attends to the padding after it.
+    Built for sequence parallelism (sp_size > 1), `inputs_embeds` holds only SP rank `sp_rank`'s
+    contiguous slice [B, S/sp, D]; targets and position_ids always cover the whole rows."""
+    inputs_embeds: torch.Tensor  # [B, S, D], or [B, S/sp, D]
     targets: torch.Tensor        # [B, S] the token predicted at each position; IGNORE where no loss
     position_ids: torch.Tensor   # [B, S]
+    sp_rank: int = 0
+    sp_size: int = 1
 
     @property
     def loss_mask(self) -> torch.Tensor:  # [B, S] bool
@@ -352,27 +356,31 @@ class VideoLM(nn.Module):
         after = self.embed_ids(self.encode_text(text_after))                      # [La, D]
         return torch.cat([before, video.to(before.dtype), after])                 # [L, D]
 
-    def build_sequence_batch(self, prompt_embeds: list[torch.Tensor],
-                             response_ids: list[list[int]]) -> SequenceBatch:
+    def build_sequence_batch(self, prompt_embeds: list[torch.Tensor], response_ids: list[list[int]],
+                             sp_rank: int = 0, sp_size: int = 1) -> SequenceBatch:
         """Prompt embeddings [L_i, D] and response token ids [R_i] -> one right-padded SequenceBatch.
 
         Position L_i - 1 + j predicts response token j, so targets[i, L_i-1 : L_i-1+R_i] = response.
         Example: prompt of 3 positions, response [7, 8] -> inputs p0 p1 p2 e7 e8, targets _ _ 7 8 _.
+        With sp_size > 1 the rows are padded to a multiple of sp_size and only SP rank `sp_rank`'s slice
+        of the embeddings is built, from the pieces: no rank holds the full [B, S, D].
         """
-        rows, targets = [], []
-        for prompt, resp in zip(prompt_embeds, response_ids):
-            resp = torch.as_tensor(resp, dtype=torch.long, device=self.device)
+        for i, resp in enumerate(response_ids):
             if len(resp) == 0:
-                raise ValueError("empty response: nothing to score")
-            rows.append(torch.cat([prompt, self.embed_ids(resp).to(prompt.dtype)]))  # [L + R, D]
-            tgt = torch.full((len(prompt) + len(resp),), IGNORE, dtype=torch.long, device=self.device)
-            tgt[len(prompt) - 1:len(prompt) - 1 + len(resp)] = resp
-            targets.append(tgt)
-        S = max(len(r) for r in rows)
-        inputs = torch.stack([F.pad(r, (0, 0, 0, S - len(r))) for r in rows])    # [B, S, D]
-        targets = torch.stack([F.pad(t, (0, S - len(t)), value=IGNORE) for t in targets])  # [B, S]
-        positions = torch.arange(S, device=self.device).expand(len(rows), S)    # [B, S]
-        return SequenceBatch(inputs, targets, positions)
+                raise ValueError(f"sequence {i}: empty response, nothing to score")
+        lengths = [len(p) + len(r) for p, r in zip(prompt_embeds, response_ids)]
+        n = -(-max(lengths) // sp_size)                                        # positions per rank: ceil(S / sp)
+        S, start, stop = n * sp_size, sp_rank * n, (sp_rank + 1) * n
+        rows, targets = [], torch.full((len(lengths), S), IGNORE, dtype=torch.long, device=self.device)  # [B, S]
+        for i, (prompt, resp) in enumerate(zip(prompt_embeds, response_ids)):
+            L = len(prompt)
+            resp = torch.as_tensor(resp, dtype=torch.long, device=self.device)
+            row = torch.cat([prompt[min(start, L):min(stop, L)],                        # the window's prompt part
+                             self.embed_ids(resp[max(start - L, 0):max(stop - L, 0)]).to(prompt.dtype)])  # [<= n, D]
+            rows.append(F.pad(row, (0, 0, 0, n - len(row))))                            # [n, D]
+            targets[i, L - 1:L - 1 + len(resp)] = resp
+        positions = torch.arange(S, device=self.device).expand(len(rows), S)           # [B, S]
+        return SequenceBatch(torch.stack(rows), targets, positions, sp_rank, sp_size)  # [B, S/sp, D], [B, S], [B, S]
 
     def build_packed_batch(self, prompt_embeds: list[torch.Tensor], response_ids: list[list[list[int]]],
                            sp_rank: int = 0, sp_size: int = 1) -> PackedBatch:

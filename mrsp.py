@@ -341,8 +341,16 @@ def shard_sequence(batch: SequenceBatch, sp_rank: int, sp_size: int) -> Sequence
     lets a real token see a later one, so padding changes no real token's result. Position ids stay
     global. Only the shard is copied, never the full sequence. Example: S=10, sp=3 -> shards of 4;
     rank 1 gets positions 4..7, rank 2 gets 8, 9 and two padding positions 10, 11.
+    A batch built with `build_sequence_batch(..., sp_rank, sp_size)` holds this slice of the embeddings
+    already; only its targets and positions are cut.
     """
     S = batch.targets.shape[1]
+    if batch.sp_size > 1:
+        if (batch.sp_rank, batch.sp_size) != (sp_rank, sp_size):
+            raise ValueError(f"the batch was built for SP rank {batch.sp_rank} of {batch.sp_size}, "
+                             f"not rank {sp_rank} of {sp_size}")
+        local = slice(sp_rank * (S // sp_size), (sp_rank + 1) * (S // sp_size))     # S is a multiple of sp
+        return SequenceBatch(batch.inputs_embeds, batch.targets[:, local], batch.position_ids[:, local])
     n = -(-S // sp_size)                                                   # shard length: ceil(S / sp)
     start = sp_rank * n
     real = slice(min(start, S), min(start + n, S))                         # may be empty when S < sp

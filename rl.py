@@ -169,7 +169,8 @@ def batch_logprobs(model, prompt_fn, episodes, ps, temperature, shared_prefix: b
                                          sp_rank=ps.sp_rank, sp_size=ps.sp_size)   # this rank's slice
         return train.sequence_logprobs(model, batch, ps, temperature), batch.response_mask
     batch = model.build_sequence_batch([prompt_fn(e.record) for e in episodes],
-                                       [e.sample.token_ids for e in episodes])
+                                       [e.sample.token_ids for e in episodes],
+                                       sp_rank=ps.sp_rank, sp_size=ps.sp_size)          # this rank's slice
     return train.sequence_logprobs(model, batch, ps, temperature), batch.loss_mask
 
 
@@ -372,13 +373,13 @@ def main(argv=None):
         micro_batches = micro_batches_of(episodes_by_group, args.micro_batch_size, args.shared_prefix)
         mini_batches = mrsp.split_evenly(len(micro_batches), min(args.mini_batches, len(micro_batches)))
         on_policy = len(mini_batches) == 1
-        passes = lambda micro: batch_logprobs(policy, policy_prompt, micro, ps, args.temperature,
-                                              args.shared_prefix, args.group_size)
+        policy_logprobs = lambda micro: batch_logprobs(policy, policy_prompt, micro, ps, args.temperature,
+                                                       args.shared_prefix, args.group_size)
         old_lp, ref_lp, gap = [], [], 0.0   # old_lp[k], ref_lp[k] belong to micro-batch k
         with torch.no_grad(), train.autocast(ps.device, args.bf16):
             for micro in micro_batches:
                 if not on_policy:
-                    lp, mask = passes(micro)
+                    lp, mask = policy_logprobs(micro)
                     old_lp.append(lp)
                     gap = max(gap, engine_gap(lp, mask, micro))
                 if reference is not None:
@@ -393,7 +394,7 @@ def main(argv=None):
             for k in mini_batch:
                 micro = micro_batches[k]
                 with train.autocast(ps.device, args.bf16):
-                    lp, mask = passes(micro)
+                    lp, mask = policy_logprobs(micro)
                     if on_policy:
                         old_lp.append(lp.detach())
                         gap = max(gap, engine_gap(old_lp[k], mask, micro))

@@ -89,6 +89,17 @@ def test_each_rank_builds_only_its_slice_of_the_packed_rows(tiny_model):
     torch.testing.assert_close(rows[:, :S], whole.inputs_embeds)
     assert sum(s.num_scored for s in shards) == whole.num_scored               # each token scored once
 
+    # the per-sequence layout too: each rank's slice equals its shard of the whole batch
+    sequences = ([p for p, g in zip(prompts, responses) for _ in g], [r for g in responses for r in g])
+    with torch.no_grad():
+        whole = tiny_model.build_sequence_batch(*sequences)
+        for rank in range(3):
+            mine = mrsp.shard_sequence(tiny_model.build_sequence_batch(*sequences, sp_rank=rank, sp_size=3), rank, 3)
+            cut = mrsp.shard_sequence(whole, rank, 3)
+            for got, expected in zip((mine.inputs_embeds, mine.targets, mine.position_ids),
+                                     (cut.inputs_embeds, cut.targets, cut.position_ids)):
+                torch.testing.assert_close(got, expected)
+
 
 def test_the_lm_head_keeps_one_row_block_for_backward(tiny_model):
     """Bytes saved for backward by the LM head, beyond views of its inputs, do not grow with the rows it

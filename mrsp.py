@@ -366,8 +366,8 @@ def shard_sequence(batch: SequenceBatch, sp_rank: int, sp_size: int) -> Sequence
 def sp_token_logprobs(model: VideoLM, batch: SequenceBatch | PackedBatch, sp_group,
                       temperature: float = 1.0, num_blocks: int | None = None) -> torch.Tensor:
     """`model.token_logprobs(batch)` computed sequence-parallel, the full result on every SP rank:
-    [B, S] for a SequenceBatch (the whole batch; each rank runs its `shard_sequence`), [E, R_max] for a
-    PackedBatch (already this rank's slice: `build_packed_batch(..., sp_rank, sp_size)`).
+    [B, S] for a SequenceBatch (each rank runs its `shard_sequence` of it), [E, R_max] for a PackedBatch
+    (built as this rank's slice: `build_packed_batch(..., sp_rank, sp_size)`).
 
     Each rank runs the LLM on its shard (Ulysses attention must be enabled for sp > 1), then the shards'
     log-probs are combined: gathered along the sequence and the padding dropped, or, for packed groups,

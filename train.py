@@ -374,8 +374,8 @@ def count_vision_runs(cache, *builders: VideoPrompts) -> int:
 def sequence_logprobs(model, batch: "M.SequenceBatch | M.PackedBatch", ps: mrsp.ParallelState,
                       temperature: float = 1.0, block_rows: int = 4096):
     """Per-token log-probs, the sequence sharded over the SP group when there is one: [B, S] for a
-    SequenceBatch (the whole batch), [E, R_max] for a PackedBatch (this SP rank's slice, see
-    `VideoLM.build_packed_batch`).
+    SequenceBatch, [E, R_max] for a PackedBatch. Under SP the batch is the whole one, or (rl.py) built
+    as this rank's slice: `build_sequence_batch` / `build_packed_batch(..., sp_rank, sp_size)`.
 
     With FSDP every rank must run the (sharded) LM head the same number of times, so the ranks agree on
     a row-block count that covers the largest number of scored positions anywhere.

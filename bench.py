@@ -4,7 +4,7 @@
     python bench.py memory --seq-lens 16384 65536 --sp-sizes 1 2 4 --preset small
     python bench.py memory --grpo-step                       # one GRPO step per rank, LLM of the 7B's width
     python bench.py engines                                  # rollout throughput: torch vs vLLM engine
-    python bench.py step                                     # s per GRPO step: no cache / stage 1 / stages 1+2
+    python bench.py step                                     # s per GRPO step: no cache / stage 1 / stages 1+2 / shared prefix
     python bench.py step --frames 64 256 --preset small
     python bench.py prefill                                  # prefill tokens/s and MFU (Qwen2-1.5B shape on a GPU)
     python bench.py capacity                                 # most frames that fit: prefill and training step
@@ -299,9 +299,9 @@ def bench_engines(args):
             print(f"| {num_prompts} | {n} | " + " | ".join(row) + " |")
 
 
-# ---- step: seconds per GRPO step, no cache vs MR-SP stage 1 vs stages 1+2 (the paper's table) ----
+# ---- step: seconds per GRPO step, no cache vs MR-SP stage 1 vs stages 1+2 vs shared prefix ----
 
-STEP_CONFIGS = ("no cache", "stage 1", "stage 1+2")
+STEP_CONFIGS = ("no cache", "stage 1", "stage 1+2", "shared prefix")
 PHASES = ("time_encode", "time_rollout", "time_logprobs", "time_update", "time_sync")
 ROOT = Path(__file__).resolve().parent
 
@@ -338,9 +338,11 @@ def _prompt_tokens(model: M.VideoLM, records_file: Path, num_frames: int) -> flo
 def cmd_step(args):
     """Print markdown tables: seconds per GRPO step of the real rl.py, per frame count and configuration.
 
-    (a) no cache: `--no-embed-cache`, the video re-encoded for every sequence in every pass;
-    (b) stage 1: the default, each video encoded once per step (cached);
-    (c) stage 1+2: stage 1 plus the sequences sharded over `--sp-size` processes (torchrun).
+    (a) no cache: `--no-embed-cache --no-shared-prefix`, the video re-encoded for every sequence in every pass;
+    (b) stage 1: `--no-shared-prefix`, each video encoded once per step (cached);
+    (c) stage 1+2: stage 1 plus the sequences sharded over `--sp-size` processes (torchrun);
+    (d) shared prefix: rl.py's default, stage 1 (+ 2 where sp > 1) with each group's prompt run once in
+        the log-prob and update passes, and the on-policy old log-probs taken from the update's forward.
     A step's time is the sum of rl.py's phase timers; the table shows the median over steps 2..N.
     """
     sp_size = args.sp_size
@@ -360,10 +362,12 @@ def cmd_step(args):
     _run([sys.executable, "model.py", "init", "--preset", args.preset, "--data", records_file, "--out", init],
          work / "init.log")
     # ---- rl.py per frame count and configuration ----
-    launch = {"no cache": ([sys.executable, "rl.py"], ["--no-embed-cache"]),
-              "stage 1": ([sys.executable, "rl.py"], []),
-              "stage 1+2": ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc-per-node", sp_size, "rl.py"], ["--sp-size", sp_size])}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", sp_size, "rl.py"]
+    sharded = (torchrun, ["--sp-size", sp_size]) if sp_size > 1 else ([sys.executable, "rl.py"], [])
+    launch = {"no cache": ([sys.executable, "rl.py"], ["--no-embed-cache", "--no-shared-prefix"]),
+              "stage 1": ([sys.executable, "rl.py"], ["--no-shared-prefix"]),
+              "stage 1+2": (sharded[0], sharded[1] + ["--no-shared-prefix"]),
+              "shared prefix": sharded}
     common = ["--init", init, "--data", records_file, "--engine", "torch", "--steps", args.steps, "--save-every", 0,
               "--batch-size", args.batch_size, "--group-size", args.group_size,
               "--max-new-tokens", args.max_new_tokens, "--seed", args.seed, "--micro-batch-size", 16]
@@ -385,6 +389,9 @@ def cmd_step(args):
     llm, vision = preset["llm"], preset["vision"]
     tpf = model.config.tokens_per_frame
     device = _device_name()
+    median = lambda frames, c, key: _median([key(r) for r in results[frames, c]])
+    step_s = lambda r: sum(r[k] for k in PHASES)
+    passes_s = lambda r: r["time_logprobs"] + r["time_update"]
     print(f"\ncommand: `{_command_line()}`\ndevice: {device}; rl.py with --engine torch, "
           f"{'bf16' if torch.cuda.is_available() else 'fp32'}; work folder {work}\n"
           f"model: preset {args.preset}: vision {vision['num_hidden_layers']} layers x {vision['hidden_size']}, "
@@ -393,31 +400,33 @@ def cmd_step(args):
           f"({llm['num_key_value_heads']} KV)\n"
           f"step: {args.batch_size} prompts x {args.group_size} responses, up to {args.max_new_tokens} new tokens, "
           f"KL to a reference; median over steps 2..{args.steps}"
-          + ("" if "stage 1+2" in configs else "; stage 1+2 skipped: sp size 1 (one device)")
-          + (f"; stage 1+2 is {sp_size} processes" + (" with 1 thread each (torchrun's default)"
-                                                       if not torch.cuda.is_available() else "")
+          + ("" if "stage 1+2" in configs else "; stage 1+2 skipped and shared prefix on one process: sp size 1")
+          + (f"; stage 1+2 and shared prefix are {sp_size} processes" + (" with 1 thread each (torchrun's default)"
+                                                                         if not torch.cuda.is_available() else "")
              if "stage 1+2" in configs else "") + "\n")
-    letters = dict(zip(STEP_CONFIGS, "abc"))
+    letters = dict(zip(STEP_CONFIGS, "abcd"))
     head = " | ".join(f"({letters[c]}) {c} s" for c in configs)
     ratios = [f"(a)/({letters[c]})" for c in configs[1:]]
-    print(f"| frames | prompt tokens | LLM prompt positions / step | {head} | " + " | ".join(ratios)
-          + " | vision-tower runs / step (" + "/".join(letters[c] for c in configs) + ") |")
-    print("|---:|---:|---:|" + "---:|" * (len(configs) + len(ratios)) + "---:|")
+    all_letters = "/".join(letters[c] for c in configs)
+    print(f"| frames | prompt tokens | {head} | " + " | ".join(ratios)
+          + f" | log-probs + update (b)/(d) | LLM positions / step ({all_letters}) | vision-tower runs / step ({all_letters}) |")
+    print("|---:|---:|" + "---:|" * (len(configs) + len(ratios)) + "---:|---:|---:|")
     for frames in args.frames:
-        prompt = prompts[frames]
-        positions = args.batch_size * prompt * (1 + 3 * args.group_size)  # 1 prefill + old, ref, policy passes
-        steps = {c: _median([sum(r[k] for k in PHASES) for r in results[frames, c]]) for c in configs}
-        runs = "/".join(f"{_median([r['vision_runs'] for r in results[frames, c]]):g}" for c in configs)
-        print(f"| {frames} | {prompt:,.0f} | {positions:,.0f} | " + " | ".join(f"{steps[c]:.2f}" for c in configs)
-              + " | " + " | ".join(f"{steps['no cache'] / steps[c]:.2f}x" for c in configs[1:]) + f" | {runs} |")
+        steps = {c: median(frames, c, step_s) for c in configs}
+        passes = median(frames, "stage 1", passes_s) / median(frames, "shared prefix", passes_s)
+        positions = "/".join(f"{median(frames, c, lambda r: r['llm_positions']):,.0f}" for c in configs)
+        runs = "/".join(f"{median(frames, c, lambda r: r['vision_runs']):g}" for c in configs)
+        print(f"| {frames} | {prompts[frames]:,.0f} | " + " | ".join(f"{steps[c]:.2f}" for c in configs)
+              + " | " + " | ".join(f"{steps['no cache'] / steps[c]:.2f}x" for c in configs[1:])
+              + f" | {passes:.2f}x | {positions} | {runs} |")
     print("\nMedian seconds per phase (rl.py's timers):\n")
     print("| frames | config | encode | rollout | log-probs (old + ref) | update | sync | step |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for frames in args.frames:
         for c in configs:
-            phases = [_median([r[k] for r in results[frames, c]]) for k in PHASES]
+            phases = [median(frames, c, lambda r: r[k]) for k in PHASES]
             print(f"| {frames} | ({letters[c]}) {c} | " + " | ".join(f"{p:.3f}" for p in phases)
-                  + f" | {_median([sum(r[k] for k in PHASES) for r in results[frames, c]]):.3f} |")
+                  + f" | {median(frames, c, step_s):.3f} |")
 
 
 # ---- shapes for prefill and capacity: a SigLIP-400M-like tower and a Qwen2-1.5B-like LLM ----
@@ -833,7 +842,7 @@ def main():
     engines.add_argument("--seed", type=int, default=0, help="frames and sampling seed")
     engines.set_defaults(fn=bench_engines)
     step = sub.add_parser("step", formatter_class=fmt,
-                          help="seconds per GRPO step of rl.py: no cache vs MR-SP stage 1 vs stages 1+2")
+                          help="seconds per GRPO step of rl.py: no cache vs MR-SP stage 1 vs stages 1+2 vs shared prefix")
     step.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32, 64], help="frames per video (--num-frames)")
     step.add_argument("--preset", choices=sorted(M.PRESETS), default="tiny",
                       help="model sizes (small: 16 tokens per frame, so video tokens dominate)")
@@ -842,8 +851,8 @@ def main():
     step.add_argument("--group-size", type=int, default=4, help="responses per prompt")
     step.add_argument("--max-new-tokens", type=int, default=32, help="longest response")
     step.add_argument("--sp-size", type=int, default=None,
-                      help="processes of the stage 1+2 run (default: 2 on a CPU, the GPU count on GPUs; "
-                           "1 skips that column)")
+                      help="processes of the stage 1+2 and shared-prefix runs (default: 2 on a CPU, the GPU count "
+                           "on GPUs; 1 skips the stage 1+2 column and runs shared prefix in one process)")
     step.add_argument("--workdir", default=None,
                       help="folder for the data, checkpoint and runs (default: a new temp folder)")
     step.add_argument("--seed", type=int, default=0, help="data and sampling seed")

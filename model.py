@@ -13,8 +13,9 @@
 | LongVILA-7B    | `mlp_downsample`         | SigLIP 384 px   | 27 x 27    | 196 (197)                 |
 | NVILA-Lite     | `mlp_downsample_3x3_fix` | SigLIP 448 px   | 32 x 32    | 121 (122)                 |
 
-Everything downstream (MR-SP, rollout, SFT, RL, eval) goes through four calls:
-`encode_video`, `prompt_embeds`, `build_sequence_batch` and `token_logprobs`.
+Everything downstream (MR-SP, rollout, SFT, RL, eval) goes through a few calls: `encode_video`,
+`prompt_embeds`, `build_sequence_batch` (one sequence per row) or `build_packed_batch` (a GRPO group
+per row, its prompt once: `shared_prefix_attention`), and `token_logprobs`.
 
 A checkpoint is a folder in the release layout, read as it is (no conversion) and written back the same way:
 
@@ -36,6 +37,7 @@ Run:
 """
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -49,6 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
+import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger("model")
@@ -190,19 +193,184 @@ class MultimodalProjector(nn.Module):
         return self.layers(patch_features)                                     # [T, P, C] -> [T, tpf, D]
 
 
-# ---- the batch the log-prob passes consume ----
+# ---- the batches the log-prob passes consume ----
 
 @dataclass
 class SequenceBatch:
-    """Right-padded full sequences (prompt + response). Right padding needs no attention mask under a
-    causal LM: a real token never attends to the padding after it."""
-    inputs_embeds: torch.Tensor  # [B, S, D]
+    """Right-padded full sequences (prompt + response), one per row. Right padding needs no attention
+    mask under a causal LM: a real token never attends to the padding after it.
+    Built for sequence parallelism (sp_size > 1), `inputs_embeds` holds only SP rank `sp_rank`'s
+    contiguous slice [B, S/sp, D]; targets and position_ids always cover the whole rows."""
+    inputs_embeds: torch.Tensor  # [B, S, D], or [B, S/sp, D]
     targets: torch.Tensor        # [B, S] the token predicted at each position; IGNORE where no loss
     position_ids: torch.Tensor   # [B, S]
+    sp_rank: int = 0
+    sp_size: int = 1
 
     @property
     def loss_mask(self) -> torch.Tensor:  # [B, S] bool
         return self.targets != IGNORE
+
+    @property
+    def num_scored(self) -> int:
+        return int(self.loss_mask.sum())
+
+    def scored_rows(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states that predict a target [N, D], the targets [N]) from hidden [B, S, D]."""
+        return hidden[self.loss_mask], self.targets[self.loss_mask]
+
+    def place(self, logprobs: torch.Tensor) -> torch.Tensor:
+        """Scored log-probs [N] -> [B, S], zero where nothing is scored."""
+        out = torch.zeros(self.targets.shape, dtype=logprobs.dtype, device=logprobs.device)
+        return out.masked_scatter(self.loss_mask, logprobs)
+
+
+@dataclass
+class GroupLayout:
+    """Where a group's pieces sit in its packed row [prompt P][response 1]...[response G][padding].
+
+    Response i starts at `offsets[i]`; its position ids continue from P, as in its own sequence, so
+    rotary embeddings see the same positions as in the per-sequence layout.
+    Example: P = 4, responses of 2 and 1 tokens -> offsets [4, 6], length 7, positions 0 1 2 3 | 4 5 | 4.
+    """
+    prompt_len: int
+    response_lens: list[int]
+
+    @property
+    def offsets(self) -> list[int]:
+        return [self.prompt_len + sum(self.response_lens[:i]) for i in range(len(self.response_lens))]
+
+    @property
+    def length(self) -> int:
+        return self.prompt_len + sum(self.response_lens)
+
+    def position_ids(self, padded_len: int, device=None) -> torch.Tensor:
+        """[padded_len]: 0..P-1, then P..P+R_i-1 for each response, then padding positions continuing."""
+        P = self.prompt_len
+        pieces = [torch.arange(P, device=device)] + [torch.arange(P, P + R, device=device) for R in self.response_lens]
+        pad = padded_len - self.length
+        pieces.append(torch.arange(P + self.response_lens[-1], P + self.response_lens[-1] + pad, device=device))
+        return torch.cat(pieces)
+
+
+@dataclass
+class PackedBatch:
+    """Groups packed for the shared-prefix passes: one row per group, [prompt][response 1]...[response G],
+    right-padded to a common length S_pad (a multiple of sp), or one sequence-parallel rank's contiguous
+    slice of that (n = S_pad / sp positions per row). The prompt runs once per group: P + G*R positions
+    instead of G*(P + R). `shared_prefix_attention` keeps each response from seeing the others.
+
+    Log-probs come out per response, [E, R_max] (E responses over all groups, in order), with
+    `response_mask` marking real tokens. Response i's token 0 is predicted by the prompt's last position
+    (shared by all G responses), token j > 0 by its own position j - 1.
+    """
+    inputs_embeds: torch.Tensor   # [B, n, D] this rank's slice of the packed rows
+    position_ids: torch.Tensor    # [B, n]
+    layouts: list[GroupLayout]    # per row, in full-row coordinates (attention sees whole rows)
+    score_from: torch.Tensor      # [N] flat index into [B * n]: the local position that predicts a token
+    score_targets: torch.Tensor   # [N] the token it predicts
+    score_into: torch.Tensor      # [N] flat index into [E * R_max]: where its log-prob goes
+    response_mask: torch.Tensor   # [E, R_max] bool, the same on every rank
+
+    @property
+    def num_scored(self) -> int:
+        return len(self.score_from)
+
+    def scored_rows(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return hidden.flatten(0, 1)[self.score_from], self.score_targets       # [B, n, D] -> [N, D]
+
+    def place(self, logprobs: torch.Tensor) -> torch.Tensor:
+        """Scored log-probs [N] -> [E, R_max]; zero where not scored here (another SP rank's, or padding)."""
+        out = torch.zeros(self.response_mask.numel(), dtype=logprobs.dtype, device=logprobs.device)
+        return out.index_put((self.score_into,), logprobs).view(self.response_mask.shape)
+
+
+def shared_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            layouts: list[GroupLayout], scaling: float) -> torch.Tensor:
+    """Attention over packed rows [prompt P][response 1]...[response G][padding], exactly as each
+    response's own sequence [prompt; response i] would see it. query [B, Hq, S, D], key/value
+    [B, Hkv, S, D] (Hq a multiple of Hkv, GQA) -> [B, S, Hq, D], the layout transformers expects back.
+
+        prompt queries      attend causally within the prompt (SDPA is_causal: a square, so its
+                            top-left alignment is right)
+        response i queries  attend to [all P prompt keys ; response i's keys up to themselves]: keys
+                            [P + R_i], causal aligned bottom-right, never another response's keys
+        padding queries     output 0 (nothing scores them, and no real query attends to them)
+
+    Memory stays bounded at any length: no [S, S] mask is built. Responses go one at a time, each with
+    a [R_i, P + R_i] boolean mask (SDPA's is_causal aligns top-left, wrong when queries are the last R_i
+    of P + R_i keys); where SDPA has no fused kernel for a mask it builds [Hq, R_i, P + R_i] scores, a
+    response's share. On a GPU with flash-attn installed and bf16/fp16 inputs, flash-attn's causal flag
+    is aligned bottom-right and needs no mask at all.
+    """
+    B, Hq, S, D = query.shape
+    rows = []
+    for b, layout in enumerate(layouts):
+        q, k, v = query[b:b + 1], key[b:b + 1], value[b:b + 1]                 # [1, H, S, D]
+        P = layout.prompt_len
+        pieces = [_attend(q[:, :, :P], k[:, :, :P], v[:, :, :P], scaling, prompt_len=0)]   # [1, Hq, P, D]
+        for start, R in zip(layout.offsets, layout.response_lens):
+            own = slice(start, start + R)
+            keys = torch.cat([k[:, :, :P], k[:, :, own]], dim=2)               # [1, Hkv, P + R, D]
+            values = torch.cat([v[:, :, :P], v[:, :, own]], dim=2)             # [1, Hkv, P + R, D]
+            pieces.append(_attend(q[:, :, own], keys, values, scaling, prompt_len=P))  # [1, Hq, R, D]
+        pieces.append(q.new_zeros(1, Hq, S - layout.length, D))                # padding
+        rows.append(torch.cat(pieces, dim=2))                                  # [1, Hq, S, D]
+    return torch.cat(rows).transpose(1, 2)                                     # [B, Hq, S, D] -> [B, S, Hq, D]
+
+
+def _attend(q, k, v, scaling: float, prompt_len: int) -> torch.Tensor:
+    """q [1, Hq, R, D] against k/v [1, Hkv, prompt_len + R, D]: every query sees all `prompt_len`
+    leading keys and the trailing keys causally (bottom-right aligned) -> [1, Hq, R, D]."""
+    R, L = q.shape[2], k.shape[2]
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _flash_attn_func() is not None:
+        out = _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                 softmax_scale=scaling, causal=True)           # [1, R, Hq, D]
+        return out.transpose(1, 2)
+    gqa = q.shape[1] != k.shape[1]
+    if prompt_len == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+    mask = torch.ones(R, L, dtype=torch.bool, device=q.device)                 # [R, P + R]
+    mask[:, prompt_len:] = torch.ones(R, R, dtype=torch.bool, device=q.device).tril()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+
+
+@functools.cache
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+SHARED_PREFIX = "shared_prefix"  # the attention implementation name registered with transformers
+
+
+def _shared_prefix_or_sdpa(module, query, key, value, attention_mask, group_layouts=None, **kwargs):
+    """The "shared_prefix" entry of transformers' AttentionInterface: `shared_prefix_attention` for a
+    forward that carries `group_layouts` (a PackedBatch), plain sdpa with transformers' own mask for
+    every other forward (generation, SFT, the per-sequence passes)."""
+    if group_layouts is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return shared_prefix_attention(query, key, value, group_layouts, module.scaling), None
+
+
+def enable_shared_prefix(model: "VideoLM") -> None:
+    """Let `model.llm` run PackedBatch forwards in one process (sp = 1; under sequence parallelism
+    mrsp.enable_ulysses does it). Every other forward is unchanged sdpa."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    current = model.llm.config._attn_implementation
+    if current == SHARED_PREFIX:
+        return
+    if current != "sdpa":
+        raise ValueError(f"shared-prefix attention wraps sdpa; this model uses {current!r}: "
+                         "load it with attn_implementation='sdpa'")
+    AttentionInterface.register(SHARED_PREFIX, _shared_prefix_or_sdpa)
+    AttentionMaskInterface.register(SHARED_PREFIX, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.llm.set_attn_implementation(SHARED_PREFIX)
 
 
 class VideoLM(nn.Module):
@@ -280,57 +448,126 @@ class VideoLM(nn.Module):
         after = self.embed_ids(self.encode_text(after))                           # [La, D]
         return torch.cat([before, video.to(before.dtype), after])                 # [L, D]
 
-    def build_sequence_batch(self, prompt_embeds: list[torch.Tensor],
-                             response_ids: list[list[int]]) -> SequenceBatch:
+    def build_sequence_batch(self, prompt_embeds: list[torch.Tensor], response_ids: list[list[int]],
+                             sp_rank: int = 0, sp_size: int = 1) -> SequenceBatch:
         """Prompt embeddings [L_i, D] and response token ids [R_i] -> one right-padded SequenceBatch.
 
         Position L_i - 1 + j predicts response token j, so targets[i, L_i-1 : L_i-1+R_i] = response.
         Example: prompt of 3 positions, response [7, 8] -> inputs p0 p1 p2 e7 e8, targets _ _ 7 8 _.
+        With sp_size > 1 the rows are padded to a multiple of sp_size and only SP rank `sp_rank`'s slice
+        of the embeddings is built, from the pieces: no rank holds the full [B, S, D].
         """
-        rows, targets = [], []
-        for prompt, resp in zip(prompt_embeds, response_ids):
-            resp = torch.as_tensor(resp, dtype=torch.long, device=self.device)
+        for i, resp in enumerate(response_ids):
             if len(resp) == 0:
-                raise ValueError("empty response: nothing to score")
-            rows.append(torch.cat([prompt, self.embed_ids(resp).to(prompt.dtype)]))  # [L + R, D]
-            tgt = torch.full((len(prompt) + len(resp),), IGNORE, dtype=torch.long, device=self.device)
-            tgt[len(prompt) - 1:len(prompt) - 1 + len(resp)] = resp
-            targets.append(tgt)
-        S = max(len(r) for r in rows)
-        inputs = torch.stack([F.pad(r, (0, 0, 0, S - len(r))) for r in rows])    # [B, S, D]
-        targets = torch.stack([F.pad(t, (0, S - len(t)), value=IGNORE) for t in targets])  # [B, S]
-        positions = torch.arange(S, device=self.device).expand(len(rows), S)    # [B, S]
-        return SequenceBatch(inputs, targets, positions)
+                raise ValueError(f"sequence {i}: empty response, nothing to score")
+        lengths = [len(p) + len(r) for p, r in zip(prompt_embeds, response_ids)]
+        n = -(-max(lengths) // sp_size)                                        # positions per rank: ceil(S / sp)
+        S, start, stop = n * sp_size, sp_rank * n, (sp_rank + 1) * n
+        rows, targets = [], torch.full((len(lengths), S), IGNORE, dtype=torch.long, device=self.device)  # [B, S]
+        for i, (prompt, resp) in enumerate(zip(prompt_embeds, response_ids)):
+            L = len(prompt)
+            resp = torch.as_tensor(resp, dtype=torch.long, device=self.device)
+            row = torch.cat([prompt[min(start, L):min(stop, L)],                        # the window's prompt part
+                             self.embed_ids(resp[max(start - L, 0):max(stop - L, 0)]).to(prompt.dtype)])  # [<= n, D]
+            rows.append(F.pad(row, (0, 0, 0, n - len(row))))                            # [n, D]
+            targets[i, L - 1:L - 1 + len(resp)] = resp
+        positions = torch.arange(S, device=self.device).expand(len(rows), S)           # [B, S]
+        return SequenceBatch(torch.stack(rows), targets, positions, sp_rank, sp_size)  # [B, S/sp, D], [B, S], [B, S]
+
+    def build_packed_batch(self, prompt_embeds: list[torch.Tensor], response_ids: list[list[list[int]]],
+                           sp_rank: int = 0, sp_size: int = 1) -> PackedBatch:
+        """Prompt embeddings [P_b, D] and each group's response ids -> SP rank `sp_rank`'s slice of the
+        packed rows [prompt][response 1]...[response G] (the whole rows when sp_size = 1).
+
+        Rows are right-padded to S_pad, the longest row rounded up to a multiple of sp_size; this rank
+        builds only its n = S_pad / sp_size positions of each row from the pieces, so no rank ever holds
+        the full [B, S_pad, D]. Example: prompt of 3 positions, responses [7, 8] and [9] -> one row
+        p0 p1 p2 e7 e8 e9 at positions 0 1 2 3 4 3; p2 predicts 7 and 9, e7 predicts 8.
+        """
+        layouts = []
+        for b, (prompt, group) in enumerate(zip(prompt_embeds, response_ids)):
+            if not group or any(len(r) == 0 for r in group):
+                raise ValueError(f"group {b}: an empty response (or no response): nothing to score")
+            layouts.append(GroupLayout(len(prompt), [len(r) for r in group]))
+        n = -(-max(layout.length for layout in layouts) // sp_size)            # positions per rank: ceil(S / sp)
+        start, stop = sp_rank * n, (sp_rank + 1) * n
+        rows, positions = [], []
+        for prompt, group, layout in zip(prompt_embeds, response_ids, layouts):
+            P = layout.prompt_len
+            tokens = torch.as_tensor([t for r in group for t in r], dtype=torch.long, device=self.device)  # [sum R]
+            mine = [prompt[min(start, P):min(stop, P)],                        # the prompt's part of the window
+                    self.embed_ids(tokens[max(start - P, 0):max(stop - P, 0)]).to(prompt.dtype)]  # the responses'
+            row = torch.cat(mine)                                              # [<= n, D]
+            rows.append(F.pad(row, (0, 0, 0, n - len(row))))                   # [n, D]
+            positions.append(layout.position_ids(n * sp_size, self.device)[start:stop])   # [S_pad] -> [n]
+        score_from, score_targets, score_into = [], [], []
+        R_max = max(max(layout.response_lens) for layout in layouts)
+        e = 0
+        for b, (group, layout) in enumerate(zip(response_ids, layouts)):
+            for offset, resp in zip(layout.offsets, group):
+                src = torch.tensor([layout.prompt_len - 1] + list(range(offset, offset + len(resp) - 1)))  # [R]
+                keep = (src >= start) & (src < stop)
+                score_from.append(b * n + src[keep] - start)
+                score_targets.append(torch.as_tensor(resp)[keep])
+                score_into.append(e * R_max + torch.arange(len(resp))[keep])
+                e += 1
+        response_mask = torch.zeros(e, R_max, dtype=torch.bool)
+        for i, R in enumerate(R for layout in layouts for R in layout.response_lens):
+            response_mask[i, :R] = True
+        to = lambda t: torch.cat(t).to(self.device)
+        return PackedBatch(torch.stack(rows), torch.stack(positions), layouts,             # [B, n, D], [B, n]
+                           to(score_from), to(score_targets), to(score_into), response_mask.to(self.device))
 
     # ---- log-probs ----
 
-    def token_logprobs(self, batch: SequenceBatch, temperature: float = 1.0,
-                       chunk_rows: int = 4096, num_chunks: int | None = None) -> torch.Tensor:
-        """Log-prob of every target token under the LLM: [B, S], zero where targets == IGNORE.
+    def token_logprobs(self, batch: SequenceBatch | PackedBatch, temperature: float = 1.0,
+                       block_rows: int = 4096, num_blocks: int | None = None) -> torch.Tensor:
+        """Log-prob of every target token under the LLM.
 
-        Logits are computed only at scored positions and `chunk_rows` at a time: a long video is
-        hundreds of thousands of positions and a full [S, vocab] logit tensor would not fit.
+        SequenceBatch -> [B, S], zero where targets == IGNORE. PackedBatch -> [E, R_max] per response,
+        zero outside `response_mask` (and, for an SP rank's slice, where another rank scores the token).
         `batch` may be a sequence-parallel shard (mrsp.py): positions then come from `position_ids`.
-        `num_chunks` fixes how many times the LM head runs (some chunks may be empty): under FSDP every
-        rank must make the same calls, however many positions its shard scores.
+        The LM head runs only on scored positions (`score_rows`). `num_blocks` fixes how many times it
+        runs (some blocks may be empty): under FSDP every rank must make the same calls, however many
+        positions its shard scores.
         """
+        kwargs = {}
+        if isinstance(batch, PackedBatch):
+            # The attention takes the layouts; transformers must build no mask (from packed position ids it
+            # would build a dense [S, S] one).
+            kwargs = dict(group_layouts=batch.layouts,
+                          attention_mask={t: None for t in set(self.llm.config.layer_types)})
         hidden = self.llm.get_decoder()(inputs_embeds=batch.inputs_embeds, position_ids=batch.position_ids,
-                                        use_cache=False).last_hidden_state       # [B, S, D]
-        mask = batch.loss_mask                                                    # [B, S]
-        h = hidden[mask]                                                          # [N, D]
-        tgt = batch.targets[mask]                                                 # [N]
-        lm_head = self.llm.get_output_embeddings()
-        num_chunks = num_chunks or max(1, math.ceil(len(h) / chunk_rows))
-        pieces = []
-        for rows in torch.tensor_split(torch.arange(len(h), device=h.device), num_chunks):
-            logits = lm_head(h[rows]).float() / temperature                      # [n, V]
-            logp = torch.log_softmax(logits, dim=-1)
-            pieces.append(logp.gather(1, tgt[rows, None]).squeeze(1))              # [n]
-        out = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)  # [B, S]
+                                        use_cache=False, **kwargs).last_hidden_state   # [B, n, D]
+        rows, targets = batch.scored_rows(hidden)                                 # [N, D], [N]
+        num_blocks = num_blocks or max(1, math.ceil(len(rows) / block_rows))
         # Even with nothing to score (a sequence-parallel shard that is all video) the result goes through
         # the LM head and the decoder: every rank's graph has the same shape, so backward runs the same
         # collectives (Ulysses all-to-alls, FSDP reduce-scatters) in the same order everywhere.
-        return out.masked_scatter(mask, torch.cat(pieces))
+        return batch.place(self.score_rows(rows, targets, temperature, num_blocks))
+
+    def score_rows(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
+                   num_blocks: int) -> torch.Tensor:
+        """log softmax(lm_head(hidden) / T)[target] for each row: [N, D], [N] -> [N], `num_blocks` row blocks.
+
+        A long video scores thousands of response tokens against a vocabulary of ~152k: a block's fp32
+        logits are [n, V] (4096 x 152k = 2.5 GB). With autograd on, each block is checkpointed: backward
+        recomputes its logits instead of keeping them, so the head holds one block at a time, however
+        many rows are scored (its only saved inputs are views of `hidden` and `targets`).
+        """
+        lm_head = self.llm.get_output_embeddings()
+
+        def block_logprobs(h, tgt):                                               # [n, D], [n] -> [n]
+            logits = lm_head(h).float() / temperature                             # [n, V]
+            return torch.log_softmax(logits, dim=-1).gather(1, tgt[:, None]).squeeze(1)
+
+        pieces = []
+        for h, tgt in zip(hidden.tensor_split(num_blocks), targets.tensor_split(num_blocks)):  # views, no copies
+            if torch.is_grad_enabled():
+                pieces.append(torch.utils.checkpoint.checkpoint(block_logprobs, h, tgt, use_reentrant=False))
+            else:
+                pieces.append(block_logprobs(h, tgt))
+        return torch.cat(pieces)                                                  # [N]
 
     # ---- save / load ----
 

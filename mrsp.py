@@ -17,7 +17,10 @@ attention and swaps it back after (`ulysses_attention`):
     out      [B, S, H/sp, D]  --all-to-all-->  [B, S/sp, H, D]
 
 Per-token log-probs are gathered back to the full length (`sp_token_logprobs`), so the loss code of
-rl.py never sees shards. Each rank's activations are 1/sp of the sequence's.
+rl.py never sees shards. Each rank's activations are 1/sp of the sequence's. rl.py's shared-prefix
+passes pack a GRPO group into one row [prompt][response 1]...[response G] (model.PackedBatch); each
+rank builds only its slice of the rows, and after the all-to-all the packed attention
+(model.shared_prefix_attention) runs on the whole rows for the rank's heads.
 
 Layout. `init_distributed(sp_size)` reads the torchrun environment and builds a (dp x sp) device mesh;
 consecutive global ranks form an SP group (they share one sample, and on a node they share the fast
@@ -60,7 +63,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model import IGNORE, SequenceBatch, VideoLM
+import model as M
+from model import IGNORE, PackedBatch, SequenceBatch, VideoLM
 
 ULYSSES = "ulysses"  # the attention implementation name registered with transformers
 
@@ -260,7 +264,8 @@ def ulysses_attention(module, query, key, value, attention_mask, **kwargs):
     and expects [B, S/sp, Hq, D] back. The model built no mask: "ulysses" has no entry in transformers'
     `AttentionMaskInterface` on purpose, so `create_causal_mask` returns None (a mask built from the
     local length S/sp would be wrong for the full S). The inner attention runs with is_causal=True over
-    all S positions instead; sequences are right-padded, so no padding mask is needed.
+    all S positions instead; sequences are right-padded, so no padding mask is needed. A PackedBatch
+    forward (kwarg `group_layouts`) runs `model.shared_prefix_attention` on the whole rows instead.
     """
     setup: UlyssesSetup = module.ulysses
     if attention_mask is not None:
@@ -276,9 +281,13 @@ def ulysses_attention(module, query, key, value, attention_mask, **kwargs):
     query = AllToAll.apply(query, 1, 2, group)                   # [B, Hq, S/sp, D] -> [B, Hq/sp, S, D]
     key = AllToAll.apply(key, 1, 2, group)                       # [B, Hkv*r, S/sp, D] -> [B, Hkv*r/sp, S, D]
     value = AllToAll.apply(value, 1, 2, group)                   # [B, Hkv*r, S/sp, D] -> [B, Hkv*r/sp, S, D]
-    view = _LocalHeadsView(module, setup.inner_config, query.shape[1] // key.shape[1])
-    out, _ = setup.inner_attention(view, query, key, value, None, is_causal=True,
-                                   **kwargs)                     # -> [B, S, Hq/sp, D]
+    layouts = kwargs.pop("group_layouts", None)                  # set for a PackedBatch (model.py)
+    if layouts is not None:  # the whole packed rows are here, for this rank's heads
+        out = M.shared_prefix_attention(query, key, value, layouts, module.scaling)   # -> [B, S, Hq/sp, D]
+    else:
+        view = _LocalHeadsView(module, setup.inner_config, query.shape[1] // key.shape[1])
+        out, _ = setup.inner_attention(view, query, key, value, None, is_causal=True,
+                                       **kwargs)                 # -> [B, S, Hq/sp, D]
     return AllToAll.apply(out, 1, 2, group), None                # [B, S, Hq/sp, D] -> [B, S/sp, Hq, D]
 
 
@@ -332,8 +341,16 @@ def shard_sequence(batch: SequenceBatch, sp_rank: int, sp_size: int) -> Sequence
     lets a real token see a later one, so padding changes no real token's result. Position ids stay
     global. Only the shard is copied, never the full sequence. Example: S=10, sp=3 -> shards of 4;
     rank 1 gets positions 4..7, rank 2 gets 8, 9 and two padding positions 10, 11.
+    A batch built with `build_sequence_batch(..., sp_rank, sp_size)` holds this slice of the embeddings
+    already; only its targets and positions are cut.
     """
     S = batch.targets.shape[1]
+    if batch.sp_size > 1:
+        if (batch.sp_rank, batch.sp_size) != (sp_rank, sp_size):
+            raise ValueError(f"the batch was built for SP rank {batch.sp_rank} of {batch.sp_size}, "
+                             f"not rank {sp_rank} of {sp_size}")
+        local = slice(sp_rank * (S // sp_size), (sp_rank + 1) * (S // sp_size))     # S is a multiple of sp
+        return SequenceBatch(batch.inputs_embeds, batch.targets[:, local], batch.position_ids[:, local])
     n = -(-S // sp_size)                                                   # shard length: ceil(S / sp)
     start = sp_rank * n
     real = slice(min(start, S), min(start + n, S))                         # may be empty when S < sp
@@ -346,12 +363,15 @@ def shard_sequence(batch: SequenceBatch, sp_rank: int, sp_size: int) -> Sequence
     return SequenceBatch(embeds, targets, positions)
 
 
-def sp_token_logprobs(model: VideoLM, batch: SequenceBatch, sp_group,
-                      temperature: float = 1.0, num_chunks: int | None = None) -> torch.Tensor:
-    """`model.token_logprobs(batch)` computed sequence-parallel: [B, S], the full length on every SP rank.
+def sp_token_logprobs(model: VideoLM, batch: SequenceBatch | PackedBatch, sp_group,
+                      temperature: float = 1.0, num_blocks: int | None = None) -> torch.Tensor:
+    """`model.token_logprobs(batch)` computed sequence-parallel, the full result on every SP rank:
+    [B, S] for a SequenceBatch (each rank runs its `shard_sequence` of it), [E, R_max] for a PackedBatch
+    (built as this rank's slice: `build_packed_batch(..., sp_rank, sp_size)`).
 
-    Each rank runs the LLM on its shard (Ulysses attention must be enabled for sp > 1), then the
-    shards' log-probs are gathered and the padding dropped. Gradients flow back into the local shard
+    Each rank runs the LLM on its shard (Ulysses attention must be enabled for sp > 1), then the shards'
+    log-probs are combined: gathered along the sequence and the padding dropped, or, for packed groups,
+    summed (each response token is scored on exactly one rank). Gradients flow back into the local shard
     (see `gather_sequence` for the contract); sum parameter gradients over the SP group afterwards.
     """
     sp_rank, sp_size = group_rank(sp_group), group_size(sp_group)
@@ -360,10 +380,33 @@ def sp_token_logprobs(model: VideoLM, batch: SequenceBatch, sp_group,
     if (enabled or sp_size > 1) and ulysses_group is not sp_group:
         raise RuntimeError("sequence-parallel log-probs need Ulysses attention over this sp_group: "
                            "call enable_ulysses(model, sp_group) first")
+    if isinstance(batch, PackedBatch):
+        local = model.token_logprobs(batch, temperature, num_blocks=num_blocks)  # [E, R_max], this rank's tokens
+        return sum_over_ranks(local, sp_group)                                    # [E, R_max], all tokens
     S = batch.targets.shape[1]
     shard = shard_sequence(batch, sp_rank, sp_size)
-    local = model.token_logprobs(shard, temperature, num_chunks=num_chunks)   # [B, S_pad/sp]
+    local = model.token_logprobs(shard, temperature, num_blocks=num_blocks)     # [B, S_pad/sp]
     return gather_sequence(local, dim=1, group=sp_group)[:, :S]               # [B, S_pad/sp] -> [B, S]
+
+
+class _SumOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        # As in gather_sequence: every rank computed the same loss from the same sum, so `grad` is already
+        # the full gradient of each rank's own term.
+        return grad, None
+
+
+def sum_over_ranks(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum of equal-shaped tensors over `group`, where each rank filled in its own entries (zero elsewhere).
+    Backward follows `gather_sequence`'s contract: the incoming gradient goes to the local term unchanged."""
+    return x if group_size(group) == 1 else _SumOverRanks.apply(x, group)
 
 
 def allreduce_gradients(model: torch.nn.Module, ps: ParallelState) -> None:

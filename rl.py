@@ -11,7 +11,10 @@ One GRPO step, as the banners in `main()` show it:
   4. rewards     0.9 x accuracy + 0.1 x format (weights configurable)
   5. advantages  group-normalised: (r - mean) / (std + 1e-6), or without the std (Dr. GRPO)
   6. update      old-policy and reference log-probs, then the clipped policy loss with a k3 KL term;
-                 the long sequences are sharded over the SP group (MR-SP stage 2, Ulysses attention)
+                 a group's G responses share its prompt: each group is one packed row, the prompt run
+                 once (P + G*R positions, not G*(P + R)); the rows are sharded over the SP group (MR-SP
+                 stage 2, Ulysses attention). With one mini-batch the old log-probs come from the
+                 update's own forward (on-policy), not an extra pass
   7. sync        the new LLM weights go into the engine in place; metrics; checkpoint
 
 Run:
@@ -168,11 +171,59 @@ def gather_episodes(groups, ps: mrsp.ParallelState):
     return [g for share in shares for g in share]
 
 
-def batch_logprobs(model, prompt_fn, episodes, ps, temperature) -> torch.Tensor:
-    """Per-token log-probs [B, S] of the episodes' responses under `model` (sharded over SP)."""
+def batch_logprobs(model, prompt_fn, episodes, ps, temperature, shared_prefix: bool, group_size: int):
+    """Log-probs of the episodes' response tokens under `model`, and the mask of real tokens.
+
+    shared_prefix: the episodes are whole groups (G consecutive episodes share a prompt); each group is
+    one packed row [prompt][response 1]...[response G], the prompt run once: [E, R_max] per response.
+    Otherwise each episode is its own sequence [prompt; response]: [E, S]. Either way sharded over SP;
+    the losses only sum over the mask, so they do not care which layout it is.
+    """
+    if shared_prefix:
+        groups = [episodes[i:i + group_size] for i in range(0, len(episodes), group_size)]
+        batch = model.build_packed_batch([prompt_fn(g[0].record) for g in groups],
+                                         [[e.sample.token_ids for e in g] for g in groups],
+                                         sp_rank=ps.sp_rank, sp_size=ps.sp_size)   # this rank's slice
+        return train.sequence_logprobs(model, batch, ps, temperature), batch.response_mask
     batch = model.build_sequence_batch([prompt_fn(e.record) for e in episodes],
-                                       [e.sample.token_ids for e in episodes])
+                                       [e.sample.token_ids for e in episodes],
+                                       sp_rank=ps.sp_rank, sp_size=ps.sp_size)          # this rank's slice
     return train.sequence_logprobs(model, batch, ps, temperature), batch.loss_mask
+
+
+def micro_batches_of(episodes_by_group, micro_batch_size: int, shared_prefix: bool) -> list[list]:
+    """The episodes of each forward/backward. --micro-batch-size counts sequences (responses); with the
+    shared prefix a micro-batch holds whole groups, as many as fit (at least one): G = 5 and 16 -> 3
+    groups, 15 responses, 3 prompts."""
+    if shared_prefix:
+        per = max(1, micro_batch_size // len(episodes_by_group[0]))
+        return [[e for g in episodes_by_group[i:i + per] for e in g] for i in range(0, len(episodes_by_group), per)]
+    episodes = [e for g in episodes_by_group for e in g]
+    return [episodes[i:i + micro_batch_size] for i in range(0, len(episodes), micro_batch_size)]
+
+
+def micro_batch_weight(micro, mini_batch, loss_agg: str) -> float:
+    """The share of its mini-batch's loss that a micro-batch's `aggregate` stands for, so that the
+    micro-batches add up to the mini-batch's loss taken whole, whatever the split:
+
+        token-mean          tokens in the micro-batch / tokens in the mini-batch
+        seq-mean-token-*    sequences in the micro-batch / sequences in the mini-batch
+
+    Example: 40 sequences in micro-batches of 16/16/8 under seq-mean -> 0.4, 0.4, 0.2 (equal weights of
+    1/3 would count the last 8 sequences double).
+    """
+    if loss_agg == "token-mean":
+        tokens = lambda eps: sum(len(e.sample.token_ids) for e in eps)
+        return tokens(micro) / tokens(mini_batch)
+    return len(micro) / len(mini_batch)
+
+
+def llm_positions(prompt_lens: list[int], episodes_by_group, shared_prefix: bool) -> int:
+    """LLM positions of one pass over the step's episodes: sum of P + G*R per group with the shared
+    prefix, of G*(P + R) without."""
+    responses = [sum(len(e.sample.token_ids) for e in g) for g in episodes_by_group]
+    copies = [1 if shared_prefix else len(g) for g in episodes_by_group]
+    return sum(c * P + R for c, P, R in zip(copies, prompt_lens, responses))
 
 
 def lap(since: float, device: torch.device) -> tuple[float, float]:
@@ -197,18 +248,28 @@ def sync_engine(engine, model, ps):
 
 # ---- the models of a run ----
 
-def load_policy(path, ps: mrsp.ParallelState, grad_checkpointing: bool = False) -> M.VideoLM:
+def load_policy(path, ps: mrsp.ParallelState, grad_checkpointing: bool = False,
+                shared_prefix: bool = False) -> M.VideoLM:
     """The policy, ready to train: its LLM in training mode (Hugging Face checkpoints activations only
     in training mode; Qwen2 has no dropout, and the torch engine decodes in eval mode by itself), the
-    vision tower and projector frozen (LongVILA-R1), Ulysses attention over the SP group, FSDP2 shards."""
+    vision tower and projector frozen (LongVILA-R1), Ulysses attention over the SP group (which also runs
+    the shared-prefix attention) or, in one process, the shared-prefix attention alone; FSDP2 shards."""
     policy = M.VideoLM.load(path, device=ps.device)
     policy.freeze_vision()
     policy.llm.train()
     if grad_checkpointing:
         policy.llm.gradient_checkpointing_enable()
-    if ps.sp_size > 1:
-        mrsp.enable_ulysses(policy, ps.sp_group)
+    enable_attention(policy, ps, shared_prefix)
     return train.shard_model(policy, ps)
+
+
+def enable_attention(model: M.VideoLM, ps: mrsp.ParallelState, shared_prefix: bool) -> None:
+    """Ulysses attention over the SP group (it runs packed groups too), or in one process the
+    shared-prefix attention for packed groups (plain sdpa for everything else)."""
+    if ps.sp_size > 1:
+        mrsp.enable_ulysses(model, ps.sp_group)
+    elif shared_prefix:
+        M.enable_shared_prefix(model)
 
 
 def with_own_llm(policy: M.VideoLM, path, dtype: torch.dtype, device) -> M.VideoLM:
@@ -220,15 +281,15 @@ def with_own_llm(policy: M.VideoLM, path, dtype: torch.dtype, device) -> M.Video
                      loaded.tokenizer)
 
 
-def load_reference(path, policy: M.VideoLM, ps: mrsp.ParallelState, dtype: torch.dtype) -> M.VideoLM:
+def load_reference(path, policy: M.VideoLM, ps: mrsp.ParallelState, dtype: torch.dtype,
+                   shared_prefix: bool = False) -> M.VideoLM:
     """The reference model of the KL term: the LLM of checkpoint `path` (the initial policy), frozen,
     in the compute dtype (bf16 under --bf16: it only runs forward, under autocast), sharded with FSDP2
     like the policy's. It owns no vision weights: prompts reuse the policy's cached video embeddings."""
     reference = with_own_llm(policy, path, dtype, ps.device)
     reference.llm.requires_grad_(False)
     reference.llm.eval()
-    if ps.sp_size > 1:
-        mrsp.enable_ulysses(reference, ps.sp_group)
+    enable_attention(reference, ps, shared_prefix)
     return train.shard_model(reference, ps)
 
 
@@ -295,8 +356,11 @@ def parse_args(argv=None):
     ap.add_argument("--mini-batches", type=int, default=1,
                     help="optimizer updates per rollout batch (the batch is split; >1 makes the clip matter)")
     ap.add_argument("--micro-batch-size", type=int, default=2,
-                    help="sequences (or groups with shared prefix) per forward/backward: each carries a whole "
-                         "video, ~66k positions for a 7B model at 256 frames, so keep it small there")
+                    help="sequences per forward/backward; with the shared prefix, whole groups (at least one). "
+                         "Each carries a whole video, ~66k positions for a 7B model at 256 frames: keep it small there")
+    ap.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
+                    help="run each group's prompt once in the log-prob and update passes (P + G*R positions, not "
+                         "G*(P + R)); --no-shared-prefix runs every response as its own sequence")
     ap.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (the paper's 1e-6 suits 7B)")
     ap.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
@@ -341,9 +405,11 @@ def main(argv=None):
     start = Path(resume_from or args.init)
 
     # ---- policy, reference, optimizer, engine ----
-    policy = load_policy(start, ps, grad_checkpointing=args.grad_checkpointing)
+    policy = load_policy(start, ps, grad_checkpointing=args.grad_checkpointing,
+                         shared_prefix=args.shared_prefix)
     compute_dtype = torch.bfloat16 if args.bf16 else torch.float32
-    reference = load_reference(args.init, policy, ps, compute_dtype) if args.kl_coef > 0 else None
+    reference = (load_reference(args.init, policy, ps, compute_dtype, shared_prefix=args.shared_prefix)
+                 if args.kl_coef > 0 else None)
     records = data.load_records(args.data)
     sampling = data.FrameSampling.from_args(args)
     max_model_len = engine_max_model_len(policy, records, sampling, args)  # refuses too long prompts now
@@ -412,43 +478,59 @@ def main(argv=None):
         no_signal = int((rewards.max(dim=1).values == rewards.min(dim=1).values).sum())
 
         # ---- 6a. old-policy and reference log-probs (no grad) ----
-        micro_batches = [episodes[i:i + args.micro_batch_size] for i in range(0, len(episodes), args.micro_batch_size)]   # old_lp[k], ref_lp[k] belong to batch k
-        old_lp, ref_lp, gap = [], [], 0.0
+        # Micro-batches of whole groups with the shared prefix (see micro_batches_of). With one mini-batch
+        # the update is on-policy: the old log-probs equal the current ones before the update, so 6b takes
+        # them (detached) from its own forward instead of an extra pass here (as verl does).
+        micro_batches = micro_batches_of(episodes_by_group, args.micro_batch_size, args.shared_prefix)
+        mini_batches = mrsp.split_evenly(len(micro_batches), min(args.mini_batches, len(micro_batches)))
+        on_policy = len(mini_batches) == 1
+        policy_logprobs = lambda micro: batch_logprobs(policy, policy_prompt, micro, ps, args.temperature,
+                                                       args.shared_prefix, args.group_size)
+        old_lp, ref_lp, gap = [], [], 0.0   # old_lp[k], ref_lp[k] belong to micro-batch k
         with torch.no_grad(), train.autocast(ps.device, args.bf16):
             for micro in micro_batches:
-                lp, mask = batch_logprobs(policy, policy_prompt, micro, ps, args.temperature)
-                old_lp.append(lp)
-                gap = max(gap, engine_gap(lp, mask, micro))
+                if not on_policy:
+                    lp, mask = policy_logprobs(micro)
+                    old_lp.append(lp)
+                    gap = max(gap, engine_gap(lp, mask, micro))
                 if reference is not None:
-                    ref_lp.append(batch_logprobs(reference, reference_prompt, micro, ps, args.temperature)[0])
+                    ref_lp.append(batch_logprobs(reference, reference_prompt, micro, ps, args.temperature,
+                                                 args.shared_prefix, args.group_size)[0])
         if reference is not None:
             train.reshard(reference)  # it has no backward to free its embedding and LM head
         timing["time_logprobs"], tick = lap(tick, ps.device)
 
         # ---- 6b. policy update: clipped ratio + k3 KL, sequences sharded over SP ----
         stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
-        mini_batches = mrsp.split_evenly(len(micro_batches), min(args.mini_batches, len(micro_batches)))  # micro-batch indices
         for mini_batch in mini_batches:
+            mini_episodes = [e for k in mini_batch for e in micro_batches[k]]
             for k in mini_batch:
                 micro = micro_batches[k]
                 with train.autocast(ps.device, args.bf16):
-                    lp, mask = batch_logprobs(policy, policy_prompt, micro, ps, args.temperature)
+                    lp, mask = policy_logprobs(micro)
+                    if on_policy:
+                        old_lp.append(lp.detach())
+                        gap = max(gap, engine_gap(old_lp[k], mask, micro))
                     adv = torch.tensor([e.advantage for e in micro], device=lp.device)[:, None].expand_as(lp)
                     pg, clip_frac = policy_loss(lp, old_lp[k], adv, mask, args.clip_low, args.clip_high,
                                                 args.dual_clip, args.loss_agg)
                     kl = aggregate(kl_k3(lp, ref_lp[k]), mask, args.loss_agg) if ref_lp else torch.zeros(())
                     loss = pg + args.kl_coef * kl
-                # The mini-batch loss is the mean of its micro-batches' losses (each aggregated by
-                # --loss-agg). FSDP averages over all ranks; x sp_size makes that a sum over the SP group.
-                (loss * ps.sp_size / len(mini_batch)).backward()
-                weight = 1 / len(micro_batches)
-                stats["loss"] += loss.item() * weight
-                stats["kl"] += kl.item() * weight
-                stats["clip_frac"] += clip_frac.item() * weight
+                # The micro-batches add up to the mini-batch's loss taken whole (micro_batch_weight). FSDP
+                # averages over all ranks; x sp_size makes that a sum over the SP group.
+                weight = micro_batch_weight(micro, mini_episodes, args.loss_agg)
+                (loss * weight * ps.sp_size).backward()
+                stats["loss"] += loss.item() * weight / len(mini_batches)
+                stats["kl"] += kl.item() * weight / len(mini_batches)
+                stats["clip_frac"] += clip_frac.item() * weight / len(mini_batches)
             stats["grad_norm"] += train.clip_grad_norm(params, args.max_grad_norm) / len(mini_batches)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         timing["time_update"], tick = lap(tick, ps.device)
+        one_pass = llm_positions([len(p) for p in prompts], episodes_by_group, args.shared_prefix)
+        stats["llm_positions"] = (llm_positions([len(p) for p in prompts], episodes_by_group, True)  # rollout
+                                  + one_pass * (1 + (not on_policy) + (reference is not None)))
+        stats["old_logprobs_reused"] = float(on_policy)
 
         # ---- 7. sync weights into the engine, log, checkpoint ----
         sync_engine(engine, policy, ps)
@@ -462,7 +544,7 @@ def main(argv=None):
                "vision_runs": train.count_vision_runs(cache, *builders) - vision_runs_before, "logprob_gap_max": gap,
                "skipped_records": policy_prompt.skipped - skipped_before, **train.cache_metrics(cache)}
         row = train.reduce_metrics(row, ps, sum_keys=("no_signal_groups", "vision_runs", "skipped_records",
-                                                      *train.CACHE_SUM_KEYS),
+                                                      "llm_positions", *train.CACHE_SUM_KEYS),
                                    max_keys=("logprob_gap_max", *train.CACHE_MAX_KEYS))
         log.log(row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}")

@@ -435,21 +435,23 @@ CACHE_SUM_KEYS = ("embed_cache_hits", "embed_cache_misses")  # reduce_metrics: t
 CACHE_MAX_KEYS = ("embed_cache_bytes", "embed_cache_entries")  # and the fullest rank's footprint
 
 
-def sequence_logprobs(model, batch: M.SequenceBatch, ps: mrsp.ParallelState, temperature: float = 1.0,
-                      chunk_rows: int = 4096):
-    """Per-token log-probs [B, S], the sequence sharded over the SP group when there is one.
+def sequence_logprobs(model, batch: "M.SequenceBatch | M.PackedBatch", ps: mrsp.ParallelState,
+                      temperature: float = 1.0, block_rows: int = 4096):
+    """Per-token log-probs, the sequence sharded over the SP group when there is one: [B, S] for a
+    SequenceBatch, [E, R_max] for a PackedBatch. Under SP the batch is the whole one, or (rl.py) built
+    as this rank's slice: `build_sequence_batch` / `build_packed_batch(..., sp_rank, sp_size)`.
 
     With FSDP every rank must run the (sharded) LM head the same number of times, so the ranks agree on
-    a chunk count that covers the largest batch of scored positions anywhere.
+    a row-block count that covers the largest number of scored positions anywhere.
     """
-    num_chunks = None
+    num_blocks = None
     if ps.world_size > 1:
-        count = torch.tensor([math.ceil(int(batch.loss_mask.sum()) / chunk_rows)], device=ps.device)
+        count = torch.tensor([math.ceil(batch.num_scored / block_rows)], device=ps.device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        num_chunks = max(1, int(count))
+        num_blocks = max(1, int(count))
     if ps.sp_size > 1:
-        return mrsp.sp_token_logprobs(model, batch, ps.sp_group, temperature=temperature, num_chunks=num_chunks)
-    return model.token_logprobs(batch, temperature=temperature, chunk_rows=chunk_rows, num_chunks=num_chunks)
+        return mrsp.sp_token_logprobs(model, batch, ps.sp_group, temperature=temperature, num_blocks=num_blocks)
+    return model.token_logprobs(batch, temperature=temperature, block_rows=block_rows, num_blocks=num_blocks)
 
 
 def records_for_step(records, step: int, per_rank: int, ps: mrsp.ParallelState, seed: int):

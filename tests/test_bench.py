@@ -29,16 +29,18 @@ def table_rows(out: str, header_start: str) -> list[list[str]]:
     return [rows[0]] + rows[2:]  # drop the |---| line
 
 
-def test_step_runs_rl_three_ways_and_prints_the_table(tmp_path):
+def test_step_runs_rl_four_ways_and_prints_the_table(tmp_path):
     out = run_bench("step", "--frames", "8", "--steps", "2", "--workdir", str(tmp_path))
     header, row = table_rows(out, "| frames | prompt tokens")
-    assert header[3:6] == ["(a) no cache s", "(b) stage 1 s", "(c) stage 1+2 s"]
-    assert header[6:8] == ["(a)/(b)", "(a)/(c)"]
-    assert row[0] == "8" and all(float(c) > 0 for c in row[3:6])
-    no_cache, stage1, stage12 = (float(r) for r in row[8].split("/"))
-    assert no_cache > stage1 == 2  # re-encoded for every sequence vs once per video (2 prompts per step)
+    assert header[2:6] == ["(a) no cache s", "(b) stage 1 s", "(c) stage 1+2 s", "(d) shared prefix s"]
+    assert header[6:9] == ["(a)/(b)", "(a)/(c)", "(a)/(d)"]
+    assert row[0] == "8" and all(float(c) > 0 for c in row[2:6])
+    positions = [float(p.replace(",", "")) for p in row[10].split("/")]
+    assert positions[0] == positions[1] == positions[2] > positions[3]  # the prompt once per group in (d)
+    no_cache, stage1, stage12, shared = (float(r) for r in row[11].split("/"))
+    assert no_cache > stage1 == shared == 2  # re-encoded for every sequence vs once per video (2 prompts per step)
     phases = table_rows(out, "| frames | config")
-    assert [r[1] for r in phases[1:]] == ["(a) no cache", "(b) stage 1", "(c) stage 1+2"]
+    assert [r[1] for r in phases[1:]] == ["(a) no cache", "(b) stage 1", "(c) stage 1+2", "(d) shared prefix"]
     assert "command: `python bench.py step --frames 8 --steps 2" in out
 
 

@@ -54,7 +54,7 @@ def test_response_logprobs_equal_a_full_log_softmax(tiny_model):
     prompt = tiny_model.prompt_embeds("Watch the video.\n", video, "\nResponse: ")
     responses = [[5, 9, 11, 3], [7, 8]]
     batch = tiny_model.build_sequence_batch([prompt, prompt[:-2]], responses)
-    fast = tiny_model.token_logprobs(batch, temperature=0.7, chunk_rows=3)
+    fast = tiny_model.token_logprobs(batch, temperature=0.7, block_rows=3)
 
     # the slow way: logits over every position, log-softmax, pick the next token
     logits = tiny_model.llm(inputs_embeds=batch.inputs_embeds, position_ids=batch.position_ids).logits

@@ -447,10 +447,22 @@ class VilaFamily:
     @staticmethod
     def frame_features(model: VideoLM, pixel_values: torch.Tensor) -> torch.Tensor:
         """SigLIP hidden_states[select_layer], every token kept ("cls_patch"; SigLIP has no CLS token).
-        hidden_states[i] is the output of the first i encoder layers, so -2 is the second-to-last layer's
-        output, before the last layer and the post-layernorm."""
-        out = model.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
-        return out.hidden_states[model.config.select_layer]                     # [t, P, C]
+
+        hidden_states[i] is the output of the first i encoder layers (0: the patch embeddings), so -2 is the
+        second-to-last layer's output, before the last layer and the post-layernorm. It is taken with a
+        forward hook on the tower's own forward, which FSDP needs to see (it gathers the weights there).
+        """
+        tower = model.vision_tower
+        n = model.config.select_layer % (len(tower.encoder.layers) + 1)          # layers before the features
+        source = tower.embeddings if n == 0 else tower.encoder.layers[n - 1]
+        captured = []
+        hook = source.register_forward_hook(lambda module, args, out: captured.append(
+            out[0] if isinstance(out, tuple) else out))
+        try:
+            tower(pixel_values=pixel_values)
+        finally:
+            hook.remove()
+        return captured[-1]                                                       # [t, P, C]
 
     @staticmethod
     def video_rows(model: VideoLM, video_embeds: torch.Tensor) -> torch.Tensor:

@@ -684,10 +684,21 @@ class VilaFamily:
     @staticmethod
     def frame_features(model: VideoLM, pixel_values: torch.Tensor) -> torch.Tensor:
         """SigLIP hidden_states[select_layer], every token kept ("cls_patch"; SigLIP has no CLS token).
-        hidden_states[i] is the output of the first i encoder layers, so -2 is the second-to-last layer's
-        output, before the last layer and the post-layernorm."""
-        out = model.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
-        return out.hidden_states[model.config.select_layer]                     # [t, P, C]
+
+        hidden_states[i] is the output of the first i encoder layers (0: the patch embeddings), so -2 is the
+        second-to-last layer's output, before the last layer and the post-layernorm. The tower runs only
+        that far: its layers after it and its post-layernorm are set aside for the call, so the features
+        are the forward's own output. (FSDP gathers the tower's weights around its forward and starts its
+        backward from the forward's output; features taken from inside the forward would get no gradient.)
+        """
+        tower = model.vision_tower
+        n = model.config.select_layer % (len(tower.encoder.layers) + 1)          # layers before the features
+        layers, norm = tower.encoder.layers, tower.post_layernorm
+        tower.encoder.layers, tower.post_layernorm = layers[:n], nn.Identity()
+        try:
+            return tower(pixel_values=pixel_values).last_hidden_state            # [t, P, C]
+        finally:
+            tower.encoder.layers, tower.post_layernorm = layers, norm
 
     @staticmethod
     def video_rows(model: VideoLM, video_embeds: torch.Tensor) -> torch.Tensor:
@@ -926,8 +937,9 @@ def _from_pretrained(auto_class, folder: Path, **kwargs):
     problems += [f"{k} has shape {list(a)}, config.json makes it {list(b)}" for k, a, b in
                  sorted(info["mismatched_keys"])]
     if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise CheckpointError(f"{folder}: the weights disagree with {folder / 'config.json'}: "
-                              + "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+                              + "; ".join(problems[:5]) + more)
     return module
 
 

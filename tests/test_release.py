@@ -71,7 +71,8 @@ def write_release_checkpoint(folder, tokenizer, *, projector="mlp_downsample_2x2
     save_file(weights, str(folder / "mm_projector" / "model.safetensors"), metadata={"format": "pt"})
 
     top = {"architectures": ["LlavaLlamaModel"], "model_type": "llava_llama"} if training_style else \
-        {"architectures": ["VILAForCausalLM"], "model_type": "vila", "auto_map": {"AutoModel": "modeling_vila.VILAForCausalLM"}}
+        {"architectures": ["VILAForCausalLM"], "model_type": "vila",
+         "auto_map": {"AutoModel": "modeling_vila.VILAForCausalLM"}}
     top.update(hidden_size=LLM["hidden_size"], mm_hidden_size=VISION["hidden_size"], mm_vision_select_layer=-2,
                mm_vision_select_feature="cls_patch", image_aspect_ratio="resize", num_video_frames=8, fps=0.0,
                video_encoder=BASIC, llm_cfg=llm_config.to_dict(), vision_tower_cfg=vision_cfg,

@@ -542,9 +542,10 @@ def main(argv=None):
                "response_len": sum(len(e.sample.token_ids) for e in episodes) / len(episodes),
                "no_signal_groups": no_signal, **stats, **timing,
                "vision_runs": train.count_vision_runs(cache, *builders) - vision_runs_before, "logprob_gap_max": gap,
-               "skipped_records": policy_prompt.skipped - skipped_before, **train.cache_metrics(cache)}
+               "skipped_records": policy_prompt.skipped - skipped_before, **train.cache_metrics(cache),
+               **train.reader_counts()}
         row = train.reduce_metrics(row, ps, sum_keys=("no_signal_groups", "vision_runs", "skipped_records",
-                                                      "llm_positions", *train.CACHE_SUM_KEYS),
+                                                      "llm_positions", *train.CACHE_SUM_KEYS, *train.READER_SUM_KEYS),
                                    max_keys=("logprob_gap_max", *train.CACHE_MAX_KEYS))
         log.log(row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}")

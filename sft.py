@@ -111,9 +111,10 @@ def main(argv=None):
                "response_tokens": tokens, "time_s": time.time() - t0}
         row["vision_runs"] = train.count_vision_runs(cache, prompts) - vision_runs_before
         row["skipped_records"] = prompts.skipped - skipped_before
-        row.update(train.cache_metrics(cache))
+        row.update(train.cache_metrics(cache), **train.reader_counts())
         row = train.reduce_metrics(row, ps, sum_keys=("response_tokens", "vision_runs", "skipped_records",
-                                                      *train.CACHE_SUM_KEYS), max_keys=train.CACHE_MAX_KEYS)
+                                                      *train.CACHE_SUM_KEYS, *train.READER_SUM_KEYS),
+                                   max_keys=train.CACHE_MAX_KEYS)
         log.log(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:

@@ -454,6 +454,17 @@ def sequence_logprobs(model, batch: "M.SequenceBatch | M.PackedBatch", ps: mrsp.
     return model.token_logprobs(batch, temperature=temperature, block_rows=block_rows, num_blocks=num_blocks)
 
 
+def reader_counts() -> dict:
+    """Distinct videos this process has read so far, by reader (decord first, PyAV where decord cannot):
+    {"videos_decord": n, "videos_pyav": m}, both keys always, so every rank's metrics row has the same keys.
+    Sum them over data-parallel ranks (`READER_SUM_KEYS`): an SP group's ranks read the same files."""
+    counts = data.decoder_counts()
+    return {f"videos_{reader.name}": counts.get(reader.name, 0) for reader in data.VIDEO_READERS}
+
+
+READER_SUM_KEYS = tuple(f"videos_{reader.name}" for reader in data.VIDEO_READERS)
+
+
 def records_for_step(records, step: int, per_rank: int, ps: mrsp.ParallelState, seed: int):
     """This rank's records for `step`: a seeded shuffle per epoch, split by data-parallel rank.
     A pure function of the step, so a resumed run sees exactly the records the original would have."""

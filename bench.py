@@ -133,7 +133,7 @@ def _wide_videolm(layers: int, vocab_size: int, seed: int) -> M.VideoLM:
                              max_position_embeddings=32768, **WIDE_7B)
     llm = AutoModelForCausalLM.from_config(llm_config, attn_implementation="sdpa", dtype=torch.bfloat16)
     config = M.VideoLMConfig(448, 14, 64, WIDE_7B["hidden_size"])
-    projector = M.MlpDownsampleProjector(config.vision_hidden, config.llm_hidden)
+    projector = M.MultimodalProjector(config.projector, config.vision_hidden, config.llm_hidden)
     return M.VideoLM(config, vision.to(torch.bfloat16), projector.to(torch.bfloat16), llm, tokenizer)
 
 
@@ -144,10 +144,11 @@ def _local_bytes(tensors) -> int:
 
 
 def _grpo_memory_rank(rank: int, world_size: int, settings: dict, port: int, video: str, results):
-    """One rank of one GRPO update, as rl.py's steps 2 and 6 run it: the video encoded through the embedding
-    cache (bf16), old-policy and reference log-probs, then the clipped loss + k3 KL, backward, clip, AdamW.
-    Policy sharded with FSDP2 (train.shard_model) over all ranks, one SP group of all ranks (Ulysses),
-    bf16 weights, bf16 autocast. Reports bytes held per rank and the process's peak RSS (VmHWM)."""
+    """One rank of one GRPO update, as rl.py's steps 2 and 6 run it with its defaults: the video encoded
+    through the embedding cache (bf16), the group packed with its prompt once (shared prefix), reference
+    log-probs, then the clipped loss + k3 KL (on-policy: old log-probs from the update's own forward),
+    backward, clip, AdamW. Policy and reference (its LLM alone) sharded with FSDP2 over all ranks, one SP
+    group of all ranks (Ulysses), bf16 weights, bf16 autocast. Reports bytes held per rank and the process's peak RSS (VmHWM)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -157,15 +158,21 @@ def _grpo_memory_rank(rank: int, world_size: int, settings: dict, port: int, vid
     import train
     ps = mrsp.init_distributed(sp_size=world_size)
     start = time.perf_counter()
-    # ---- policy, reference, optimizer, cache: as rl.py's set-up makes them ----
+    # ---- policy, reference, optimizer, cache: as rl.py's set-up makes them (load_policy, load_reference) ----
     policy = _wide_videolm(settings["layers"], settings["vocab_size"], seed=0).to(ps.device)
     policy.freeze_vision()
-    reference = _wide_videolm(settings["layers"], settings["vocab_size"], seed=0).to(ps.device).eval()
-    reference.requires_grad_(False)
-    if ps.sp_size > 1:
-        for m in (policy, reference):
-            mrsp.enable_ulysses(m, ps.sp_group)
+    policy.llm.train()
+    rl.enable_attention(policy, ps, shared_prefix=True)
     train.shard_model(policy, ps)
+    # the reference: the initial LLM alone (it shares the policy's frozen vision parts), frozen, sharded
+    initial = _wide_videolm(settings["layers"], settings["vocab_size"], seed=0)
+    reference = M.VideoLM(policy.config, policy.vision_tower, policy.mm_projector, initial.llm.to(ps.device),
+                          policy.tokenizer)
+    del initial
+    reference.llm.requires_grad_(False)
+    reference.llm.eval()
+    rl.enable_attention(reference, ps, shared_prefix=True)
+    train.shard_model(reference, ps)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=1e-2)
     cache = mrsp.VideoEmbeddingCache(policy, sp_group=ps.sp_group, dtype=torch.bfloat16)
@@ -179,21 +186,24 @@ def _grpo_memory_rank(rank: int, world_size: int, settings: dict, port: int, vid
         video_embeds = cache.get(video, f"n{settings['frames']}", frames_fn=lambda: frames,
                                  encode_fn=lambda f: mrsp.stage1_encode(policy, f, ps.sp_group))
         prompt = policy.prompt_embeds(CAPACITY_TEXT_BEFORE, video_embeds, CAPACITY_TEXT_AFTER)   # [L, D]
+    train.reshard(policy)
     generator = torch.Generator().manual_seed(0)
+    G = settings["group_size"]
     episodes = [rl.Episode(record, rollout.Sample(torch.randint(3, 300, (settings["response_len"],), generator=generator
                                                                 ).tolist(), [0.0] * settings["response_len"], "length", ""),
                            reward=float(i % 2), accuracy=0.0, format=0.0, advantage=1.0 if i % 2 else -1.0)
-                for i in range(settings["group_size"])]
+                for i in range(G)]
     prompt_fn = lambda record: prompt
 
-    # ---- 6a. old-policy and reference log-probs; 6b. the update ----
+    # ---- 6a. reference log-probs; 6b. the update (on-policy: the old log-probs are its own, detached) ----
+    # rl.py's defaults: the group packed with its prompt once (shared prefix), one mini-batch
     with torch.no_grad(), train.autocast(ps.device, True):
-        old_lp, mask = rl.batch_logprobs(policy, prompt_fn, episodes, ps, 1.0)
-        ref_lp = rl.batch_logprobs(reference, prompt_fn, episodes, ps, 1.0)[0]
+        ref_lp = rl.batch_logprobs(reference, prompt_fn, episodes, ps, 1.0, True, G)[0]
+    train.reshard(reference)
     with train.autocast(ps.device, True):
-        lp, mask = rl.batch_logprobs(policy, prompt_fn, episodes, ps, 1.0)
+        lp, mask = rl.batch_logprobs(policy, prompt_fn, episodes, ps, 1.0, True, G)
         adv = torch.tensor([e.advantage for e in episodes], device=lp.device)[:, None].expand_as(lp)
-        loss = rl.policy_loss(lp, old_lp, adv, mask)[0] + 0.01 * rl.aggregate(rl.kl_k3(lp, ref_lp), mask, "token-mean")
+        loss = rl.policy_loss(lp, lp.detach(), adv, mask)[0] + 0.01 * rl.aggregate(rl.kl_k3(lp, ref_lp), mask, "token-mean")
     (loss * ps.sp_size).backward()
     grad_bytes = _local_bytes([p.grad for p in params if p.grad is not None])
     train.clip_grad_norm(params, 1.0)
@@ -203,9 +213,9 @@ def _grpo_memory_rank(rank: int, world_size: int, settings: dict, port: int, vid
     seconds = time.perf_counter() - start
     peak_rss = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) * 1024
     cuda_peak = torch.cuda.max_memory_allocated(ps.device) if ps.device.type == "cuda" else None
-    results.put(dict(rank=rank, positions=len(prompt) + settings["response_len"],
+    results.put(dict(rank=rank, positions=len(prompt) + G * settings["response_len"],
                      params=_local_bytes(policy.parameters()), grads=grad_bytes, optimizer=optim_bytes,
-                     reference=_local_bytes([*reference.parameters(), *reference.buffers()]),
+                     reference=_local_bytes([*reference.llm.parameters(), *reference.llm.buffers()]),
                      cache=cache.bytes, peak_rss=peak_rss, cuda_peak=cuda_peak, seconds=seconds))
     train.shutdown(ps)
 
@@ -233,7 +243,7 @@ def cmd_grpo_memory(args):
     print(f"\ncommand: `{_command_line()}`\ndevice: {_device_name()}\n"
           f"One GRPO update (encode through the cache, old + reference log-probs, loss, backward, clip, AdamW) "
           f"of one group of {args.group_size} responses x {args.response_len} tokens on a {args.frames}-frame video "
-          f"({rows[0]['positions']:,} positions per sequence); LLM of the 7B's width with {args.layers} layer(s), "
+          f"(packed with its prompt once: {rows[0]['positions']:,} positions); LLM of the 7B's width with {args.layers} layer(s), "
           f"vocabulary {args.vocab_size:,}, bf16 weights and autocast; all ranks one SP group, policy FSDP2-sharded. "
           f"MiB per rank:\n")
     print("| ranks | rank | params | grads | optimizer state | params + grads + optimizer | reference | cache "

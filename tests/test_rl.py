@@ -318,7 +318,7 @@ def test_shared_prefix_step_updates_weights_like_per_sequence(easy_task, tmp_pat
     own sequence: the same samples, rewards and updated weights. Micro-batches of 6 sequences split the 16
     differently in the two layouts (whole groups of 4: 4/4/4/4; 6/6/4), which the token weights absorb."""
     base = ["--init", str(easy_task["init"]), "--data", str(easy_task["data"]), "--steps", "1",
-            "--save-every", "0", "--micro-batch-size", "6", *RL_ARGS]
+            "--save-every", "0", *RL_ARGS, "--micro-batch-size", "6"]   # after RL_ARGS: the last one counts
     rl.main(base + ["--out", str(tmp_path / "packed")])
     rl.main(base + ["--out", str(tmp_path / "per-seq"), "--no-shared-prefix"])
     packed, per_seq = rows_of(tmp_path / "packed")[0], rows_of(tmp_path / "per-seq")[0]
@@ -329,5 +329,8 @@ def test_shared_prefix_step_updates_weights_like_per_sequence(easy_task, tmp_pat
     one = load_file(str(tmp_path / "packed" / "final" / "llm" / "model.safetensors"))
     two = load_file(str(tmp_path / "per-seq" / "final" / "llm" / "model.safetensors"))
     assert max((one[k] - before[k]).abs().max().item() for k in one) > 1e-5
-    for k in one:  # AdamW's first step is about lr * g/|g|: equal gradients give equal updates
-        torch.testing.assert_close(one[k], two[k], rtol=0, atol=4e-5, msg=k)
+    # AdamW's first step is lr * g / (|g| + eps) per weight: equal gradients give equal updates. Where a
+    # gradient is as small as eps (1e-8), fp32 rounding in its sums moves that ratio by a few percent, so
+    # a handful of weights may differ by a few % of lr (1e-3); a wrong gradient would move most of them.
+    diff = torch.cat([(one[k] - two[k]).abs().flatten() for k in one])
+    assert diff.max() < 1e-4 and (diff > 1e-6).float().mean() < 1e-3, (diff.max(), (diff > 1e-6).sum())

@@ -167,21 +167,22 @@ def test_short_rl_run_raises_reward_on_easy_task(easy_task, tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_metrics(easy_task, tmp_path):
-    args = ["--init", str(easy_task["init"]), "--data", str(easy_task["data"]), "--steps", "4",
-            "--save-every", "2", *RL_ARGS]
-    rl.main(args + ["--out", str(tmp_path / "whole")])
+    """Each run is its own process, as a user's are: a run in this test process would inherit what earlier
+    tests left in it, and one thread count for all (a different one changes float sums, so the metrics)."""
+    args = [sys.executable, "rl.py", "--init", str(easy_task["init"]), "--data", str(easy_task["data"]),
+            "--steps", "4", "--save-every", "2", *RL_ARGS]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    quiet = dict(cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    subprocess.run(args + ["--out", str(tmp_path / "whole")], check=True, **quiet)
 
     # the same run, killed (SIGKILL) once its first checkpoint is complete, then resumed
-    cmd = [sys.executable, "rl.py", *args, "--out", str(tmp_path / "killed")]
-    # the same thread count as this process: a different one changes float sums, and so the metrics
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(args + ["--out", str(tmp_path / "killed")], **quiet)
     while train.latest_checkpoint(tmp_path / "killed") is None and proc.poll() is None:
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "final").exists()
-    rl.main(args + ["--out", str(tmp_path / "killed"), "--resume"])
+    subprocess.run(args + ["--out", str(tmp_path / "killed"), "--resume"], check=True, **quiet)
 
     # timings differ, and so do vision-tower runs, the cache's counts and the videos read so far: the resumed
     # process starts with a cold embedding cache and counts from zero

@@ -725,15 +725,21 @@ THINKING_PROMPT = ("You are a helpful assistant. The user asks a question, and t
                    "final answer. The reasoning process and answer are enclosed within <think> </think> and "
                    "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
                    "<answer> answer here </answer>.\n\n Question: {question}")
+# The question alone, for models trained from scratch here. In our runs the tiny preset, given 600 SFT
+# steps, did not learn to look past the thinking prompt's 80 fixed tokens to the question: it answered
+# "first" to "what colour is the last scene?" (last-scene accuracy 21%), and reached 100% with this prompt.
+PLAIN_PROMPT = "Question: {question}"
+QUESTION_PROMPTS = {"thinking": THINKING_PROMPT, "plain": PLAIN_PROMPT}  # model.py init --question-prompt
 SUBTITLES_INTRO = "This video's subtitles are listed below:\n"  # VideoMME's wording
 
 
-def build_prompt(record: Record, subtitles: str | None = None) -> tuple[str, str]:
+def build_prompt(record: Record, subtitles: str | None = None, template: str | None = None) -> tuple[str, str]:
     """The user's turn as (text before the video, text after it). The video comes first, as in Long-RL's
     training; model.py wraps the turn in the chat template and puts the video embeddings between the
     two pieces. The question is the record's problem with its options on lines "A. ...", as the
     LongVideo-Reason and VideoMME annotations write them. `subtitles` is the subtitle text (eval reads
-    .srt files); None leaves it out.
+    .srt files); None leaves it out. `template` holds "{question}": the checkpoint's `question_prompt`
+    (VideoLM.question_prompt); None is THINKING_PROMPT, what LongVILA-R1 was trained with.
 
     >>> before, after = build_prompt(record)   # a multiple-choice record with options red, green
     >>> print(before + "<video>" + after)
@@ -747,7 +753,7 @@ def build_prompt(record: Record, subtitles: str | None = None) -> tuple[str, str
     """
     question = record.problem + "".join(f"\n{option_letter(i)}. {o}" for i, o in enumerate(record.options))
     intro = f"{SUBTITLES_INTRO}{subtitles}\n\n" if subtitles else ""
-    return "", intro + THINKING_PROMPT.format(question=question)
+    return "", intro + (template or THINKING_PROMPT).replace("{question}", question)
 
 
 def format_response(reasoning: str, answer: str) -> str:

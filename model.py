@@ -386,6 +386,12 @@ class VideoLM(nn.Module):
         self.source = Path(source) if source is not None else None  # the folder it was loaded from
 
     @property
+    def question_prompt(self) -> str | None:
+        """The text around each question ("{question}" marks where), as config.json's `question_prompt`
+        says; None (a release checkpoint, which has no such key) means LongVILA-R1's thinking prompt."""
+        return self.release_config.get("question_prompt")
+
+    @property
     def family(self) -> type:
         return family_of(self.config.family)
 
@@ -862,9 +868,9 @@ class VilaFamily:
         """The top-level config.json: the loaded one with every key that describes the model rewritten."""
         cfg = model.config
         out = dict(model.release_config)
-        if not out:
-            out.update(architectures=["VILAForCausalLM"], model_type="vila", image_aspect_ratio="resize",
-                       num_video_frames=16, fps=0.0, chat_template=None)
+        for key, value in dict(architectures=["VILAForCausalLM"], model_type="vila", image_aspect_ratio="resize",
+                               num_video_frames=16, fps=0.0, chat_template=None).items():
+            out.setdefault(key, value)  # a model built here: the release's defaults
         encoder = {"_target_": "llava.model.encoders.BasicVideoEncoder"} if cfg.temporal_pool == 1 else \
             {"_target_": "llava.model.encoders.TSPVideoEncoder", "pool_sizes": [[cfg.temporal_pool, 1, 1]]}
         if cfg.frame_separator != "\n":
@@ -997,7 +1003,7 @@ def train_tokenizer(texts, vocab_size: int):
     return qwen
 
 
-def tokenizer_corpus(record_files) -> list[str]:
+def tokenizer_corpus(record_files, question_prompt: str | None = None) -> list[str]:
     """Every text the model will read or write for these records: prompts and target responses."""
     import data
     texts = []
@@ -1007,7 +1013,7 @@ def tokenizer_corpus(record_files) -> list[str]:
                 subtitles = data.subtitle_text(r)  # every cue of an .srt file
             except data.VideoError:               # a missing .srt: training skips the record too
                 subtitles = None
-            before, after = data.build_prompt(r, subtitles=subtitles)
+            before, after = data.build_prompt(r, subtitles=subtitles, template=question_prompt)
             texts += [before, after, data.format_response(r.reasoning, r.answer)]
     return texts
 
@@ -1090,6 +1096,10 @@ def main(argv=None):
                       help="token order of the patch blocks; 'column' only with --projector mlp_downsample")
     init.add_argument("--temporal-pool", type=int, default=1,
                       help="frames averaged per step by the TSP video encoder; 1 = the basic encoder (with --llm)")
+    init.add_argument("--question-prompt", choices=["thinking", "plain"], default="thinking",
+                      help="text around each question, saved in config.json and used by sft/rl/eval: 'thinking' "
+                           "is LongVILA-R1's thinking prompt (80 fixed tokens, then the question); 'plain' is the "
+                           "question alone, which a tiny model trained from scratch learns to read much faster")
     init.add_argument("--seed", type=int, default=0, help="initialisation seed")
     init.add_argument("--untie-embeddings", action="store_true",
                       help="give a tied LM head (e.g. Qwen2-0.5B/1.5B) its own weight: needed to train sharded "
@@ -1103,6 +1113,8 @@ def main(argv=None):
             ap.error("--llm and --vision-tower go together")
         if args.block_order == "column" and args.projector != "mlp_downsample":
             ap.error("--block-order column goes with --projector mlp_downsample")
+        import data
+        question_prompt = data.QUESTION_PROMPTS[args.question_prompt]
         if args.llm:
             model = build_from_pretrained(args.llm, args.vision_tower, seed=args.seed, projector=args.projector,
                                           block_order=args.block_order, temporal_pool=args.temporal_pool)
@@ -1110,9 +1122,12 @@ def main(argv=None):
             if not args.data:
                 ap.error("a preset model trains its tokenizer on your records: pass --data FILE.jsonl")
             vocab = args.vocab_size or PRESETS[args.preset]["vocab_size"]
-            model = build_from_preset(args.preset, train_tokenizer(tokenizer_corpus(args.data), vocab), args.seed)
+            model = build_from_preset(args.preset, train_tokenizer(tokenizer_corpus(args.data, question_prompt), vocab),
+                                      args.seed)
         if args.untie_embeddings:
             untie_embeddings(model.llm)
+        if args.question_prompt != "thinking":  # a release checkpoint has no such key: the thinking prompt
+            model.release_config["question_prompt"] = question_prompt
         model.save(args.out)
         print(f"wrote {args.out}")
         args.path = args.out
@@ -1124,7 +1139,14 @@ def main(argv=None):
           f"{c.projector} ({c.block_order}-major blocks) {count_parameters(model.mm_projector):,}, llm "
           f"{count_parameters(model.llm):,} ({model.llm.config.model_type}); {c.tokens_per_frame} tokens per "
           f"frame + separator, {encoder} video encoder, vocab {len(model.tokenizer)}; frames as released: "
-          f"num_video_frames {model.release_config.get('num_video_frames')}, fps {model.release_config.get('fps')}")
+          f"num_video_frames {model.release_config.get('num_video_frames')}, fps {model.release_config.get('fps')}; "
+          f"question prompt {_prompt_name(model.question_prompt)}")
+
+
+def _prompt_name(question_prompt: str | None) -> str:
+    import data
+    names = {text: name for name, text in data.QUESTION_PROMPTS.items()}
+    return "thinking" if question_prompt is None else names.get(question_prompt, repr(question_prompt))
 
 
 if __name__ == "__main__":

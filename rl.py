@@ -152,6 +152,30 @@ def score_group(record: data.Record, samples: list, args) -> list[Episode]:
     return episodes
 
 
+def type_counts(episodes: list[Episode], label: str, types: list[str]) -> dict:
+    """Right answers and responses per question type (the records' `label` field, e.g. category) in one
+    step: {"correct/count": 3, "responses/count": 16, ...}, every type present (zeros) so that all ranks
+    sum the same keys. `type_accuracy` turns the summed counts into accuracy_<type>."""
+    counts = {f"{kind}/{t}": 0 for t in types for kind in ("correct", "responses")}
+    for e in episodes:
+        t = e.record.labels.get(label)
+        if t in types:
+            counts[f"correct/{t}"] += e.accuracy
+            counts[f"responses/{t}"] += 1
+    return counts
+
+
+def type_accuracy(row: dict, types: list[str]) -> dict:
+    """The summed counts of `type_counts` -> accuracy_<type> for the types this step saw, plus the share
+    of groups whose G rewards were all equal (no_signal_share: those groups teach nothing)."""
+    out = {k: v for k, v in row.items() if not k.startswith(("correct/", "responses/"))}
+    for t in types:
+        if row[f"responses/{t}"]:
+            out[f"accuracy_{t}"] = row[f"correct/{t}"] / row[f"responses/{t}"]
+    out["no_signal_share"] = row["no_signal_groups"] / max(1, row["groups"])
+    return out
+
+
 def rollout_share(num_prompts: int, ps: mrsp.ParallelState, engines_per_group: int) -> range:
     """The prompts this rank generates: the SP group's first `engines_per_group` ranks own engines and
     split the group's prompts into contiguous, near-equal shares (the other ranks get none).
@@ -278,7 +302,7 @@ def with_own_llm(policy: M.VideoLM, path, dtype: torch.dtype, device) -> M.Video
     weights of `path` are read on the CPU and dropped (in RL they equal the policy's: they never train)."""
     loaded = M.VideoLM.load(path, dtype=dtype)
     return M.VideoLM(loaded.config, policy.vision_tower, policy.mm_projector, loaded.llm.to(device),
-                     loaded.tokenizer)
+                     loaded.tokenizer, release_config=loaded.release_config)  # with it the question prompt
 
 
 def load_reference(path, policy: M.VideoLM, ps: mrsp.ParallelState, dtype: torch.dtype,
@@ -305,7 +329,8 @@ def prompt_positions(model: M.VideoLM, record: data.Record, sampling: data.Frame
     with --num-frames (no file opened) and the container's count with --fps; an .srt counts every cue."""
     frames = (min(sampling.num_frames, sampling.max_frames) if sampling.fps is None
               else len(data.frame_timestamps(record.video, sampling)))
-    before, after = model.family.chat_text(model.tokenizer, *data.build_prompt(record, subtitles=data.subtitle_text(record)))
+    before, after = model.family.chat_text(model.tokenizer, *data.build_prompt(record, subtitles=data.subtitle_text(record),
+                                                                             template=model.question_prompt))
     return frames // model.config.temporal_pool, len(model.encode_text(before)) + len(model.encode_text(after))
 
 
@@ -371,6 +396,9 @@ def parse_args(argv=None):
     ap.add_argument("--loss-agg", default="token-mean",
                     choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"], help="see aggregate()")
     ap.add_argument("--no-std-norm", action="store_true", help="advantages without the std division (Dr. GRPO)")
+    ap.add_argument("--type-label", default="category",
+                    help="record field whose values split the per-step accuracy (accuracy_<value> in metrics.jsonl "
+                         "and rl_curves.png); records without it count only in the overall accuracy")
     ap.add_argument("--accuracy-weight", type=float, default=0.9, help="reward weight of accuracy")
     ap.add_argument("--format-weight", type=float, default=0.1, help="reward weight of the think/answer format")
     ap.add_argument("--max-new-tokens", type=int, default=256, help="longest response")
@@ -411,6 +439,7 @@ def main(argv=None):
     reference = (load_reference(args.init, policy, ps, compute_dtype, shared_prefix=args.shared_prefix)
                  if args.kl_coef > 0 else None)
     records = data.load_records(args.data)
+    types = sorted({r.labels[args.type_label] for r in records if args.type_label in r.labels})  # accuracy_<type>
     sampling = data.FrameSampling.from_args(args)
     max_model_len = engine_max_model_len(policy, records, sampling, args)  # refuses too long prompts now
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -540,13 +569,16 @@ def main(argv=None):
                "accuracy": sum(e.accuracy for e in episodes) / len(episodes),
                "format": sum(e.format for e in episodes) / len(episodes),
                "response_len": sum(len(e.sample.token_ids) for e in episodes) / len(episodes),
-               "no_signal_groups": no_signal, **stats, **timing,
+               "no_signal_groups": no_signal, "groups": len(episodes_by_group),
+               **type_counts(episodes, args.type_label, types), **stats, **timing,
                "vision_runs": train.count_vision_runs(cache, *builders) - vision_runs_before, "logprob_gap_max": gap,
                "skipped_records": policy_prompt.skipped - skipped_before, **train.cache_metrics(cache),
                **train.reader_counts()}
-        row = train.reduce_metrics(row, ps, sum_keys=("no_signal_groups", "vision_runs", "skipped_records",
-                                                      "llm_positions", *train.CACHE_SUM_KEYS, *train.READER_SUM_KEYS),
+        row = train.reduce_metrics(row, ps, sum_keys=("no_signal_groups", "groups", "vision_runs", "skipped_records",
+                                                      "llm_positions", *train.CACHE_SUM_KEYS, *train.READER_SUM_KEYS,
+                                                      *(k for k in row if k.startswith(("correct/", "responses/")))),
                                    max_keys=("logprob_gap_max", *train.CACHE_MAX_KEYS))
+        row = type_accuracy(row, types)
         log.log(row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
@@ -556,8 +588,8 @@ def main(argv=None):
     weights = train.full_state_dict(policy, ps)
     if ps.rank == 0:
         policy.save(out / "final", weights)
-        train.plot_metrics(log.path, ["reward", "accuracy", "format", "kl", "response_len"], out / "rl_curves.png",
-                         f"GRPO: {args.data}")
+        train.plot_metrics(log.path, ["reward", "accuracy", "accuracy_*", "no_signal_share", "format", "kl",
+                                      "response_len"], out / "rl_curves.png", f"GRPO: {args.data}")
         print(f"wrote {out / 'final'} and {out / 'rl_curves.png'}")
     del engine  # before the process group goes: an in-process vLLM engine holds groups of its own
     train.shutdown(ps)

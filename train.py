@@ -273,20 +273,33 @@ def plot_metrics(metrics_path, keys: list[str], png_path, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = MetricsLog.read(metrics_path)
-    keys = [k for k in keys if any(k in r for r in rows)]
-    if not keys:
+    present = sorted({k for r in rows for k in r})
+    panels = []  # (title, keys drawn in it)
+    for key in keys:
+        if key.endswith("*"):  # "accuracy_*": one panel, a smoothed line per matching key
+            matching = [k for k in present if k.startswith(key[:-1])]
+            if matching:
+                panels.append((key[:-1].rstrip("_") + " by " + "/".join(k[len(key) - 1:] for k in matching)
+                               if len(matching) <= 4 else key, matching))
+        elif key in present:
+            panels.append((key, [key]))
+    if not panels:
         return
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        steps, values = zip(*[(r["step"], r[key]) for r in rows if key in r])
-        ax.plot(steps, values, marker=".", alpha=0.35, label="per step")
-        window = max(1, len(values) // 8)  # a rolling mean: one RL step's batch is a noisy sample
-        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1:], smooth, label=f"mean of {window}")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
+    for ax, (title, panel_keys) in zip(axes[0], panels):
+        for key in panel_keys:
+            steps, values = zip(*[(r["step"], r[key]) for r in rows if key in r])
+            window = max(1, len(values) // 8)  # a rolling mean: one RL step's batch is a noisy sample
+            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+            if len(panel_keys) == 1:
+                ax.plot(steps, values, marker=".", alpha=0.35, label="per step")
+                ax.plot(steps[window - 1:], smooth, label=f"mean of {window}")
+            else:
+                ax.plot(steps[window - 1:], smooth, label=f"{key} (mean of {window})")
         ax.set_xlabel("step")
-        ax.set_title(key)
+        ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
@@ -360,7 +373,7 @@ class VideoPrompts:
         return value
 
     def __call__(self, record: data.Record) -> torch.Tensor:
-        before, after = data.build_prompt(record, subtitles=self.subtitles(record))
+        before, after = data.build_prompt(record, subtitles=self.subtitles(record), template=self.model.question_prompt)
         return self.model.prompt_embeds(before, self.video_embeds(record), after)   # [L, D]
 
     def for_batch(self, recs: list[data.Record], records: list[data.Record]):

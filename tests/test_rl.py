@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import data
 import eval as evaluation
 import rl
+import rollout
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,6 +170,26 @@ def test_short_rl_run_raises_reward_on_easy_task(easy_task, tmp_path):
     assert rows[-1]["embed_cache_misses"] == rows[-1]["embed_cache_entries"] == 12 < rows[-1]["embed_cache_hits"]
     assert rows[-1]["embed_cache_bytes"] > 0
     assert (tmp_path / "final" / "llm" / "model.safetensors").exists() and (tmp_path / "rl_curves.png").exists()
+    for r in rows:  # per step: accuracy by question type (the records' category), adding up to the accuracy
+        types = [k for k in r if k.startswith("accuracy_")]
+        assert types and all(0 <= r[k] <= 1 for k in types)
+        n = {t: r[f"responses/{t[len('accuracy_'):]}"] for t in types}
+        assert sum(r[t] * n[t] for t in types) / sum(n.values()) == pytest.approx(r["accuracy"])
+        assert r["no_signal_share"] == r["no_signal_groups"] / r["groups"] and r["groups"] == 4
+
+
+def test_accuracy_by_type_and_no_signal_share_by_hand():
+    rec = lambda category: data.Record(problem_id="p", video="v.mp4", problem="q", options=[], problem_type="free_form",
+                                       reasoning="", answer="red", labels={"category": category})
+    sample = rollout.Sample(text="", token_ids=[1], logprobs=[0.0], finish_reason="answer")
+    episodes = [rl.Episode(rec(c), sample, reward=a, accuracy=a, format=1.0)
+                for c, a in [("first", 1.0), ("first", 0.0), ("count", 1.0), ("count", 1.0), ("after", 0.0)]]
+    counts = rl.type_counts(episodes, "category", ["after", "count", "first", "last"])
+    assert counts == {"correct/after": 0, "responses/after": 1, "correct/count": 2, "responses/count": 2,
+                      "correct/first": 1, "responses/first": 2, "correct/last": 0, "responses/last": 0}
+    row = rl.type_accuracy({"step": 1, "no_signal_groups": 1, "groups": 4, **counts}, ["after", "count", "first", "last"])
+    assert row == {"step": 1, "no_signal_groups": 1, "groups": 4, "accuracy_after": 0.0, "accuracy_count": 1.0,
+                   "accuracy_first": 0.5, "no_signal_share": 0.25}  # no "last" question this step: no key
 
 
 def test_killed_run_resumes_to_the_same_metrics(easy_task, tmp_path):

@@ -105,3 +105,35 @@ def test_a_file_one_sp_rank_cannot_read_is_skipped_by_the_whole_group(tiny_check
     write_abc(tmp_path)
     ranks = run_ranks(one_rank_cannot_read_job, 2, str(tiny_checkpoint), str(tmp_path), timeout=90)
     assert ranks == [["c", "c"], ["c", "c"]]  # a -> next readable record (b is corrupt) -> c, on both ranks
+
+
+def test_the_checkpoints_question_prompt_reaches_training_rollout_and_eval(tmp_path):
+    """`model.py init --question-prompt plain` writes the text into config.json; training, the engine's
+    length check and eval build their prompts with it; a checkpoint without the key (a release one) keeps
+    LongVILA-R1's thinking prompt."""
+    import eval as evaluation
+    import rl
+    data.main(["synth", "--out", str(tmp_path / "data"), "--n", "2", "--seed", "0", "--test-frac", "0"])
+    records = data.load_records(tmp_path / "data" / "train.jsonl")
+    sampling = data.FrameSampling(num_frames=4)
+    lengths = {}
+    for name in ("thinking", "plain"):
+        out = tmp_path / name
+        M.main(["init", "--out", str(out), "--data", str(tmp_path / "data" / "train.jsonl"), "--question-prompt", name])
+        assert json.loads((out / "config.json").read_text()).get("question_prompt") == \
+            (None if name == "thinking" else data.PLAIN_PROMPT)
+        model = M.VideoLM.load(out).eval()
+        before, after = data.build_prompt(records[0], template=model.question_prompt)
+        assert after.startswith("Question: " if name == "plain" else "You are a helpful assistant.")
+        with torch.no_grad():
+            video = model.encode_video(data.load_frames(records[0].video, model.config.image_size, sampling)[0])
+            expected = model.prompt_embeds(before, video, after)
+            built = train.VideoPrompts(model, sampling, mrsp.ParallelState(), None)(records[0])
+            torch.testing.assert_close(built, expected)                              # SFT and RL
+            torch.testing.assert_close(evaluation._prompt(model, records[0], sampling, False, {}), expected)
+        lengths[name] = rl.prompt_positions(model, records[0], sampling)[1]  # text positions
+        reference = rl.with_own_llm(model, out, torch.float32, model.device)   # the KL's reference model
+        with torch.no_grad():
+            torch.testing.assert_close(train.VideoPrompts(reference, sampling, mrsp.ParallelState(), None)(records[0]),
+                                       expected)
+    assert lengths["plain"] < lengths["thinking"] - 60                       # the thinking prompt's fixed text

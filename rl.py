@@ -166,9 +166,9 @@ def type_counts(episodes: list[Episode], label: str, types: list[str]) -> dict:
 
 
 def type_accuracy(row: dict, types: list[str]) -> dict:
-    """The summed counts of `type_counts` -> accuracy_<type> for the types this step saw, plus the share
+    """The summed counts of `type_counts` -> accuracy_<type> added for the types this step saw, plus the share
     of groups whose G rewards were all equal (no_signal_share: those groups teach nothing)."""
-    out = {k: v for k, v in row.items() if not k.startswith(("correct/", "responses/"))}
+    out = dict(row)
     for t in types:
         if row[f"responses/{t}"]:
             out[f"accuracy_{t}"] = row[f"correct/{t}"] / row[f"responses/{t}"]

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny VideoLM built from configs and a tokenizer trained here (nothing is downloaded)."""
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -47,7 +48,6 @@ def tiny_checkpoint(tiny_tokenizer, tmp_path_factory):
 def easy_task(tmp_path_factory):
     """Synthetic videos whose correct option is always A, and a tiny model briefly SFT-ed on them
     (so it writes the think/answer format and answers some letter). Used by test_rl.py and test_sft.py."""
-    import sft
     root = tmp_path_factory.mktemp("easy")
     data.main(["synth", "--out", str(root / "data"), "--n", "12", "--seed", "3", "--max-scenes", "4",
                "--test-frac", "0.01"])
@@ -59,7 +59,12 @@ def easy_task(tmp_path_factory):
     easy = root / "data" / "easy.jsonl"
     easy.write_text("".join(json.dumps(r) + "\n" for r in rows))
     M.main(["init", "--out", str(root / "init"), "--data", str(easy)])
-    # SFT on the original (balanced) answers: the format is learned, the letter is not yet biased to A
-    sft.main(["--init", str(root / "init"), "--data", str(root / "data" / "train.jsonl"), "--out", str(root / "sft"),
-              "--steps", "80", "--batch-size", "4", "--lr", "3e-3", "--num-frames", "8", "--save-every", "0"])
+    # SFT on the original (balanced) answers: the format is learned, the letter is not yet biased to A.
+    # In a process of its own, as a user runs it: 80 steps at lr 3e-3 run inside the test process after
+    # other tests ended elsewhere (what those tests leave in the process moves the last bits), and the
+    # RL tests that start from this model then saw a different policy in a full-suite run than alone.
+    subprocess.run([sys.executable, "sft.py", "--init", str(root / "init"), "--data", str(root / "data" / "train.jsonl"),
+                    "--out", str(root / "sft"), "--steps", "80", "--batch-size", "4", "--lr", "3e-3", "--num-frames", "8",
+                    "--save-every", "0"], cwd=ROOT, check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "2"})
     return {"data": easy, "init": root / "sft" / "final", "root": root}

@@ -188,8 +188,8 @@ def test_accuracy_by_type_and_no_signal_share_by_hand():
     assert counts == {"correct/after": 0, "responses/after": 1, "correct/count": 2, "responses/count": 2,
                       "correct/first": 1, "responses/first": 2, "correct/last": 0, "responses/last": 0}
     row = rl.type_accuracy({"step": 1, "no_signal_groups": 1, "groups": 4, **counts}, ["after", "count", "first", "last"])
-    assert row == {"step": 1, "no_signal_groups": 1, "groups": 4, "accuracy_after": 0.0, "accuracy_count": 1.0,
-                   "accuracy_first": 0.5, "no_signal_share": 0.25}  # no "last" question this step: no key
+    assert row == {"step": 1, "no_signal_groups": 1, "groups": 4, **counts, "accuracy_after": 0.0,
+                   "accuracy_count": 1.0, "accuracy_first": 0.5, "no_signal_share": 0.25}  # no "last" question: no key
 
 
 def test_killed_run_resumes_to_the_same_metrics(easy_task, tmp_path):

@@ -268,7 +268,8 @@ def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int, min_ra
 
 
 def plot_metrics(metrics_path, keys: list[str], png_path, title: str):
-    """A PNG with one panel per metric against the step."""
+    """A PNG with one panel per metric against the step, four panels a row. A key ending in "*" (e.g.
+    "accuracy_*") draws every metric that starts with it in one panel, each as its rolling mean."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -285,8 +286,12 @@ def plot_metrics(metrics_path, keys: list[str], png_path, title: str):
             panels.append((key, [key]))
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
-    for ax, (title, panel_keys) in zip(axes[0], panels):
+    cols = min(4, len(panels))
+    rows_ = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(4 * cols, 3 * rows_), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (panel_title, panel_keys) in zip(axes.flat, panels):
         for key in panel_keys:
             steps, values = zip(*[(r["step"], r[key]) for r in rows if key in r])
             window = max(1, len(values) // 8)  # a rolling mean: one RL step's batch is a noisy sample
@@ -297,7 +302,7 @@ def plot_metrics(metrics_path, keys: list[str], png_path, title: str):
             else:
                 ax.plot(steps[window - 1:], smooth, label=f"{key} (mean of {window})")
         ax.set_xlabel("step")
-        ax.set_title(title)
+        ax.set_title(panel_title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)

@@ -35,6 +35,17 @@ import mrsp
 
 # ---- memory: per-rank peak of one sequence-parallel forward + backward ----
 
+def _spawn_ranks(target, nprocs: int, *args) -> list:
+    """Run target(rank, *args, port, results) in `nprocs` spawned processes that rendezvous on a free local
+    port; each puts one result on `results`. Returns them in the order they arrived."""
+    results = mp.get_context("spawn").SimpleQueue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(target, nprocs=nprocs, start_method="spawn", args=(*args, port, results))
+    return [results.get() for _ in range(nprocs)]
+
+
 def _memory_rank(rank: int, sp_size: int, seq_len: int, response_len: int, preset: str, port: int, results):
     """One SP rank: forward + backward of the per-token log-probs of one long sequence, on the CPU.
 
@@ -87,17 +98,10 @@ def cmd_memory(args):
     if args.grpo_step:
         return cmd_grpo_memory(args)
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a CPU measurement: the spawned ranks must not see a GPU
-    ctx = mp.get_context("spawn")
     rows = []
     for seq_len in args.seq_lens:
         for sp_size in args.sp_sizes:
-            results = ctx.SimpleQueue()
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            mp.start_processes(_memory_rank, nprocs=sp_size, start_method="spawn",
-                               args=(sp_size, seq_len, args.response_len, args.preset, port, results))
-            ranks = [results.get() for _ in range(sp_size)]
+            ranks = _spawn_ranks(_memory_rank, sp_size, sp_size, seq_len, args.response_len, args.preset)
             row = (seq_len, sp_size, *(max(r[i] for r in ranks) for i in (1, 2, 3)))
             rows.append(row)
             print(f"# {seq_len} tokens, sp={sp_size}: saved {row[2]:.0f} MiB, peak {row[3]:.0f} MiB per rank, "
@@ -143,7 +147,7 @@ def _local_bytes(tensors) -> int:
     return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors if torch.is_tensor(t))
 
 
-def _grpo_memory_rank(rank: int, world_size: int, settings: dict, port: int, video: str, results):
+def _grpo_memory_rank(rank: int, world_size: int, settings: dict, video: str, port: int, results):
     """One rank of one GRPO update, as rl.py's steps 2 and 6 run it with its defaults: the video encoded
     through the embedding cache (bf16), the group packed with its prompt once (shared prefix), reference
     log-probs, then the clipped loss + k3 KL (on-policy: old log-probs from the update's own forward),
@@ -225,19 +229,14 @@ def cmd_grpo_memory(args):
     each process count (all ranks one SP group, the policy FSDP2-sharded over them)."""
     settings = dict(layers=args.layers, vocab_size=args.vocab_size, frames=args.frames,
                     group_size=args.group_size, response_len=args.response_len)
-    ctx = mp.get_context("spawn")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         video = Path(tmp) / "video.mp4"  # the cache keys on the file's path, size and mtime; nothing decodes it
         video.write_bytes(b"frames come from a random array")
         for ranks in args.ranks:
-            results = ctx.SimpleQueue()
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            mp.start_processes(_grpo_memory_rank, nprocs=ranks, start_method="spawn",
-                               args=(ranks, settings, port, str(video), results))
-            rows += sorted((dict(results.get(), ranks=ranks) for _ in range(ranks)), key=lambda r: r["rank"])
+            rows += sorted((dict(r, ranks=ranks) for r in _spawn_ranks(_grpo_memory_rank, ranks, ranks, settings,
+                                                                        str(video))),
+                           key=lambda r: r["rank"])
             print(f"# {ranks} rank(s) done", flush=True)
     mib = lambda b: "-" if b is None else f"{b / 2**20:,.0f}"
     print(f"\ncommand: `{_command_line()}`\ndevice: {_device_name()}\n"

@@ -286,9 +286,9 @@ def plot_metrics(metrics_path, keys: list[str], png_path, title: str):
             panels.append((key, [key]))
     if not panels:
         return
-    cols = min(4, len(panels))
-    rows_ = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows_, cols, figsize=(4 * cols, 3 * rows_), squeeze=False)
+    n_cols = min(4, len(panels))
+    n_rows = -(-len(panels) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4 * n_cols, 3 * n_rows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     for ax, (panel_title, panel_keys) in zip(axes.flat, panels):

@@ -163,9 +163,11 @@ def test_short_rl_run_raises_reward_on_easy_task(easy_task, tmp_path):
     rows = rows_of(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, 13))
     # step 1's reward is the SFT policy's (rewards are measured before the update); the last steps' after RL
-    first, last = rows[:2], rows[-4:]
-    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
-    assert mean(last, "reward") > mean(first, "reward") + 0.25, [round(r["reward"], 3) for r in rows]
+    # At lr 1e-3 one step's 16 samples can all lose the format (reward 0) and the next step recover: a
+    # fresh-clone CI run went 0.11, 0.0, 0.66, 0.84, 0.81 over steps 8-12. The median of the last 4 steps
+    # passes over one such step; a run that does not learn stays near its first steps' 0.3-0.4.
+    first, last = [r["reward"] for r in rows[:2]], sorted(r["reward"] for r in rows[-4:])
+    assert (last[1] + last[2]) / 2 > sum(first) / 2 + 0.25, [round(r["reward"], 3) for r in rows]
     assert sum(r["vision_runs"] for r in rows) == 12  # each of the 12 training videos encoded once, then cached
     assert rows[-1]["embed_cache_misses"] == rows[-1]["embed_cache_entries"] == 12 < rows[-1]["embed_cache_hits"]
     assert rows[-1]["embed_cache_bytes"] > 0

@@ -12,6 +12,7 @@ Run:
 Writes OUT/metrics.jsonl, OUT/checkpoint-STEP/ (every --save-every steps) and OUT/final/.
 """
 import argparse
+import random
 import time
 
 import torch
@@ -32,12 +33,22 @@ def response_ids(model: M.VideoLM, record: data.Record) -> list[int]:
     return model.encode_text(data.format_response(record.reasoning, record.answer)) + [model.tokenizer.eos_token_id]
 
 
+def mix_sampling(mix: list[data.FrameSampling], seed: int, micro_step: int) -> data.FrameSampling:
+    """The frame sampling of one micro-batch under --mix-num-frames: drawn from (seed, micro_step) alone,
+    so every rank draws the same one and a resumed run draws what the first run drew."""
+    return mix[random.Random(seed * 1_000_003 + micro_step).randrange(len(mix))]
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=train.HelpFormatter)
     ap.add_argument("--init", required=True, help="checkpoint to start from (python model.py init ...)")
     ap.add_argument("--data", required=True, help="training records (.jsonl) with a `reasoning` field")
     ap.add_argument("--out", required=True, help="output folder")
     data.add_sampling_args(ap)
+    ap.add_argument("--mix-num-frames", type=int, nargs="+", default=None, metavar="N",
+                    help="train on several frame counts instead of --num-frames: each micro-batch draws one of "
+                         "these (the same on every rank, from --seed and the step), so the model does not "
+                         "learn one frame count's layout and can be evaluated with more or fewer frames")
     ap.add_argument("--steps", type=int, default=200, help="optimizer steps")
     ap.add_argument("--batch-size", type=int, default=8, help="records per micro-batch per data-parallel rank")
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -78,6 +89,7 @@ def main(argv=None):
 
     records = data.load_records(args.data)
     sampling = data.FrameSampling.from_args(args)
+    mix = [data.FrameSampling(num_frames=n, max_frames=args.max_frames) for n in args.mix_num_frames or []]
     cache = train.embedding_cache(model, args, ps) if args.freeze_vision else None
     prompts = train.VideoPrompts(model, sampling, ps, cache)
     log = train.MetricsLog(out, enabled=ps.rank == 0, resume_step=start_step)
@@ -95,6 +107,8 @@ def main(argv=None):
         loss_sum, tokens = 0.0, 0
         for micro in range(args.grad_accum):
             recs = train.records_for_step(records, step * args.grad_accum + micro, args.batch_size, ps, args.seed)
+            if mix:
+                prompts.sampling = mix_sampling(mix, args.seed, step * args.grad_accum + micro)
             with train.autocast(ps.device, args.bf16):
                 recs, embeds = prompts.for_batch(recs, records)
                 batch = model.build_sequence_batch(embeds, [response_ids(model, r) for r in recs])
@@ -111,6 +125,8 @@ def main(argv=None):
                "response_tokens": tokens, "time_s": time.time() - t0}
         row["vision_runs"] = train.count_vision_runs(cache, prompts) - vision_runs_before
         row["skipped_records"] = prompts.skipped - skipped_before
+        if mix:
+            row["num_frames"] = prompts.sampling.num_frames  # the last micro-batch's
         row.update(train.cache_metrics(cache), **train.reader_counts())
         row = train.reduce_metrics(row, ps, sum_keys=("response_tokens", "vision_runs", "skipped_records",
                                                       *train.CACHE_SUM_KEYS, *train.READER_SUM_KEYS),

@@ -360,7 +360,7 @@ class VideoPrompts:
         path = data.subtitle_file(record)
         if path is None:
             return data.subtitle_text(record)
-        key = (record.video, path)
+        key = (record.video, path, self.sampling.key())
         if key not in self._srt_text:
             self._srt_text[key] = self._read_agreed(
                 lambda: data.subtitle_text(record, data.frame_timestamps(record.video, self.sampling)))

@@ -23,17 +23,30 @@ def losses(out):
     return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_mix_num_frames_draws_depend_on_seed_and_step_only():
+    import data
+    mix = [data.FrameSampling(num_frames=n) for n in (4, 8, 16)]
+    draws = [sft.mix_sampling(mix, 0, step).num_frames for step in range(60)]
+    assert draws == [sft.mix_sampling(mix, 0, step).num_frames for step in range(60)]  # what a resume redraws
+    assert set(draws) == {4, 8, 16} and draws != [sft.mix_sampling(mix, 1, s).num_frames for s in range(60)]
+
+
 def test_sp2_sft_with_trainable_vision_and_checkpointing_equals_one_process(easy_task, tmp_path):
     """torchrun, 2 ranks, --sp-size 2: FSDP2 over both ranks (vision tower included), Ulysses attention,
-    gradient checkpointing. Same data, same losses step after step as a single process."""
+    gradient checkpointing, a frame count drawn per step (--mix-num-frames: both ranks of the group must
+    draw the same, or their shards would not fit together). Same data, same losses step after step as a
+    single process."""
     args = ["--init", str(easy_task["root"] / "init"), "--data", str(easy_task["data"]), "--steps", "3",
-            "--batch-size", "4", "--num-frames", "8", "--save-every", "0", "--grad-checkpointing", "--lr", "1e-3"]
+            "--batch-size", "4", "--mix-num-frames", "4", "8", "--save-every", "0", "--grad-checkpointing",
+            "--lr", "1e-3"]
     sft.main(args + ["--out", str(tmp_path / "sp1")])
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                     "sft.py", *args, "--out", str(tmp_path / "sp2"), "--sp-size", "2"],
                    cwd=ROOT, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     one, two = losses(tmp_path / "sp1"), losses(tmp_path / "sp2")
     assert len(one) == len(two) == 3 and one[-1] < one[0]
+    frames = [json.loads(line)["num_frames"] for line in (tmp_path / "sp2" / "metrics.jsonl").read_text().splitlines()]
+    assert frames == [8, 4, 4]  # sft.mix_sampling's draws for seed 0, steps 0-2
     assert two == pytest.approx(one, rel=1e-4)
 
 

@@ -9,6 +9,7 @@
     python bench.py prefill                                  # prefill tokens/s and MFU (Qwen2-1.5B shape on a GPU)
     python bench.py capacity                                 # most frames that fit: prefill and training step
     python bench.py decode                                   # sampled frames from an hour-long video: decord vs PyAV
+    python bench.py lookup                                   # can the preset's LLM learn to re-read lettered options?
 """
 import argparse
 import gc
@@ -97,6 +98,10 @@ def cmd_memory(args):
     With --grpo-step: the per-rank footprint of one whole GRPO step instead (`cmd_grpo_memory`)."""
     if args.grpo_step:
         return cmd_grpo_memory(args)
+    too_short = [n for n in args.seq_lens if n <= args.response_len]
+    if too_short:
+        raise SystemExit(f"bench.py memory: --seq-lens {too_short} must be longer than --response-len "
+                         f"{args.response_len} (the scored tokens are part of the sequence); lower --response-len")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a CPU measurement: the spawned ranks must not see a GPU
     rows = []
     for seq_len in args.seq_lens:
@@ -817,6 +822,88 @@ def cmd_decode(args):
         print(f"\nPyAV decoding every frame of the {codec} video ({count:,} frames, no resize): {seconds:.2f} s")
 
 
+# ---- lookup: can a preset's LLM learn to copy the options from its prompt? (text only) ----
+
+LOOKUP_DISTANCES = ("near", "fixed", "varies")
+
+
+def _lookup_example(rng: np.random.Generator, distance: str) -> tuple[str, str]:
+    """(question, response) of the skill a lettered multiple-choice chain needs: the prompt lists four
+    colour options "A. red ...", and the response re-reads them, so each colour is copied from the prompt.
+    Between the two, a walk of scene sentences like the synthetic task's: none ("near"), always five
+    ("fixed": the copy is always the same distance back) or three to eight ("varies": the copy must find
+    its option by the letter, as it must after a real walk)."""
+    import data
+    colours = list(data.PALETTE)
+    options = "".join(f"\n{data.option_letter(i)}. {c}" for i, c in enumerate(rng.choice(colours, 4, replace=False)))
+    n = {"near": 0, "fixed": 5, "varies": int(rng.integers(3, 9))}[distance]
+    walk = " ".join(f"Scene {i + 1} is {rng.choice(colours)}." for i in range(n))
+    return f"Question: Which colours are the options?{options}", f"<think>{walk}{options}</think>"
+
+
+def _lookup_run(preset: str, distance: str, args) -> list[tuple[int, float]]:
+    """Train the preset's LLM (random init) on one distance; [(step, held-out copy accuracy)]."""
+    import data
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    pairs = [_lookup_example(rng, distance) for _ in range(args.examples + 200)]
+    tok = M.train_tokenizer([q for q, _ in pairs] + [r for _, r in pairs], M.PRESETS[preset]["vocab_size"])
+    colour_ids = {tok.convert_tokens_to_ids(t) for t in tok.get_vocab() if tok.decode([tok.convert_tokens_to_ids(t)]).strip() in data.PALETTE}
+    encoded = []
+    for question, response in pairs:
+        before, after = M.VilaFamily.chat_text(tok, "", question)
+        prompt, reply = tok(before + after)["input_ids"], tok(response)["input_ids"]
+        copies = [i for i, t in enumerate(reply) if t in colour_ids][-4:]  # the re-read options
+        encoded.append((prompt, reply, copies))
+    train_set, held = encoded[:args.examples], encoded[args.examples:]
+    llm = M.PRESETS[preset]["llm"]
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64 * math.ceil(len(tok) / 64), max_position_embeddings=4096, **llm))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+
+    def batch(examples):
+        length = max(len(p) + len(r) for p, r, _ in examples)
+        ids = torch.full((len(examples), length), tok.pad_token_id)
+        targets = torch.full((len(examples), length), -100)
+        for b, (p, r, _) in enumerate(examples):
+            ids[b, :len(p) + len(r)] = torch.tensor(p + r)
+            targets[b, len(p) - 1:len(p) + len(r) - 1] = torch.tensor(r)
+        return ids, targets
+
+    def copy_accuracy():
+        ids, targets = batch(held)
+        with torch.no_grad():
+            predicted = model(input_ids=ids).logits.argmax(-1)
+        hits = [(predicted[b, len(p) - 1 + i] == targets[b, len(p) - 1 + i]).item()
+                for b, (p, _, copies) in enumerate(held) for i in copies]
+        return sum(hits) / len(hits)
+
+    curve, order = [], np.random.default_rng(args.seed + 1)
+    for step in range(args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / 10)
+        ids, targets = batch([train_set[i] for i in order.choice(len(train_set), args.batch_size, replace=False)])
+        loss = torch.nn.functional.cross_entropy(model(input_ids=ids).logits.transpose(1, 2), targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % args.every == 0:
+            curve.append((step + 1, copy_accuracy()))
+            print(f"  {distance:6s} step {step + 1:5d}  held-out copy accuracy {curve[-1][1]:.3f}", flush=True)
+    return curve
+
+
+def cmd_lookup(args):
+    """Held-out accuracy of the copied option colours against training steps, for each distance. Chance
+    is 1/6 (any colour) or 1/4 (one of the listed four)."""
+    print(f"{args.preset} LLM, batch {args.batch_size}, lr {args.lr}, {args.steps} steps; {_command_line()}")
+    curves = {d: _lookup_run(args.preset, d, args) for d in args.distances}
+    print("step    " + "".join(f"{d:>9s}" for d in curves))
+    for k, (step, _) in enumerate(next(iter(curves.values()))):
+        print(f"{step:<8d}" + "".join(f"{c[k][1]:9.3f}" for c in curves.values()))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -904,6 +991,19 @@ def main():
     decode.add_argument("--workdir", default=None,
                         help="folder for the test videos, kept for reruns (default: a new temp folder)")
     decode.set_defaults(fn=cmd_decode)
+    lookup = sub.add_parser("lookup", formatter_class=fmt,
+                            help="can a preset's LLM learn to re-read lettered options from its prompt? (text only)",
+                            description=cmd_lookup.__doc__ + " " + _lookup_example.__doc__)
+    lookup.add_argument("--preset", choices=sorted(M.PRESETS), default="tiny", help="the LLM's sizes")
+    lookup.add_argument("--distances", nargs="+", choices=LOOKUP_DISTANCES, default=list(LOOKUP_DISTANCES),
+                        help="what stands between the options and their re-reading")
+    lookup.add_argument("--steps", type=int, default=800, help="optimizer steps per distance")
+    lookup.add_argument("--batch-size", type=int, default=8, help="examples per step (sft.py's default)")
+    lookup.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (demo.sh's SFT rate)")
+    lookup.add_argument("--examples", type=int, default=2000, help="training examples (demo.sh trains on 2000)")
+    lookup.add_argument("--every", type=int, default=100, help="measure every N steps")
+    lookup.add_argument("--seed", type=int, default=0, help="seed for the data and the initial weights")
+    lookup.set_defaults(fn=cmd_lookup)
     args = ap.parse_args()
     args.fn(args)
 

@@ -344,8 +344,7 @@ def _prompt_tokens(model: M.VideoLM, records_file: Path, num_frames: int) -> flo
     counts with every cue (training shows only those within the frames' span): an upper bound."""
     import data  # here, not at the top: data.py needs decord and PyAV, which prefill/capacity must run without
     per_frame = model.config.tokens_per_frame + len(model.encode_text(model.config.frame_separator))
-    texts = [sum(len(model.encode_text(t)) for t in data.build_prompt(r, subtitles=data.subtitle_text(r),
-                                                                       template=model.question_prompt))
+    texts = [sum(len(model.encode_text(t)) for t in model.user_turn(r, data.subtitle_text(r)))
              for r in data.load_records(records_file)]
     return num_frames * per_frame + sum(texts) / len(texts)
 

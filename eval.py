@@ -465,7 +465,7 @@ def _prompt(model, record: Record, sampling: FrameSampling, subtitles: bool, cac
             cache[record.video] = (model.encode_video(frames), timestamps)   # [T * tpf, D]
     video_embeds, timestamps = cache[record.video]
     subs = data.subtitle_text(record, timestamps) if subtitles else None
-    before, after = data.build_prompt(record, subtitles=subs, template=model.question_prompt)
+    before, after = model.user_turn(record, subs)
     with torch.no_grad():
         return model.prompt_embeds(before, video_embeds, after)                # [L, D]
 

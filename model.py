@@ -391,6 +391,13 @@ class VideoLM(nn.Module):
         says; None (a release checkpoint, which has no such key) means LongVILA-R1's thinking prompt."""
         return self.release_config.get("question_prompt")
 
+    def user_turn(self, record, subtitles: str | None = None) -> tuple[str, str]:
+        """The user's turn for a record as (text before the video, text after it), in this checkpoint's
+        question prompt: data.build_prompt with `template=self.question_prompt`. Training, rollout, eval
+        and bench all build prompts here, so the policy, its reference and the evaluation read the same."""
+        import data  # here, not at the top: model.py loads without the video readers (decord, PyAV)
+        return data.build_prompt(record, subtitles=subtitles, template=self.question_prompt)
+
     @property
     def family(self) -> type:
         return family_of(self.config.family)

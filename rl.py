@@ -329,8 +329,7 @@ def prompt_positions(model: M.VideoLM, record: data.Record, sampling: data.Frame
     with --num-frames (no file opened) and the container's count with --fps; an .srt counts every cue."""
     frames = (min(sampling.num_frames, sampling.max_frames) if sampling.fps is None
               else len(data.frame_timestamps(record.video, sampling)))
-    before, after = model.family.chat_text(model.tokenizer, *data.build_prompt(record, subtitles=data.subtitle_text(record),
-                                                                             template=model.question_prompt))
+    before, after = model.family.chat_text(model.tokenizer, *model.user_turn(record, data.subtitle_text(record)))
     return frames // model.config.temporal_pool, len(model.encode_text(before)) + len(model.encode_text(after))
 
 

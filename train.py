@@ -378,7 +378,7 @@ class VideoPrompts:
         return value
 
     def __call__(self, record: data.Record) -> torch.Tensor:
-        before, after = data.build_prompt(record, subtitles=self.subtitles(record), template=self.model.question_prompt)
+        before, after = self.model.user_turn(record, self.subtitles(record))
         return self.model.prompt_embeds(before, self.video_embeds(record), after)   # [L, D]
 
     def for_batch(self, recs: list[data.Record], records: list[data.Record]):

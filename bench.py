@@ -843,6 +843,7 @@ def _lookup_example(rng: np.random.Generator, distance: str) -> tuple[str, str]:
 def _lookup_run(preset: str, distance: str, args) -> list[tuple[int, float]]:
     """Train the preset's LLM (random init) on one distance; [(step, held-out copy accuracy)]."""
     import data
+    import train
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -880,7 +881,7 @@ def _lookup_run(preset: str, distance: str, args) -> list[tuple[int, float]]:
     curve, order = [], np.random.default_rng(args.seed + 1)
     for step in range(args.steps):
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / 10)
+            group["lr"] = train.lr_at(step, args.steps, args.lr, warmup_steps=10)  # sft.py's schedule
         ids, targets = batch([train_set[i] for i in order.choice(len(train_set), args.batch_size, replace=False)])
         loss = torch.nn.functional.cross_entropy(model(input_ids=ids).logits.transpose(1, 2), targets)
         loss.backward()
@@ -992,13 +993,18 @@ def main():
     decode.set_defaults(fn=cmd_decode)
     lookup = sub.add_parser("lookup", formatter_class=fmt,
                             help="can a preset's LLM learn to re-read lettered options from its prompt? (text only)",
-                            description=cmd_lookup.__doc__ + " " + _lookup_example.__doc__)
+                            description="Train a preset's LLM from random weights, text only, to re-read four "
+                            "lettered colour options (\"A. red\" ...) from its prompt, as a multiple-choice chain of "
+                            "thought must, with a walk of scene sentences in between: none (near), always five "
+                            "(fixed: the copy is always the same distance back) or three to eight (varies: the copy "
+                            "must find its option by the letter, as after a real walk). Prints the held-out accuracy "
+                            "of the copied colours every --every steps; chance is 1/6.")
     lookup.add_argument("--preset", choices=sorted(M.PRESETS), default="tiny", help="the LLM's sizes")
     lookup.add_argument("--distances", nargs="+", choices=LOOKUP_DISTANCES, default=list(LOOKUP_DISTANCES),
                         help="what stands between the options and their re-reading")
     lookup.add_argument("--steps", type=int, default=800, help="optimizer steps per distance")
     lookup.add_argument("--batch-size", type=int, default=8, help="examples per step (sft.py's default)")
-    lookup.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (demo.sh's SFT rate)")
+    lookup.add_argument("--lr", type=float, default=1e-3, help="peak learning rate: 10 warmup steps, then cosine decay over --steps, as sft.py (demo.sh's rate)")
     lookup.add_argument("--examples", type=int, default=2000, help="training examples (demo.sh trains on 2000)")
     lookup.add_argument("--every", type=int, default=100, help="measure every N steps")
     lookup.add_argument("--seed", type=int, default=0, help="seed for the data and the initial weights")

@@ -47,8 +47,8 @@ def parse_args(argv=None):
     data.add_sampling_args(ap)
     ap.add_argument("--mix-num-frames", type=int, nargs="+", default=None, metavar="N",
                     help="train on several frame counts instead of --num-frames: each micro-batch draws one of "
-                         "these (the same on every rank, from --seed and the step), so the model does not "
-                         "learn one frame count's layout and can be evaluated with more or fewer frames")
+                         "these (the same on every rank, from --seed and the step), so the model sees more "
+                         "than one frame count's layout (not with --fps)")
     ap.add_argument("--steps", type=int, default=200, help="optimizer steps")
     ap.add_argument("--batch-size", type=int, default=8, help="records per micro-batch per data-parallel rank")
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -62,7 +62,10 @@ def parse_args(argv=None):
                     help="keep the vision tower and projector fixed (their embeddings are then cached)")
     train.add_cache_args(ap)
     train.add_run_args(ap, save_every=100)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.mix_num_frames and args.fps is not None:
+        ap.error("--mix-num-frames draws frame counts; it cannot be combined with --fps")
+    return args
 
 
 def main(argv=None):

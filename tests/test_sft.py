@@ -29,6 +29,8 @@ def test_mix_num_frames_draws_depend_on_seed_and_step_only():
     draws = [sft.mix_sampling(mix, 0, step).num_frames for step in range(60)]
     assert draws == [sft.mix_sampling(mix, 0, step).num_frames for step in range(60)]  # what a resume redraws
     assert set(draws) == {4, 8, 16} and draws != [sft.mix_sampling(mix, 1, s).num_frames for s in range(60)]
+    with pytest.raises(SystemExit):  # a count and a rate at once: refused, not one silently ignored
+        sft.parse_args(["--init", "i", "--data", "d", "--out", "o", "--fps", "1", "--mix-num-frames", "8", "16"])
 
 
 def test_sp2_sft_with_trainable_vision_and_checkpointing_equals_one_process(easy_task, tmp_path):

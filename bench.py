@@ -849,7 +849,7 @@ def _lookup_run(preset: str, distance: str, args) -> list[tuple[int, float]]:
     rng = np.random.default_rng(args.seed)
     pairs = [_lookup_example(rng, distance) for _ in range(args.examples + 200)]
     tok = M.train_tokenizer([q for q, _ in pairs] + [r for _, r in pairs], M.PRESETS[preset]["vocab_size"])
-    colour_ids = {tok.convert_tokens_to_ids(t) for t in tok.get_vocab() if tok.decode([tok.convert_tokens_to_ids(t)]).strip() in data.PALETTE}
+    colour_ids = {i for i in tok.get_vocab().values() if tok.decode([i]).strip() in data.PALETTE}
     encoded = []
     for question, response in pairs:
         before, after = M.VilaFamily.chat_text(tok, "", question)
@@ -1004,7 +1004,9 @@ def main():
                         help="what stands between the options and their re-reading")
     lookup.add_argument("--steps", type=int, default=800, help="optimizer steps per distance")
     lookup.add_argument("--batch-size", type=int, default=8, help="examples per step (sft.py's default)")
-    lookup.add_argument("--lr", type=float, default=1e-3, help="peak learning rate: 10 warmup steps, then cosine decay over --steps, as sft.py (demo.sh's rate)")
+    lookup.add_argument("--lr", type=float, default=1e-3,
+                        help="peak learning rate: 10 warmup steps, then cosine decay over --steps, as sft.py "
+                             "(demo.sh's rate)")
     lookup.add_argument("--examples", type=int, default=2000, help="training examples (demo.sh trains on 2000)")
     lookup.add_argument("--every", type=int, default=100, help="measure every N steps")
     lookup.add_argument("--seed", type=int, default=0, help="seed for the data and the initial weights")

@@ -206,10 +206,10 @@ def _grpo_memory_rank(rank: int, world_size: int, settings: dict, video: str, po
 
     # ---- 6a. reference log-probs; 6b. the update (on-policy: the old log-probs are its own, detached) ----
     # rl.py's defaults: the group packed with its prompt once (shared prefix), one mini-batch
-    with torch.no_grad(), train.autocast(ps.device, True):
+    with torch.no_grad(), train.autocast(ps, True):
         ref_lp = rl.batch_logprobs(reference, prompt_fn, episodes, ps, 1.0, True, G)[0]
     train.reshard(reference)
-    with train.autocast(ps.device, True):
+    with train.autocast(ps, True):
         lp, mask = rl.batch_logprobs(policy, prompt_fn, episodes, ps, 1.0, True, G)
         adv = torch.tensor([e.advantage for e in episodes], device=lp.device)[:, None].expand_as(lp)
         loss = rl.policy_loss(lp, lp.detach(), adv, mask)[0] + 0.01 * rl.aggregate(rl.kl_k3(lp, ref_lp), mask, "token-mean")
@@ -349,6 +349,12 @@ def _prompt_tokens(model: M.VideoLM, records_file: Path, num_frames: int) -> flo
     return num_frames * per_frame + sum(texts) / len(texts)
 
 
+def default_step_sp_size(num_heads: int, devices: int) -> int:
+    """The most processes, at most `devices`, that split the preset's query heads evenly (Ulysses gives
+    each SP rank whole heads). Example: the tiny preset's 4 heads on an 8-GPU node -> 4; the small's 8 -> 8."""
+    return max(sp for sp in range(1, max(devices, 1) + 1) if num_heads % sp == 0)
+
+
 def cmd_step(args):
     """Print markdown tables: seconds per GRPO step of the real rl.py, per frame count and configuration.
 
@@ -359,9 +365,11 @@ def cmd_step(args):
         the log-prob and update passes, and the on-policy old log-probs taken from the update's forward.
     A step's time is the sum of rl.py's phase timers; the table shows the median over steps 2..N.
     """
+    heads = M.PRESETS[args.preset]["llm"]["num_attention_heads"]
     sp_size = args.sp_size
     if sp_size is None:
-        sp_size = torch.cuda.device_count() if torch.cuda.is_available() else 2
+        sp_size = default_step_sp_size(heads, torch.cuda.device_count() if torch.cuda.is_available() else 2)
+    mrsp.kv_head_repeats(heads, M.PRESETS[args.preset]["llm"]["num_key_value_heads"], sp_size)  # refuses now, not in rl.py
     configs = [c for c in STEP_CONFIGS if c != "stage 1+2" or sp_size > 1]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-step-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -948,8 +956,9 @@ def main():
     step.add_argument("--group-size", type=int, default=4, help="responses per prompt")
     step.add_argument("--max-new-tokens", type=int, default=32, help="longest response")
     step.add_argument("--sp-size", type=int, default=None,
-                      help="processes of the stage 1+2 and shared-prefix runs (default: 2 on a CPU, the GPU count "
-                           "on GPUs; 1 skips the stage 1+2 column and runs shared prefix in one process)")
+                      help="processes of the stage 1+2 and shared-prefix runs (default: 2 on a CPU; on GPUs the most, "
+                           "up to the GPU count, that divide the preset's heads; 1 skips the stage 1+2 column and runs "
+                           "shared prefix in one process)")
     step.add_argument("--workdir", default=None,
                       help="folder for the data, checkpoint and runs (default: a new temp folder)")
     step.add_argument("--seed", type=int, default=0, help="data and sampling seed")

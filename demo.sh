@@ -23,8 +23,9 @@ python data.py synth --out "$OUT/data" --n "$N_VIDEOS" --seed "$SEED" --answers 
 # trained from scratch, does not learn in 600 steps to read the question (it answers "first" to "last").
 python model.py init --out "$OUT/init" --preset tiny --data "$OUT/data/train.jsonl" --seed "$SEED" \
     --question-prompt plain
+# --no-freeze-vision: the tiny vision tower is random; it learns the colours here (a released tower stays frozen)
 $RUN sft.py --init "$OUT/init" --data "$OUT/data/train.jsonl" --out "$OUT/sft" --steps "$SFT_STEPS" \
-    --seed "$SEED" --save-every 200 --lr 1e-3
+    --seed "$SEED" --save-every 200 --lr 1e-3 --no-freeze-vision
 python eval.py --checkpoint "$OUT/sft/final" --data "$OUT/data/test.jsonl" --out "$OUT/eval-sft" --engine "$ENGINE"
 $RUN rl.py --init "$OUT/sft/final" --data "$OUT/data/train.jsonl" --out "$OUT/rl" --steps "$RL_STEPS" \
     --batch-size 8 --group-size 8 --lr 5e-5 --max-new-tokens 128 --engine "$ENGINE" --seed "$SEED" \

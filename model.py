@@ -337,40 +337,78 @@ def _attend(q, k, v, scaling: float, prompt_len: int) -> torch.Tensor:
 
 @functools.cache
 def _flash_attn_func():
-    try:
-        from flash_attn import flash_attn_func
-    except ImportError:
+    """flash-attn's `flash_attn_func`, or None. Only a flash-attn that transformers itself accepts
+    (>= 2.3.3): before 2.1 its causal mask was aligned top-left when the query is shorter than the keys,
+    which would let each response see the wrong keys in `_attend`."""
+    from transformers.utils import is_flash_attn_2_available
+    if not is_flash_attn_2_available():
         return None
+    from flash_attn import flash_attn_func
     return flash_attn_func
 
 
-SHARED_PREFIX = "shared_prefix"  # the attention implementation name registered with transformers
+class InnerAttentionView:
+    """An attention module as an inner attention function must see it when our own attention function
+    (shared prefix, Ulysses) wraps transformers' sdpa or flash-attn: a config naming the inner
+    implementation (flash-attn reads which kernel to run from `module.config`) and any attribute
+    overridden (`num_key_value_groups` on one Ulysses rank); everything else is the module's."""
+
+    def __init__(self, module, config, **overrides):
+        self._module, self.config = module, config
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
 
 
-def _shared_prefix_or_sdpa(module, query, key, value, attention_mask, group_layouts=None, **kwargs):
-    """The "shared_prefix" entry of transformers' AttentionInterface: `shared_prefix_attention` for a
-    forward that carries `group_layouts` (a PackedBatch), plain sdpa with transformers' own mask for
-    every other forward (generation, SFT, the per-sequence passes)."""
+def inner_attention_setup(model_config, wrapped: str) -> tuple[str, object]:
+    """(inner implementation, a copy of the LLM config naming it) for an attention function that wraps
+    the model's current one. Only sdpa and flash-attn: both take `is_causal` and a causal mask aligned
+    bottom-right, which the wrappers rely on."""
+    import copy
+    inner = model_config._attn_implementation
+    if inner != "sdpa" and not inner.startswith("flash_attention"):
+        raise ValueError(f"{wrapped} wraps sdpa or flash_attention_*; this model uses {inner!r}: "
+                         "load it with attn_implementation='sdpa'")
+    inner_config = copy.copy(model_config)
+    inner_config._attn_implementation = inner
+    return inner, inner_config
+
+
+# The names registered with transformers for the shared prefix around each attention it wraps. No "flash"
+# in them: transformers would take such a name for a flash kernel and try to load one by it.
+SHARED_PREFIX = {"sdpa": "shared_prefix", "flash_attention_2": "shared_prefix_fa2",
+                 "flash_attention_3": "shared_prefix_fa3"}
+
+
+def _shared_prefix_attention_fn(module, query, key, value, attention_mask, group_layouts=None, **kwargs):
+    """The "shared_prefix*" entry of transformers' AttentionInterface: `shared_prefix_attention`
+    for a forward that carries `group_layouts` (a PackedBatch); the wrapped attention (sdpa or flash-attn)
+    with transformers' own mask for every other forward (generation, SFT, the per-sequence passes)."""
     if group_layouts is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        inner_config = module.shared_prefix_inner_config
+        return ALL_ATTENTION_FUNCTIONS[inner_config._attn_implementation](
+            InnerAttentionView(module, inner_config), query, key, value, attention_mask, **kwargs)
     return shared_prefix_attention(query, key, value, group_layouts, module.scaling), None
 
 
 def enable_shared_prefix(model: "VideoLM") -> None:
     """Let `model.llm` run PackedBatch forwards in one process (sp = 1; under sequence parallelism
-    mrsp.enable_ulysses does it). Every other forward is unchanged sdpa."""
+    mrsp.enable_ulysses does it). Every other forward runs the model's own attention, sdpa or flash-attn."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    current = model.llm.config._attn_implementation
-    if current == SHARED_PREFIX:
+    if model.llm.config._attn_implementation in SHARED_PREFIX.values():
         return
-    if current != "sdpa":
-        raise ValueError(f"shared-prefix attention wraps sdpa; this model uses {current!r}: "
-                         "load it with attn_implementation='sdpa'")
-    AttentionInterface.register(SHARED_PREFIX, _shared_prefix_or_sdpa)
-    AttentionMaskInterface.register(SHARED_PREFIX, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    model.llm.set_attn_implementation(SHARED_PREFIX)
+    inner, inner_config = inner_attention_setup(model.llm.config, "shared-prefix attention")
+    if inner not in SHARED_PREFIX:
+        raise ValueError(f"shared-prefix attention does not wrap {inner!r}; use sdpa or flash_attention_2/3")
+    name = SHARED_PREFIX[inner]
+    AttentionInterface.register(name, _shared_prefix_attention_fn)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
+    for layer in model.llm.get_decoder().layers:
+        layer.self_attn.shared_prefix_inner_config = inner_config
+    model.llm.set_attn_implementation(name)
 
 
 class VideoLM(nn.Module):
@@ -406,10 +444,14 @@ class VideoLM(nn.Module):
     def device(self) -> torch.device:
         return self.llm.get_input_embeddings().weight.device
 
-    def freeze_vision(self):
-        """LongVILA-R1 keeps the vision tower and projector frozen in RL; then video embeddings can be cached."""
-        for p in list(self.vision_tower.parameters()) + list(self.mm_projector.parameters()):
-            p.requires_grad_(False)
+    def freeze_vision(self, dtype: torch.dtype | None = None):
+        """LongVILA-R1 keeps the vision tower and projector frozen in RL; then video embeddings can be cached.
+        Weights that never train need no fp32 master copy: `dtype` (the compute dtype) stores them in it,
+        so frames are encoded in it (bf16 encodes ~10x faster than fp32 on a GPU)."""
+        for module in (self.vision_tower, self.mm_projector):
+            module.requires_grad_(False)
+            if dtype is not None:
+                module.to(dtype)
 
     # ---- video ----
 
@@ -431,11 +473,15 @@ class VideoLM(nn.Module):
         be split over ranks by frame (MR-SP stage 1) and cached. Frames go through the tower `chunk_size`
         at a time, so thousands of frames fit in bounded memory; the result is the same as one pass.
         """
+        encode = lambda px: self.mm_projector(self.family.frame_features(self, px))  # [t, 3, H, W] -> [t, tpf, D]
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_tower.parameters())
         chunks = []
         for start in range(0, len(frames), chunk_size):
             px = self.pixel_values(frames[start:start + chunk_size])             # [t, 3, H, W]
-            features = self.family.frame_features(self, px)                       # [t, P, C]
-            chunks.append(self.mm_projector(features))                            # [t, tpf, D]
+            # A trainable tower keeps no activations: SigLIP-so400m at 448 px would save ~1.3 GB per frame
+            # (350 GB at 256 frames). Each chunk keeps its pixels; backward runs its forward again.
+            chunks.append(torch.utils.checkpoint.checkpoint(encode, px, use_reentrant=False) if trains
+                          else encode(px))                                        # [t, tpf, D]
         return torch.cat(chunks).flatten(0, 1)                                    # [T * tpf, D]
 
     # ---- text and splicing ----
@@ -571,7 +617,12 @@ class VideoLM(nn.Module):
         lm_head = self.llm.get_output_embeddings()
 
         def block_logprobs(h, tgt):                                               # [n, D], [n] -> [n]
-            logits = lm_head(h).float() / temperature                             # [n, V]
+            # In the head's own dtype, not autocast's: bf16 logits carry 8 bits of mantissa, an error of up
+            # to ~0.06 nats at a logit of 25 that would enter every ratio and KL term. Training stores the
+            # head in fp32 (the policy's master weights; FSDP gathers it in fp32, see train.shard_model;
+            # the reference keeps its head in fp32), so its logits are fp32 whatever the compute dtype.
+            with torch.autocast(h.device.type, enabled=False):
+                logits = lm_head(h.to(lm_head.weight.dtype)).float() / temperature  # [n, V]
             return torch.log_softmax(logits, dim=-1).gather(1, tgt[:, None]).squeeze(1)
 
         pieces = []
@@ -938,6 +989,17 @@ def _weight_names(folder: Path) -> set[str]:
         with safe_open(str(file), framework="pt") as f:
             names |= set(f.keys())
     return names
+
+
+def read_tensor(folder, name: str) -> torch.Tensor:
+    """The tensor `name` of the safetensors weights in `folder` (one file or shards), in its stored dtype.
+
+    Example: read_tensor(path / "llm", "lm_head.weight") -> [V, D]."""
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            if name in f.keys():
+                return f.get_tensor(name)
+    raise CheckpointError(f"{folder}: no weight named {name!r} in its *.safetensors files")
 
 
 def _from_pretrained(auto_class, folder: Path, **kwargs):

@@ -44,7 +44,6 @@ parameter shard.)
 
 Run the checks: `python -m pytest tests/test_mrsp.py`.
 """
-import copy
 import hashlib
 import json
 import math
@@ -246,17 +245,6 @@ class UlyssesSetup:
     inner_config: object   # a copy of the LLM config that names `inner` (flash-attn reads the name from it)
 
 
-class _LocalHeadsView:
-    """The attention module as the inner attention function must see it on one rank: the inner
-    implementation's config and this rank's ratio of query to key/value heads; all else is the module."""
-
-    def __init__(self, module, config, num_key_value_groups: int):
-        self._module, self.config, self.num_key_value_groups = module, config, num_key_value_groups
-
-    def __getattr__(self, name):
-        return getattr(self._module, name)
-
-
 def ulysses_attention(module, query, key, value, attention_mask, **kwargs):
     """Attention over the full sequence for a sequence shard: the `AttentionInterface` entry "ulysses".
 
@@ -285,7 +273,7 @@ def ulysses_attention(module, query, key, value, attention_mask, **kwargs):
     if layouts is not None:  # the whole packed rows are here, for this rank's heads
         out = M.shared_prefix_attention(query, key, value, layouts, module.scaling)   # -> [B, S, Hq/sp, D]
     else:
-        view = _LocalHeadsView(module, setup.inner_config, query.shape[1] // key.shape[1])
+        view = M.InnerAttentionView(module, setup.inner_config, num_key_value_groups=query.shape[1] // key.shape[1])
         out, _ = setup.inner_attention(view, query, key, value, None, is_causal=True,
                                        **kwargs)                 # -> [B, S, Hq/sp, D]
     return AllToAll.apply(out, 1, 2, group), None                # [B, S, Hq/sp, D] -> [B, S/sp, Hq, D]
@@ -309,14 +297,11 @@ def enable_ulysses(model: VideoLM, sp_group) -> None:
     AttentionInterface.register(ULYSSES, ulysses_attention)
     cfg = model.llm.config
     kv_head_repeats(cfg.num_attention_heads, cfg.num_key_value_heads, group_size(sp_group))
-    inner = cfg._attn_implementation
-    if inner == ULYSSES:  # enabled before: keep the inner attention, take the new group
-        inner = _attention_modules(model)[0].ulysses.inner
-    if inner != "sdpa" and not inner.startswith("flash_attention"):
-        raise ValueError(f"Ulysses wraps sdpa or flash_attention_*, which take is_causal; this model uses "
-                         f"{inner!r}: load it with attn_implementation='sdpa'")
-    inner_config = copy.copy(cfg)
-    inner_config._attn_implementation = inner
+    if cfg._attn_implementation == ULYSSES:  # enabled before: keep the inner attention, take the new group
+        inner_config = _attention_modules(model)[0].ulysses.inner_config
+        inner = inner_config._attn_implementation
+    else:
+        inner, inner_config = M.inner_attention_setup(cfg, "Ulysses attention")
     for attn in _attention_modules(model):
         attn.ulysses = UlyssesSetup(sp_group, inner, ALL_ATTENTION_FUNCTIONS[inner], inner_config)
     model.llm.set_attn_implementation(ULYSSES)

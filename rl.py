@@ -272,24 +272,28 @@ def sync_engine(engine, model, ps):
 
 # ---- the models of a run ----
 
-def load_policy(path, ps: mrsp.ParallelState, grad_checkpointing: bool = False,
+def load_policy(path, ps: mrsp.ParallelState, bf16: bool = False, grad_checkpointing: bool = False,
                 shared_prefix: bool = False) -> M.VideoLM:
-    """The policy, ready to train: its LLM in training mode (Hugging Face checkpoints activations only
-    in training mode; Qwen2 has no dropout, and the torch engine decodes in eval mode by itself), the
-    vision tower and projector frozen (LongVILA-R1), Ulysses attention over the SP group (which also runs
-    the shared-prefix attention) or, in one process, the shared-prefix attention alone; FSDP2 shards."""
-    policy = M.VideoLM.load(path, device=ps.device)
-    policy.freeze_vision()
+    """The policy, ready to train: fp32 weights (the optimizer's master copy) that compute in bf16 under
+    --bf16 (train.shard_model, train.autocast), with the attention that dtype takes (flash-attn on a GPU
+    under FSDP); its LLM in training mode (Hugging Face checkpoints activations only in training mode;
+    Qwen2 has no dropout, and the torch engine decodes in eval mode by itself); the vision tower and
+    projector frozen (LongVILA-R1), stored in the compute dtype; Ulysses attention over the SP group
+    (which also runs the shared-prefix attention) or, in one process, the shared-prefix attention alone;
+    FSDP2 shards."""
+    attention = M.default_attn_implementation(train.compute_dtype(ps, bf16))
+    policy = M.VideoLM.load(path, device=ps.device, attn_implementation=attention)
+    policy.freeze_vision(dtype=torch.bfloat16 if bf16 else None)
     policy.llm.train()
     if grad_checkpointing:
         policy.llm.gradient_checkpointing_enable()
     enable_attention(policy, ps, shared_prefix)
-    return train.shard_model(policy, ps)
+    return train.shard_model(policy, ps, bf16)
 
 
 def enable_attention(model: M.VideoLM, ps: mrsp.ParallelState, shared_prefix: bool) -> None:
     """Ulysses attention over the SP group (it runs packed groups too), or in one process the
-    shared-prefix attention for packed groups (plain sdpa for everything else)."""
+    shared-prefix attention for packed groups (the model's own attention for everything else)."""
     if ps.sp_size > 1:
         mrsp.enable_ulysses(model, ps.sp_group)
     elif shared_prefix:
@@ -305,16 +309,25 @@ def with_own_llm(policy: M.VideoLM, path, dtype: torch.dtype, device) -> M.Video
                      loaded.tokenizer, release_config=loaded.release_config)  # with it the question prompt
 
 
-def load_reference(path, policy: M.VideoLM, ps: mrsp.ParallelState, dtype: torch.dtype,
+def load_reference(path, policy: M.VideoLM, ps: mrsp.ParallelState, bf16: bool = False,
                    shared_prefix: bool = False) -> M.VideoLM:
     """The reference model of the KL term: the LLM of checkpoint `path` (the initial policy), frozen,
-    in the compute dtype (bf16 under --bf16: it only runs forward, under autocast), sharded with FSDP2
-    like the policy's. It owns no vision weights: prompts reuse the policy's cached video embeddings."""
+    sharded with FSDP2 like the policy's, computing exactly as the policy computes, so that at step 0
+    their log-probs are equal and the KL is 0, not rounding noise:
+      - under FSDP with --bf16 the policy's fp32 weights are gathered as bf16 and its LM head as fp32:
+        the reference stores its LLM in bf16 (half the memory) and its head in fp32, as stored in `path`;
+      - in one process the policy computes fp32 weights under autocast: so does the reference.
+    The same attention implementation as the policy's. It owns no vision weights: prompts reuse the
+    policy's cached video embeddings."""
+    dtype = train.compute_dtype(ps, bf16)
     reference = with_own_llm(policy, path, dtype, ps.device)
+    if dtype != torch.float32:
+        head = reference.llm.get_output_embeddings()
+        head.weight = torch.nn.Parameter(M.read_tensor(Path(path) / "llm", "lm_head.weight").to(ps.device, torch.float32))
     reference.llm.requires_grad_(False)
     reference.llm.eval()
     enable_attention(reference, ps, shared_prefix)
-    return train.shard_model(reference, ps)
+    return train.shard_model(reference, ps, bf16)
 
 
 # ---- start-up check: the engine's length ----
@@ -355,8 +368,17 @@ def engine_max_model_len(model: M.VideoLM, records: list[data.Record], sampling:
         raise data.VideoError(f"none of the first {PROMPT_SCAN} records of {args.data} has a readable video")
     positions, frames, text, problem_id = longest
     needed = positions + args.max_new_tokens
+    limit = model.llm.config.max_position_embeddings
+    if needed > limit:
+        raise ValueError(
+            f"{args.data}: the prompt of record {problem_id!r} is {positions} positions; with --max-new-tokens "
+            f"{args.max_new_tokens} it needs {needed}, past the LLM's max_position_embeddings {limit} "
+            f"({model.source}/llm/config.json), which vLLM refuses. Lower --num-frames / --max-frames / --fps")
     if args.max_model_len is None:
-        return needed + TEXT_SLACK
+        return min(needed + TEXT_SLACK, limit)
+    if args.max_model_len > limit:
+        raise ValueError(f"--max-model-len {args.max_model_len} is past the LLM's max_position_embeddings {limit} "
+                         f"({model.source}/llm/config.json), which vLLM refuses: use at most {limit}")
     if needed > args.max_model_len:
         raise ValueError(
             f"{args.data}: the prompt of record {problem_id!r} is {positions} positions ({frames} frames x "
@@ -432,10 +454,9 @@ def main(argv=None):
     start = Path(resume_from or args.init)
 
     # ---- policy, reference, optimizer, engine ----
-    policy = load_policy(start, ps, grad_checkpointing=args.grad_checkpointing,
+    policy = load_policy(start, ps, args.bf16, grad_checkpointing=args.grad_checkpointing,
                          shared_prefix=args.shared_prefix)
-    compute_dtype = torch.bfloat16 if args.bf16 else torch.float32
-    reference = (load_reference(args.init, policy, ps, compute_dtype, shared_prefix=args.shared_prefix)
+    reference = (load_reference(args.init, policy, ps, args.bf16, shared_prefix=args.shared_prefix)
                  if args.kl_coef > 0 else None)
     records = data.load_records(args.data)
     types = sorted({r.labels[args.type_label] for r in records if args.type_label in r.labels})  # accuracy_<type>
@@ -454,7 +475,8 @@ def main(argv=None):
     engine = None
     if ps.sp_rank < engines_per_group:
         separate = args.engine == "torch" and ps.world_size > 1
-        decoding = with_own_llm(policy, start, torch.float32, ps.device) if separate else policy
+        decoding = (with_own_llm(policy, start, torch.bfloat16 if args.bf16 else torch.float32, ps.device)
+                    if separate else policy)
         engine = rollout.make_engine(
             args.engine, decoding, start / "llm",
             max_model_len=max_model_len, seed=args.seed, dtype="bfloat16" if args.bf16 else "float32",
@@ -493,6 +515,10 @@ def main(argv=None):
         if engine is not None:
             engine.sleep()  # give its memory to training until the next sync (no-op without sleep mode)
         groups = gather_episodes(groups, ps)
+        # Each pass below builds its prompts again (the video from the cache): a 7B prompt of 256 frames is
+        # ~66k x 3584 values, so the group's are not held through the update.
+        prompt_lens = [len(p) for p in prompts]
+        del prompts
         timing["time_rollout"], tick = lap(tick, ps.device)
 
         # ---- 4. rewards, 5. advantages ----
@@ -515,7 +541,7 @@ def main(argv=None):
         policy_logprobs = lambda micro: batch_logprobs(policy, policy_prompt, micro, ps, args.temperature,
                                                        args.shared_prefix, args.group_size)
         old_lp, ref_lp, gap = [], [], 0.0   # old_lp[k], ref_lp[k] belong to micro-batch k
-        with torch.no_grad(), train.autocast(ps.device, args.bf16):
+        with torch.no_grad(), train.autocast(ps, args.bf16):
             for micro in micro_batches:
                 if not on_policy:
                     lp, mask = policy_logprobs(micro)
@@ -534,7 +560,7 @@ def main(argv=None):
             mini_episodes = [e for k in mini_batch for e in micro_batches[k]]
             for k in mini_batch:
                 micro = micro_batches[k]
-                with train.autocast(ps.device, args.bf16):
+                with train.autocast(ps, args.bf16):
                     lp, mask = policy_logprobs(micro)
                     if on_policy:
                         old_lp.append(lp.detach())
@@ -555,8 +581,8 @@ def main(argv=None):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         timing["time_update"], tick = lap(tick, ps.device)
-        one_pass = llm_positions([len(p) for p in prompts], episodes_by_group, args.shared_prefix)
-        stats["llm_positions"] = (llm_positions([len(p) for p in prompts], episodes_by_group, True)  # rollout
+        one_pass = llm_positions(prompt_lens, episodes_by_group, args.shared_prefix)
+        stats["llm_positions"] = (llm_positions(prompt_lens, episodes_by_group, True)  # rollout
                                   + one_pass * (1 + (not on_policy) + (reference is not None)))
         stats["old_logprobs_reused"] = float(on_policy)
 
@@ -597,12 +623,11 @@ def main(argv=None):
 def engine_gap(trainer_lp: torch.Tensor, mask: torch.Tensor, episodes) -> float:
     """Largest |engine log-prob - trainer log-prob| over the sampled tokens: the rollout/training
     mismatch RL frameworks watch (it grows with bf16, kernels that differ, or a missed weight sync)."""
-    gap = 0.0
+    engine_lp = torch.zeros(mask.shape, dtype=torch.float32)                  # [E, R_max] on the host
     for row, e in enumerate(episodes):
-        mine = trainer_lp[row][mask[row]]
-        theirs = torch.tensor(e.sample.logprobs, dtype=mine.dtype, device=mine.device)
-        gap = max(gap, (mine - theirs).abs().max().item())
-    return gap
+        engine_lp[row, :len(e.sample.logprobs)] = torch.tensor(e.sample.logprobs)
+    gaps = (trainer_lp.float() - engine_lp.to(trainer_lp.device)).abs() * mask  # [E, R_max]
+    return gaps.max().item()  # one host sync for the micro-batch
 
 
 if __name__ == "__main__":

@@ -135,17 +135,24 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float,
 class TorchEngine:
     """Batched sampling with the trainer's own VideoLM and a transformers KV cache.
 
-    All prompts go in one batch, left-padded to the longest: padding on the left keeps every row's last
-    prompt position at the same index, so the next-token logits of all rows come out of the same column.
-    The attention mask hides the padding and `position_ids` count real positions only, so a padded row
-    computes what it would alone. Each prompt is prefilled once; the cache is then repeated n times
-    (prompt i's samples are rows i*n ... i*n + n-1) and all rows decode together. A finished row keeps
-    running (its extra tokens are discarded) so the batch stays rectangular.
+    Prompts go in chunks that bound memory (`max_batch_tokens`, below); a chunk's prompts are left-padded
+    to its longest: padding on the left keeps every row's last prompt position at the same index, so the
+    next-token logits of all rows come out of the same column. The attention mask hides the padding and
+    `position_ids` count real positions only, so a padded row computes what it would alone. Each prompt
+    is prefilled once; the cache is then repeated n times (prompt i's samples are rows i*n ... i*n + n-1)
+    and all rows of the chunk decode together. A finished row keeps running (its extra tokens are
+    discarded) so the batch stays rectangular.
     """
 
-    def __init__(self, model, max_model_len: int = 8192):
+    STOP_CHECK_EVERY = 16  # decode steps between checks that every row has finished (each is a host sync)
+
+    def __init__(self, model, max_model_len: int = 8192, max_batch_tokens: int = 262_144):
+        """`max_batch_tokens` bounds a chunk: its samples' KV-cache positions, n x (prompt + max_new_tokens)
+        summed over its prompts; a prompt that alone exceeds it is a chunk of one. At 7B with 256 frames a
+        prompt is ~66k positions, and one batch of 8 prompts x 5 samples would hold ~150 GB of bf16 cache."""
         self.model = model
         self.max_model_len = max_model_len
+        self.max_batch_tokens = max_batch_tokens
         self.stop = stop_tokens(model.tokenizer, model.llm.generation_config)
 
     @property
@@ -172,27 +179,43 @@ class TorchEngine:
     def sleep(self) -> None:
         pass
 
+    def chunks(self, prompt_lens: list[int], n: int, max_new_tokens: int) -> list[range]:
+        """Consecutive prompts whose samples' cache positions, n x (L_i + max_new_tokens), add up to at most
+        `max_batch_tokens`; at least one prompt each. Example: lengths [10, 10, 10], n = 2, 5 new tokens,
+        budget 60 -> [range(0, 2), range(2, 3)]."""
+        out, start, used = [], 0, 0
+        for i, L in enumerate(prompt_lens):
+            cost = n * (L + max_new_tokens)
+            if i > start and used + cost > self.max_batch_tokens:
+                out.append(range(start, i))
+                start, used = i, 0
+            used += cost
+        return out + [range(start, len(prompt_lens))] if prompt_lens else out
+
     @torch.no_grad()
     def generate(self, prompts: list[torch.Tensor], n: int, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int = 0, progress: bool = False) -> list[list[Sample]]:
-        """Input embeddings [L_i, D] per prompt -> n Samples per prompt. Reproducible for the same seed and batch."""
+        """Input embeddings [L_i, D] per prompt -> n Samples per prompt. Reproducible for the same seed, batch
+        and `max_batch_tokens`."""
         check_generate_args(prompts, n, max_new_tokens, temperature, top_p, self.max_model_len)
-        if not prompts:
-            return []
         llm = self.model.llm
         was_training = llm.training
         llm.eval()  # no dropout; gradient checkpointing (active only in training) would turn the cache off
+        generator = torch.Generator(device=self.model.device).manual_seed(seed)
+        samples = []
         try:
-            new_ids, new_logprobs, lengths = self._decode(prompts, n, max_new_tokens, temperature, top_p,
-                                                          seed, progress)
+            for chunk in self.chunks([len(p) for p in prompts], n, max_new_tokens):
+                new_ids, new_logprobs, lengths = self._decode([prompts[i] for i in chunk], n, max_new_tokens,
+                                                              temperature, top_p, generator, progress)
+                samples += [make_sample(new_ids[r, :lengths[r]].tolist(), new_logprobs[r, :lengths[r]].tolist(),
+                                        self.stop, self.model.tokenizer) for r in range(len(new_ids))]
         finally:
             llm.train(was_training)
-        samples = [make_sample(new_ids[r, :lengths[r]].tolist(), new_logprobs[r, :lengths[r]].tolist(),
-                               self.stop, self.model.tokenizer) for r in range(len(new_ids))]
         return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def _prefill(self, prompts: list[torch.Tensor], n: int):
-        """Run the left-padded prompts once; repeat the result n times, one row per sample (P*n rows).
+        """Run the left-padded prompts once, in the engine's dtype; repeat the result n times, one row per
+        sample (P*n rows).
 
         -> next-token logits [P*n, V], the KV cache, attention mask [P*n, L], last positions [P*n, 1].
         """
@@ -214,8 +237,8 @@ class TorchEngine:
                 attention_mask.repeat_interleave(n, dim=0),                       # [P*n, L]
                 position_ids[:, -1:].repeat_interleave(n, dim=0))                 # [P*n, 1]
 
-    def _decode(self, prompts, n, max_new_tokens, temperature, top_p, seed, progress):
-        """-> generated ids [P*n, steps], their log-probs [P*n, steps], response lengths [P*n]."""
+    def _decode(self, prompts, n, max_new_tokens, temperature, top_p, generator, progress):
+        """One chunk -> generated ids [P*n, steps], their log-probs [P*n, steps], response lengths [P*n]."""
         llm, device = self.model.llm, self.model.device
         logits, cache, attention_mask, position = self._prefill(prompts, n)
         # each row may generate until max_new_tokens or until prompt + response fills max_model_len
@@ -223,7 +246,6 @@ class TorchEngine:
         budget = (self.max_model_len - prompt_lens).clamp(max=max_new_tokens)   # [P*n]
         steps = int(budget.max())
         stop_ids = torch.tensor(self.stop.all, device=device)
-        generator = torch.Generator(device=device).manual_seed(seed)
         new_ids = torch.zeros(len(budget), steps, dtype=torch.long, device=device)  # [P*n, steps]
         new_logprobs = torch.zeros(len(budget), steps, device=device)            # [P*n, steps]
         lengths = torch.zeros(len(budget), dtype=torch.long, device=device)      # [P*n]
@@ -233,7 +255,7 @@ class TorchEngine:
             new_ids[:, step], new_logprobs[:, step] = token, token_logprob
             lengths += alive
             alive &= ~torch.isin(token, stop_ids) & (lengths < budget)
-            if not alive.any():
+            if (step + 1) % self.STOP_CHECK_EVERY == 0 and not alive.any():
                 break
             attention_mask = F.pad(attention_mask, (0, 1), value=1)              # [P*n, L + step + 1]
             position = position + 1

@@ -58,8 +58,11 @@ def parse_args(argv=None):
     ap.add_argument("--warmup-steps", type=int, default=10, help="linear warmup steps before cosine decay")
     ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
-    ap.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=False,
-                    help="keep the vision tower and projector fixed (their embeddings are then cached)")
+    ap.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
+                    help="keep the vision tower and projector fixed, as LongVILA-R1 does in RL: each video is "
+                         "encoded once and its embeddings cached. --no-freeze-vision trains them too: every "
+                         "SP rank then runs the tower over all frames with autograd, checkpointed per chunk of "
+                         "frames (it keeps only their pixels), and the cache is off")
     train.add_cache_args(ap)
     train.add_run_args(ap, save_every=100)
     args = ap.parse_args(argv)
@@ -73,15 +76,16 @@ def main(argv=None):
     ps, out, resume_from = train.start_run(args)
 
     # ---- model, optimizer ----
-    model = M.VideoLM.load(resume_from or args.init, device=ps.device)
+    attention = M.default_attn_implementation(train.compute_dtype(ps, args.bf16))
+    model = M.VideoLM.load(resume_from or args.init, device=ps.device, attn_implementation=attention)
     model.train()
     if args.freeze_vision:
-        model.freeze_vision()
+        model.freeze_vision(dtype=torch.bfloat16 if args.bf16 else None)
     if args.grad_checkpointing:
         model.llm.gradient_checkpointing_enable()
     if ps.sp_size > 1:
         mrsp.enable_ulysses(model, ps.sp_group)
-    train.shard_model(model, ps)
+    train.shard_model(model, ps, args.bf16)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start_step = 0
@@ -112,7 +116,7 @@ def main(argv=None):
             recs = train.records_for_step(records, step * args.grad_accum + micro, args.batch_size, ps, args.seed)
             if mix:
                 prompts.sampling = mix_sampling(mix, args.seed, step * args.grad_accum + micro)
-            with train.autocast(ps.device, args.bf16):
+            with train.autocast(ps, args.bf16):
                 recs, embeds = prompts.for_batch(recs, records)
                 batch = model.build_sequence_batch(embeds, [response_ids(model, r) for r in recs])
                 loss = sft_loss(train.sequence_logprobs(model, batch, ps), batch.loss_mask)

@@ -37,19 +37,31 @@ logger = logging.getLogger("train")
 # ---- distributed model: FSDP2 ----
 
 
-def shard_model(model: M.VideoLM, ps: mrsp.ParallelState):
+def shard_model(model: M.VideoLM, ps: mrsp.ParallelState, bf16: bool = False):
     """Shard parameters, gradients and optimizer state over all ranks with FSDP2 (no-op on one process).
 
-    FSDP2 gathers a module's weights in the hooks of its `forward`. VideoLM calls its parts directly
-    (the vision tower, the token embedding, each decoder layer, the final norm, the LM head), so each of
-    those is its own FSDP unit; nothing wraps them all. When a unit frees its gathered weights again:
-      - a decoder layer: right after its forward (backward gathers it again), so a pass holds one
-        layer's full weights at a time, not the whole LLM;
-      - the token embedding, the final norm, the LM head (and a trainable vision tower and projector):
-        they run many times in a pass (every piece of every prompt, every chunk of scored positions), so
-        they stay gathered until backward frees them; after a pass without backward, `reshard(model)`.
-    The LLM is always sharded, trainable or not (the frozen reference model too). A frozen vision
-    tower and projector stay replicated: every rank encodes its own share of the frames with them.
+    The FSDP units, and when each frees its gathered weights again:
+
+        llm.model (the decoder)   ONE root over every decoder layer: the layers share its all-gather
+                                  streams and buffers, so layer i+1's all-gather overlaps layer i's
+                                  compute and backward prefetches the next layer. Its own weights (the
+                                  final norm) stay gathered until backward.
+          .layers[i]              freed right after its forward (backward gathers it again): a pass
+                                  holds one layer's full weights at a time, not the whole LLM.
+          .embed_tokens           called on its own too (to embed a prompt's text), so its own unit; it
+                                  stays gathered until backward frees it, or `reshard(model)`.
+        llm.lm_head               a root of its own (it runs outside the decoder, on scored rows only);
+                                  gathered until backward or `reshard(model)`.
+        vision_tower, mm_projector  sharded only when they train; frozen, they stay replicated: every
+                                  rank encodes its own share of the frames with them.
+
+    Precision (`bf16`): FSDP2's MixedPrecisionPolicy. The sharded weights stay fp32 (the optimizer's
+    master copy); each all-gather casts them to bf16 (half the traffic), forward and backward compute in
+    bf16, gradients are reduced in fp32. The LM head is the exception: gathered and computed in fp32,
+    since log-probs from bf16 logits are off by up to ~0.05 nats at a logit of 25 (see
+    `VideoLM.score_rows`). No autocast is used under FSDP (see `autocast`).
+
+    The LLM is always sharded, trainable or not (the frozen reference model too).
     """
     if ps.world_size == 1:
         return model
@@ -59,19 +71,46 @@ def shard_model(model: M.VideoLM, ps: mrsp.ParallelState):
                          "Qwen2-0.5B/1.5B), which FSDP2 cannot shard here; train it in one process, or make a "
                          "checkpoint with its own LM head: python model.py init --untie-embeddings ...")
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(ps.device.type, (ps.world_size,))  # shard over every rank, dp and sp alike
+    compute = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+               else MixedPrecisionPolicy())
+    full = MixedPrecisionPolicy()  # the LM head: gathered and computed in its own dtype (fp32)
     decoder = model.llm.get_decoder()
-    # Each unit is an FSDP root of its own, and a root keeps its weights gathered after forward unless
-    # told otherwise: reshard_after_forward=True must be explicit (honoured for roots since torch 2.8).
     for layer in decoder.layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
-    for unit in (decoder.embed_tokens, decoder.norm, model.llm.get_output_embeddings()):
-        fully_shard(unit, mesh=mesh, reshard_after_forward=False)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True, mp_policy=compute)
+    fully_shard(decoder.embed_tokens, mesh=mesh, reshard_after_forward=False, mp_policy=compute)
+    fully_shard(decoder, mesh=mesh, reshard_after_forward=False, mp_policy=compute)
+    fully_shard(model.llm.get_output_embeddings(), mesh=mesh, reshard_after_forward=False, mp_policy=full)
     for unit in (model.vision_tower, model.mm_projector):
         if any(p.requires_grad for p in unit.parameters()):
-            fully_shard(unit, mesh=mesh, reshard_after_forward=False)
+            fully_shard(unit, mesh=mesh, reshard_after_forward=False, mp_policy=compute)
+    # FSDP2 makes the first unit that runs forward a root. The first call is the embedding's (a prompt's
+    # text, before any decoder pass), which would make it a root of its own and then refuse the decoder
+    # ("requires running forward through the root module first"): settle the decoder as the root now.
+    decoder._get_fsdp_state()._lazy_init()
     return model
+
+
+def fsdp_structure(model: torch.nn.Module) -> list[dict]:
+    """The FSDP units of `model` as a table: name, whether it is a root, whether it frees its weights
+    after forward, the dtype its weights are gathered and computed in, and its parameter count (its
+    own, not its sub-units'). For tests and `bench.py memory --grpo-step`. Empty without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+    rows = []
+    for name, module in model.named_modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        state = module._get_fsdp_state()
+        group = state._fsdp_param_group
+        if group is None:  # a unit with no parameters of its own
+            continue
+        first = group.fsdp_params[0]
+        rows.append({"unit": name or "(model)", "root": bool(state._is_root),
+                     "reshard_after_forward": group.post_forward_mesh_info is not None,
+                     "compute_dtype": str(first.param_dtype or first.orig_dtype).replace("torch.", ""),
+                     "params": sum(p._orig_size.numel() for p in group.fsdp_params)})
+    return rows
 
 
 def reshard(model: M.VideoLM):
@@ -137,8 +176,18 @@ def shutdown(ps: mrsp.ParallelState):
         dist.destroy_process_group()
 
 
-def autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+def autocast(ps: mrsp.ParallelState, bf16: bool):
+    """bf16 autocast for a run in one process; nothing under FSDP, where `shard_model`'s mixed-precision
+    policy already computes in bf16 (autocast on top would keep a bf16 copy of every gathered weight for
+    the whole block, and leave the residual stream, RoPE and Ulysses' q/k/v in fp32)."""
+    return torch.autocast(ps.device.type, dtype=torch.bfloat16) if bf16 and ps.world_size == 1 else nullcontext()
+
+
+def compute_dtype(ps: mrsp.ParallelState, bf16: bool) -> torch.dtype:
+    """The dtype the LLM's weights compute in: bf16 under FSDP with --bf16 (gathered as bf16), else the
+    stored fp32 (a one-process run computes under autocast but holds fp32 weights). It picks the
+    attention (flash-attn needs bf16 weights) and the dtype of a model that must compute like the policy."""
+    return torch.bfloat16 if bf16 and ps.world_size > 1 else torch.float32
 
 
 # ---- checkpoint and resume ----
@@ -165,13 +214,18 @@ def start_run(args) -> tuple[mrsp.ParallelState, Path, Path | None]:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(out_dir, step: int, model, optimizer, ps: mrsp.ParallelState, extra: dict | None = None):
@@ -322,7 +376,8 @@ def add_run_args(ap, save_every: int):
     ap.add_argument("--sp-size", type=int, default=1, help="sequence-parallel group size (MR-SP)")
     ap.add_argument("--grad-checkpointing", action="store_true", help="recompute LLM activations in backward")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
-                    help="bf16 autocast (default on a GPU)")
+                    help="compute in bf16 with fp32 master weights (default on a GPU): FSDP2 mixed precision "
+                         "under torchrun, autocast in one process; log-probs always in fp32")
     ap.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N steps (0: only final)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     ap.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and initial RNG")

@@ -65,6 +65,6 @@ def easy_task(tmp_path_factory):
     # RL tests that start from this model then saw a different policy in a full-suite run than alone.
     subprocess.run([sys.executable, "sft.py", "--init", str(root / "init"), "--data", str(root / "data" / "train.jsonl"),
                     "--out", str(root / "sft"), "--steps", "80", "--batch-size", "4", "--lr", "3e-3", "--num-frames", "8",
-                    "--save-every", "0"], cwd=ROOT, check=True, capture_output=True,
+                    "--save-every", "0", "--no-freeze-vision"], cwd=ROOT, check=True, capture_output=True,
                    env={**os.environ, "OMP_NUM_THREADS": "2"})
     return {"data": easy, "init": root / "sft" / "final", "root": root}

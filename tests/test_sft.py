@@ -40,7 +40,7 @@ def test_sp2_sft_with_trainable_vision_and_checkpointing_equals_one_process(easy
     single process."""
     args = ["--init", str(easy_task["root"] / "init"), "--data", str(easy_task["data"]), "--steps", "3",
             "--batch-size", "4", "--mix-num-frames", "4", "8", "--save-every", "0", "--grad-checkpointing",
-            "--lr", "1e-3"]
+            "--lr", "1e-3", "--no-freeze-vision"]
     sft.main(args + ["--out", str(tmp_path / "sp1")])
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                     "sft.py", *args, "--out", str(tmp_path / "sp2"), "--sp-size", "2"],

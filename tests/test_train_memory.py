@@ -98,16 +98,17 @@ def reference_job(checkpoint: str, sp_size: int, bf16: bool) -> dict:
     import rl
     ps = mrsp.init_distributed(sp_size=sp_size)
     policy = rl.load_policy(checkpoint, ps)
-    reference = rl.load_reference(checkpoint, policy, ps, torch.bfloat16 if bf16 else torch.float32)
+    reference = rl.load_reference(checkpoint, policy, ps, bf16)
     policy_params = {id(p) for p in policy.parameters()}
     own = [name for name, p in reference.named_parameters() if id(p) not in policy_params]
-    with torch.no_grad(), train.autocast(ps.device, bf16):
+    with torch.no_grad(), train.autocast(ps, bf16):
         logprobs = train.sequence_logprobs(reference, scored_batch(reference), ps)
     train.reshard(reference)
     return {"shares_vision": reference.vision_tower is policy.vision_tower
                              and reference.mm_projector is policy.mm_projector,
             "own": own, "llm": [f"llm.{name}" for name, _ in reference.llm.named_parameters()],
-            "gathered": gathered(reference.llm), "dtypes": {p.dtype for p in reference.llm.parameters()},
+            "gathered": gathered(reference.llm),
+            "dtypes": {name: p.dtype for name, p in reference.llm.named_parameters() if p.dtype != torch.bfloat16},
             "requires_grad": any(p.requires_grad for p in reference.parameters()),
             "logprobs": logprobs, "mask": scored_batch(reference).loss_mask}
 
@@ -123,7 +124,7 @@ def test_reference_is_the_initial_llm_alone_sharded_in_the_compute_dtype(tiny_ch
     assert torch.equal(one["logprobs"], expected)
     for rank in run_ranks(reference_job, 2, str(tiny_checkpoint), 2, True, timeout=120):
         assert rank["shares_vision"] and rank["own"] == rank["llm"] and not rank["requires_grad"]
-        assert rank["gathered"] == [] and rank["dtypes"] == {torch.bfloat16}
+        assert rank["gathered"] == [] and rank["dtypes"] == {"lm_head.weight": torch.float32}  # the rest bf16
         mask = rank["mask"]
         torch.testing.assert_close(rank["logprobs"][mask], expected[mask], atol=0.1, rtol=0)  # bf16, sp=2
 

@@ -1,0 +1,143 @@
+"""Errors a user can act on: a damaged checkpoint names the file, its size and the size it should have."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+import model as M
+
+
+
+@pytest.fixture(scope="module")
+def sharded_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint with its LLM saved in 4 shards + model.safetensors.index.json, as the 7B releases
+    are (there: ~4 GB shards; here: 1 MB)."""
+    from transformers import AutoModelForCausalLM
+    path = tmp_path_factory.mktemp("sharded") / "ckpt"
+    shutil.copytree(tiny_checkpoint, path)
+    llm = AutoModelForCausalLM.from_pretrained(path / "llm")
+    (path / "llm" / "model.safetensors").unlink()
+    llm.save_pretrained(path / "llm", max_shard_size="1MB")
+    return path
+
+
+def damaged_copy(checkpoint: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, path)
+    return path
+
+
+def cut(file: Path, size: int) -> int:
+    """Truncate `file` to `size` bytes, as a download that stopped; returns the full size."""
+    full = file.stat().st_size
+    with open(file, "r+b") as f:
+        f.truncate(size)
+    return full
+
+
+def header_bytes(file: Path) -> int:
+    """8 + the header's length: safetensors' first 8 bytes, a little-endian u64."""
+    return 8 + int.from_bytes(file.read_bytes()[:8], "little")
+
+
+# ---- weight files ----
+
+@pytest.mark.parametrize("part", ["llm/model.safetensors", "vision_tower/model.safetensors",
+                                  "mm_projector/model.safetensors"])
+def test_a_weight_file_cut_in_half_is_named_with_its_size(tiny_checkpoint, tmp_path, part):
+    path = damaged_copy(tiny_checkpoint, tmp_path)
+    file = path / part
+    full = cut(file, file.stat().st_size // 2)
+    with pytest.raises(M.CheckpointError) as e:
+        M.VideoLM.load(path)
+    assert str(e.value) == (f"{file}: {full // 2:,} bytes, its header says {full:,} (cut short): "
+                            "re-download this file")
+
+
+def test_a_file_cut_inside_its_header_is_named(tiny_checkpoint, tmp_path):
+    path = damaged_copy(tiny_checkpoint, tmp_path)
+    file = path / "mm_projector" / "model.safetensors"
+    need = header_bytes(file)
+    cut(file, 100)
+    with pytest.raises(M.CheckpointError, match=rf"^{file}: 100 bytes, its header says {need:,} bytes of header "
+                                                r"alone \(cut short\): re-download this file$"):
+        M.VideoLM.load(path)
+    cut(file, 3)
+    with pytest.raises(M.CheckpointError, match=rf"^{file}: 3 bytes, its header says 8 bytes of header length"):
+        M.VideoLM.load(path)
+
+
+def test_a_header_that_is_not_json_is_named(tiny_checkpoint, tmp_path):
+    path = damaged_copy(tiny_checkpoint, tmp_path)
+    file = path / "vision_tower" / "model.safetensors"
+    raw = bytearray(file.read_bytes())
+    raw[8:12] = b"\x00\xff\x00\xff"  # the header's opening '{"...' overwritten
+    file.write_bytes(bytes(raw))
+    with pytest.raises(M.CheckpointError, match=rf"^{file}: its [\d,]+-byte header is not valid JSON .*re-download"):
+        M.VideoLM.load(path)
+
+
+def test_a_missing_shard_is_named(sharded_checkpoint, tmp_path):
+    path = damaged_copy(sharded_checkpoint, tmp_path)
+    weight_map = json.loads((path / "llm" / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = path / "llm" / "model-00003-of-00004.safetensors"
+    shard.unlink()
+    listed = sum(f == shard.name for f in weight_map.values())
+    with pytest.raises(M.CheckpointError) as e:
+        M.VideoLM.load(path)
+    assert str(e.value) == (f"{shard} is missing: model.safetensors.index.json lists it with {listed} tensors; "
+                            "re-download this file")
+
+
+def test_a_cut_shard_is_named_for_the_model_and_for_the_vllm_engine(sharded_checkpoint, tmp_path):
+    import rollout
+    path = damaged_copy(sharded_checkpoint, tmp_path)
+    shard = path / "llm" / "model-00002-of-00004.safetensors"
+    full = cut(shard, 9 * shard.stat().st_size // 10)  # 9 of 10 GB
+    expected = f"{shard}: {9 * full // 10:,} bytes, its header says {full:,} (cut short): re-download this file"
+    with pytest.raises(M.CheckpointError) as e:
+        M.VideoLM.load(path)
+    assert str(e.value) == expected
+    with pytest.raises(M.CheckpointError) as e:  # the engine's own copy of the LLM, before vLLM reads it
+        rollout.VLLMEngine(path / "llm")
+    assert str(e.value) == expected
+
+
+def test_a_tensor_of_another_dtype_is_named(tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+    path = damaged_copy(tiny_checkpoint, tmp_path)
+    file = path / "llm" / "model.safetensors"
+    weights = load_file(str(file))
+    weights["model.norm.weight"] = weights["model.norm.weight"].bfloat16()
+    save_file(weights, str(file), metadata={"format": "pt"})
+    assert json.loads((path / "llm" / "config.json").read_text())["dtype"] == "float32"
+    with pytest.raises(M.CheckpointError, match=rf"^{file}: tensor 'model.norm.weight' is BF16, "
+                                                rf"{path / 'llm' / 'config.json'} says F32"):
+        M.VideoLM.load(path)
+
+
+def test_an_empty_config_is_named(tiny_checkpoint, tmp_path):
+    path = damaged_copy(tiny_checkpoint, tmp_path)
+    for part in ("config.json", "llm/config.json"):
+        shutil.copy(tiny_checkpoint / part, path / part)
+        (path / part).write_text("")
+        with pytest.raises(M.CheckpointError, match=rf"^{path / part} is empty \(0 bytes\): re-download this file$"):
+            M.VideoLM.load(path)
+        shutil.copy(tiny_checkpoint / part, path / part)
+
+
+def test_a_tokenizer_longer_than_the_embedding_is_named(tiny_checkpoint, tmp_path):
+    from transformers import AutoTokenizer
+    path = damaged_copy(tiny_checkpoint, tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(path / "llm")
+    tokenizer.add_tokens(["<extra_0>", "<extra_1>"])  # a tokenizer of another model's vocabulary
+    tokenizer.save_pretrained(path / "llm")
+    with safe_open(str(path / "llm" / "model.safetensors"), framework="pt") as f:
+        rows = f.get_slice("model.embed_tokens.weight").get_shape()[0]
+    n = len(AutoTokenizer.from_pretrained(path / "llm"))
+    assert n == rows + 2
+    with pytest.raises(M.CheckpointError, match=rf"^{path / 'llm'}: the tokenizer has {n:,} tokens, the LLM's "
+                                                rf"input embedding {rows:,} rows"):
+        M.VideoLM.load(path)

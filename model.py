@@ -1167,7 +1167,7 @@ def build_from_pretrained(llm_path, vision_path, seed: int = 0, dtype=torch.bflo
     vision = SiglipVisionModel.from_pretrained(vision_path, dtype=dtype)
     vc = vision.config
     if vc.image_size % vc.patch_size:
-        raise ValueError(f"{vision_path}: image_size {vc.image_size} is not a whole number of {vc.patch_size}-pixel "
+        raise CheckpointError(f"{vision_path}: image_size {vc.image_size} is not a whole number of {vc.patch_size}-pixel "
                          "patches")
     config = VideoLMConfig(vc.image_size, vc.patch_size, vc.hidden_size, llm.config.hidden_size,
                            projector=projector, block_order=block_order, temporal_pool=temporal_pool)
@@ -1262,4 +1262,4 @@ def _prompt_name(question_prompt: str | None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run_main(main)

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import errors
 import eval as evaluation
 import model as M
 import mrsp
@@ -358,7 +359,7 @@ def engine_max_model_len(model: M.VideoLM, records: list[data.Record], sampling:
     if args.max_model_len is None:
         return needed + TEXT_SLACK
     if needed > args.max_model_len:
-        raise ValueError(
+        raise errors.UsageError(
             f"{args.data}: the prompt of record {problem_id!r} is {positions} positions ({frames} frames x "
             f"({tpf} tokens + {sep} separator) + {text} text); with --max-new-tokens {args.max_new_tokens} "
             f"it needs --max-model-len of at least {needed}, got {args.max_model_len}. Raise --max-model-len "
@@ -606,4 +607,4 @@ def engine_gap(trainer_lp: torch.Tensor, mask: torch.Tensor, episodes) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run_main(main)

@@ -1,6 +1,10 @@
-"""Errors a user can act on: a damaged checkpoint names the file, its size and the size it should have."""
+"""Errors a user can act on: a damaged checkpoint names the file, its size and the size it should have;
+each script prints one `error:` line for bad input, no traceback."""
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +12,7 @@ from safetensors import safe_open
 
 import model as M
 
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +146,75 @@ def test_a_tokenizer_longer_than_the_embedding_is_named(tiny_checkpoint, tmp_pat
     with pytest.raises(M.CheckpointError, match=rf"^{path / 'llm'}: the tokenizer has {n:,} tokens, the LLM's "
                                                 rf"input embedding {rows:,} rows"):
         M.VideoLM.load(path)
+
+
+# ---- one line per expected error ----
+
+def run_script(*args, torchrun: bool = False) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"] if torchrun else \
+        [sys.executable]
+    return subprocess.run([*launcher, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+@pytest.fixture(scope="module")
+def cut_projector(tiny_checkpoint, tmp_path_factory) -> tuple[Path, str]:
+    """A checkpoint whose projector download stopped halfway, and the one line a script must print."""
+    path = damaged_copy(tiny_checkpoint, tmp_path_factory.mktemp("cut"))
+    file = path / "mm_projector" / "model.safetensors"
+    full = cut(file, file.stat().st_size // 2)
+    return path, f"error: {file}: {full // 2:,} bytes, its header says {full:,} (cut short): re-download this file"
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("records") / "train.jsonl"
+    path.write_text(json.dumps({"problem_id": 1, "videos": "v.mp4", "problem": "Which colour?",
+                                "options": ["red", "blue"], "problem_type": "multiple_choice",
+                                "reasoning": "It is red.", "answer": "A"}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("script", ["model", "sft", "rl", "eval", "bench"])
+def test_a_damaged_checkpoint_is_one_error_line(script, cut_projector, records, tmp_path):
+    path, line = cut_projector
+    args = {"model": ["model.py", "info", path],
+            "sft": ["sft.py", "--init", path, "--data", records, "--out", tmp_path / "out"],
+            "rl": ["rl.py", "--init", path, "--data", records, "--out", tmp_path / "out"],
+            "eval": ["eval.py", "--checkpoint", path, "--data", records, "--out", tmp_path / "out"],
+            "bench": ["bench.py", "engines", "--checkpoint", path]}[script]
+    run = run_script(*args)
+    assert (run.returncode, error_lines(run.stderr)) == (1, [line]), run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+
+
+def test_a_bad_record_an_unreadable_video_and_misfit_flags_are_one_error_line(tiny_checkpoint, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem_id": 1}\nnot json\n')
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"not a video")
+    for args, named in ((["data.py", "frames", video], f"{video}"),
+                        (["sft.py", "--init", tiny_checkpoint, "--data", bad, "--out", tmp_path / "o"], f"{bad} line 1"),
+                        (["sft.py", "--init", tiny_checkpoint, "--data", bad, "--out", tmp_path / "o", "--sp-size", "2"],
+                         "world size 1 is not a multiple of sp_size 2")):
+        run = run_script(*args)
+        assert run.returncode == 1 and len(error_lines(run.stderr)) == 1, run.stderr[-3000:]
+        assert named in error_lines(run.stderr)[0] and "Traceback" not in run.stderr
+
+
+def test_debug_shows_the_traceback(cut_projector):
+    run = run_script("model.py", "info", cut_projector[0], "--debug")
+    assert run.returncode == 1 and "Traceback" in run.stderr and "CheckpointError" in run.stderr
+    assert error_lines(run.stderr) == []
+
+
+def test_under_torchrun_the_error_is_printed_once(cut_projector, records, tmp_path):
+    path, line = cut_projector
+    run = run_script("sft.py", "--init", path, "--data", records, "--out", tmp_path / "out", torchrun=True)
+    assert run.returncode != 0
+    assert error_lines(run.stderr) == [line], run.stderr[-3000:]
+    assert f"traceback : {line}" in run.stderr  # torchrun's failure summary names the cause too

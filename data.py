@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import re
-import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
@@ -1097,11 +1096,7 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.run(args)
-    except (RecordError, VideoError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return args.run(args)  # a RecordError or VideoError: errors.run_main prints it as one line
 
 
 if __name__ == "__main__":

@@ -712,6 +712,18 @@ def check_weights(path) -> dict[str, Path]:
     return where
 
 
+def shard_numel(folder) -> int | None:
+    """The most weight elements in one file of a sharded weight folder (its files listed in
+    model.safetensors.index.json); None for a folder of one file. Saved with max_shard_size = this x bytes per
+    element, the same weights split into the same files in any dtype (a bf16 release trained in fp32):
+    Hugging Face fills a shard until the next tensor would not fit."""
+    index = Path(folder) / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    files = {Path(folder) / f for f in read_json(index)["weight_map"].values()}
+    return max(sum(math.prod(t["shape"]) for t in _safetensors_header(f).values()) for f in files)
+
+
 def _safetensors_header(file: Path) -> dict[str, dict]:
     """One file's header {tensor: {dtype, shape, data_offsets}}, checked against the file's size."""
     size = file.stat().st_size
@@ -951,7 +963,10 @@ class VilaFamily:
                                for k, v in state_dict.items() if k.startswith(prefix)}
         llm_weights = part("llm.")
         dtype = next(iter(llm_weights.values())).dtype  # (save_pretrained empties the dict)
-        model.llm.save_pretrained(folder / "llm", state_dict=llm_weights)
+        # a sharded release is written back in its shards; "50GB" (Hugging Face's default) is one file
+        shard = shard_numel(model.source / "llm") if model.source is not None else None
+        model.llm.save_pretrained(folder / "llm", state_dict=llm_weights,
+                                  max_shard_size=shard * dtype.itemsize if shard else "50GB")
         _write_tokenizer(model.tokenizer, folder / "llm")
 
         tower = folder / "vision_tower"

@@ -1,5 +1,6 @@
 """Errors a user can act on: a damaged checkpoint names the file, its size and the size it should have;
-each script prints one `error:` line for bad input, no traceback."""
+each script prints one `error:` line for bad input, no traceback; a sharded checkpoint loads, trains and
+is saved back in its shards."""
 import json
 import os
 import shutil
@@ -146,6 +147,33 @@ def test_a_tokenizer_longer_than_the_embedding_is_named(tiny_checkpoint, tmp_pat
     with pytest.raises(M.CheckpointError, match=rf"^{path / 'llm'}: the tokenizer has {n:,} tokens, the LLM's "
                                                 rf"input embedding {rows:,} rows"):
         M.VideoLM.load(path)
+
+
+# ---- sharded checkpoints end to end ----
+
+def shard_map(llm: Path) -> dict:
+    return json.loads((llm / "model.safetensors.index.json").read_text())["weight_map"]
+
+
+def test_a_sharded_checkpoint_trains_and_is_saved_in_its_shards(sharded_checkpoint, tmp_path):
+    import data
+    import sft
+    data.main(["synth", "--out", str(tmp_path / "data"), "--n", "4", "--max-scenes", "3", "--test-frac", "0.01"])
+    sft.main(["--init", str(sharded_checkpoint), "--data", str(tmp_path / "data" / "train.jsonl"),
+              "--out", str(tmp_path / "sft"), "--steps", "2", "--batch-size", "2", "--num-frames", "4",
+              "--lr", "1e-3", "--save-every", "0"])
+    saved, released = tmp_path / "sft" / "final" / "llm", sharded_checkpoint / "llm"
+    assert not (saved / "model.safetensors").exists()
+    assert shard_map(saved) == shard_map(released)  # the same tensors in the same 4 files
+    assert len(set(shard_map(saved).values())) == 4
+    changed = []
+    for name, file in shard_map(saved).items():     # in the same dtype and shape, trained
+        with safe_open(str(saved / file), framework="pt") as a, safe_open(str(released / file), framework="pt") as b:
+            assert a.get_slice(name).get_shape() == b.get_slice(name).get_shape()
+            assert a.get_slice(name).get_dtype() == b.get_slice(name).get_dtype()
+            changed.append(not a.get_tensor(name).equal(b.get_tensor(name)))
+    assert all(changed)
+    M.VideoLM.load(tmp_path / "sft" / "final")
 
 
 # ---- one line per expected error ----

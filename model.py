@@ -945,6 +945,8 @@ class VilaFamily:
         projector = MultimodalProjector(vlm_config.projector, vlm_config.vision_hidden, vlm_config.llm_hidden,
                                         vlm_config.block_order)
         _load_projector(projector, path / "mm_projector" / "model.safetensors")
+        for file in sorted((path / "llm").glob("tokenizer*.json")):  # a cut-short one is named, not a parse error
+            read_json(file)
         tokenizer = AutoTokenizer.from_pretrained(path / "llm")
         rows = llm.get_input_embeddings().num_embeddings
         if len(tokenizer) > rows:  # more rows than tokens is usual (Qwen2 pads its vocabulary to 152,064)

@@ -134,6 +134,14 @@ def test_an_empty_config_is_named(tiny_checkpoint, tmp_path):
         shutil.copy(tiny_checkpoint / part, path / part)
 
 
+def test_a_cut_tokenizer_file_is_named(tiny_checkpoint, tmp_path):
+    path = damaged_copy(tiny_checkpoint, tmp_path)
+    file = path / "llm" / "tokenizer.json"
+    cut(file, file.stat().st_size // 2)
+    with pytest.raises(M.CheckpointError, match=rf"^{file} is not valid JSON \(.*\): re-download this file$"):
+        M.VideoLM.load(path)
+
+
 def test_a_tokenizer_longer_than_the_embedding_is_named(tiny_checkpoint, tmp_path):
     from transformers import AutoTokenizer
     path = damaged_copy(tiny_checkpoint, tmp_path)

@@ -949,10 +949,10 @@ class VilaFamily:
             read_json(file)
         tokenizer = AutoTokenizer.from_pretrained(path / "llm")
         rows = llm.get_input_embeddings().num_embeddings
-        if len(tokenizer) > rows:  # more rows than tokens is usual (Qwen2 pads its vocabulary to 152,064)
+        if len(tokenizer) != rows:  # VILA appends its media tokens and resizes the embedding to the tokenizer
             raise CheckpointError(f"{path / 'llm'}: the tokenizer has {len(tokenizer):,} tokens, the LLM's input "
-                                  f"embedding {rows:,} rows: token ids {rows:,} and up have no embedding. The "
-                                  "tokenizer files and the weights are of different models: re-download the folder")
+                                  f"embedding {rows:,} rows (a VILA LLM has one row per token): the tokenizer files "
+                                  "and the weights are of different models; re-download the folder")
         if not tokenizer.chat_template:
             raise CheckpointError(f"{path / 'llm'}: the tokenizer has no chat template (tokenizer_config.json "
                                   f"chat_template); config.json chat_template is {config.get('chat_template')!r}")

@@ -32,8 +32,8 @@ class UsageError(UserError, ValueError):
 def run_main(main) -> None:
     """Run a script's `main()` and exit with its return code (None: 0).
 
-    A UserError prints `error: <message>` (one line, its notes appended) on stderr and exits 1. `--debug` anywhere on the
-    command line is taken out before `main` parses it, and lets the traceback through instead.
+    A UserError prints `error: <message>` (one line, its notes appended) on stderr and exits 1. `--debug`
+    anywhere on the command line is taken out before `main` parses it, and lets the traceback through instead.
     """
     debug = "--debug" in sys.argv[1:]
     if debug:

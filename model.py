@@ -1184,8 +1184,8 @@ def build_from_pretrained(llm_path, vision_path, seed: int = 0, dtype=torch.bflo
     vision = SiglipVisionModel.from_pretrained(vision_path, dtype=dtype)
     vc = vision.config
     if vc.image_size % vc.patch_size:
-        raise CheckpointError(f"{vision_path}: image_size {vc.image_size} is not a whole number of {vc.patch_size}-pixel "
-                         "patches")
+        raise CheckpointError(f"{vision_path}: image_size {vc.image_size} is not a whole number of "
+                              f"{vc.patch_size}-pixel patches")
     config = VideoLMConfig(vc.image_size, vc.patch_size, vc.hidden_size, llm.config.hidden_size,
                            projector=projector, block_order=block_order, temporal_pool=temporal_pool)
     mm_projector = MultimodalProjector(projector, config.vision_hidden, config.llm_hidden, block_order).to(dtype)

@@ -248,10 +248,9 @@ def test_a_bad_record_an_unreadable_video_and_misfit_flags_are_one_error_line(ti
     bad.write_text('{"problem_id": 1}\nnot json\n')
     video = tmp_path / "clip.mp4"
     video.write_bytes(b"not a video")
-    for args, named in ((["data.py", "frames", video], f"{video}"),
-                        (["sft.py", "--init", tiny_checkpoint, "--data", bad, "--out", tmp_path / "o"], f"{bad} line 1"),
-                        (["sft.py", "--init", tiny_checkpoint, "--data", bad, "--out", tmp_path / "o", "--sp-size", "2"],
-                         "world size 1 is not a multiple of sp_size 2")):
+    sft = ["sft.py", "--init", tiny_checkpoint, "--data", bad, "--out", tmp_path / "o"]
+    for args, named in ((["data.py", "frames", video], f"{video}"), (sft, f"{bad} line 1"),
+                        (sft + ["--sp-size", "2"], "world size 1 is not a multiple of sp_size 2")):
         run = run_script(*args)
         assert run.returncode == 1 and len(error_lines(run.stderr)) == 1, run.stderr[-3000:]
         assert named in error_lines(run.stderr)[0] and "Traceback" not in run.stderr

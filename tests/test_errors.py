@@ -250,7 +250,7 @@ def test_a_bad_record_an_unreadable_video_and_misfit_flags_are_one_error_line(ti
     video.write_bytes(b"not a video")
     sft = ["sft.py", "--init", tiny_checkpoint, "--data", bad, "--out", tmp_path / "o"]
     for args, named in ((["data.py", "frames", video], f"{video}"), (sft, f"{bad} line 1"),
-                        (sft + ["--sp-size", "2"], "world size 1 is not a multiple of sp_size 2")):
+                        (["data.py", "synth", "--out", tmp_path / "s", "--size", "63"], "--size must be even")):
         run = run_script(*args)
         assert run.returncode == 1 and len(error_lines(run.stderr)) == 1, run.stderr[-3000:]
         assert named in error_lines(run.stderr)[0] and "Traceback" not in run.stderr

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
+import errors
 import model as M
 import mrsp
 
@@ -100,7 +101,7 @@ def cmd_memory(args):
         return cmd_grpo_memory(args)
     too_short = [n for n in args.seq_lens if n <= args.response_len]
     if too_short:
-        raise SystemExit(f"bench.py memory: --seq-lens {too_short} must be longer than --response-len "
+        raise errors.UsageError(f"bench.py memory: --seq-lens {too_short} must be longer than --response-len "
                          f"{args.response_len} (the scored tokens are part of the sequence); lower --response-len")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a CPU measurement: the spawned ranks must not see a GPU
     rows = []
@@ -1025,4 +1026,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    errors.run_main(main)

@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import re
-import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
@@ -42,6 +41,8 @@ import decord
 import numpy as np
 from tqdm import tqdm
 
+import errors
+
 log = logging.getLogger("data")
 
 PROBLEM_TYPES = ("multiple_choice", "numerical", "free_form")
@@ -50,7 +51,7 @@ MAX_FRAMES = 8192  # the paper's maximum frames per video (at inference)
 
 # ---- records ----
 
-class RecordError(ValueError):
+class RecordError(errors.UserError, ValueError):
     """A bad line in a record file. The message names the file, the line and the field, e.g.
     "train.jsonl line 7, field 'answer': 'E' is not one of the 4 options (A-D)"."""
 
@@ -60,7 +61,7 @@ class RecordError(ValueError):
         super().__init__(f"{where}: {reason}" if field is None else f"{where}, field '{field}': {reason}")
 
 
-class VideoError(RuntimeError):
+class VideoError(errors.UserError, RuntimeError):
     """A video that cannot be read; the message names the file and what is wrong with it."""
 
 
@@ -270,12 +271,12 @@ class FrameSampling:
     def __post_init__(self):
         if self.fps is not None:
             if not (math.isfinite(self.fps) and self.fps > 0):
-                raise ValueError(f"fps must be a positive number, got {self.fps}")
+                raise errors.UsageError(f"fps must be a positive number, got {self.fps}")
             self.num_frames = None
         elif self.num_frames is None or self.num_frames < 1:
-            raise ValueError(f"set num_frames >= 1 or fps > 0 (got num_frames={self.num_frames})")
+            raise errors.UsageError(f"set num_frames >= 1 or fps > 0 (got num_frames={self.num_frames})")
         if self.max_frames < 1:
-            raise ValueError(f"max_frames must be >= 1, got {self.max_frames}")
+            raise errors.UsageError(f"max_frames must be >= 1, got {self.max_frames}")
 
     def key(self) -> str:
         """A short stable string for cache keys: "n16-max8192" or "fps0.5-max8192"."""
@@ -959,9 +960,9 @@ def synth_record(index: int, category: str, answer_pos: int, rng: np.random.Gene
 def cmd_synth(args) -> int:
     """Write args.n videos and their questions to args.out/{videos/, train.jsonl, test.jsonl}."""
     if args.min_scenes < 2 or args.max_scenes < args.min_scenes:
-        raise SystemExit("need 2 <= --min-scenes <= --max-scenes (an 'after' question needs two scenes)")
+        raise errors.UsageError("need 2 <= --min-scenes <= --max-scenes (an 'after' question needs two scenes)")
     if args.size % 2:
-        raise SystemExit("--size must be even (yuv420p halves the colour resolution)")
+        raise errors.UsageError("--size must be even (yuv420p halves the colour resolution)")
     out = Path(args.out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)  # one stream, so --n 6 writes the first 6 videos of --n 200
@@ -1095,12 +1096,8 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.run(args)
-    except (RecordError, VideoError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return args.run(args)  # a RecordError or VideoError: errors.run_main prints it as one line
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.run_main(main)

@@ -66,6 +66,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import errors
 from data import FrameSampling, Record, VideoError
 
 log = logging.getLogger("eval")
@@ -362,7 +363,7 @@ def read_predictions(path) -> dict[str, dict]:
             row = json.loads(line)
         except ValueError:
             if good_end + len(line) < len(raw):
-                raise ValueError(f"{path} line {n} is corrupt; delete the line to redo that question")
+                raise errors.UsageError(f"{path} line {n} is corrupt; delete the line to redo that question")
             log.warning("%s: dropping a truncated last line (%d bytes)", path, len(line))
             with open(path, "r+b") as f:
                 f.truncate(good_end)
@@ -446,7 +447,7 @@ def _check_settings(out_dir: Path, settings: dict, resuming: bool) -> None:
                          if k not in _RESUMABLE and before.get(k) != settings.get(k))
         if changed:
             diff = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-            raise ValueError(f"{out_dir} holds predictions made with other settings ({diff}); "
+            raise errors.UsageError(f"{out_dir} holds predictions made with other settings ({diff}); "
                              "use another output folder or delete it")
     path.write_text(json.dumps(settings, indent=2) + "\n")
 
@@ -658,4 +659,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.run_main(main)

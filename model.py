@@ -50,9 +50,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
+
+import errors
 
 log = logging.getLogger("model")
 
@@ -92,7 +93,7 @@ PROJECTOR_DOWNSAMPLE = {"mlp_downsample": 2, "mlp_downsample_2x2_fix": 2, "mlp_d
 BLOCK_ORDERS = ("row", "column")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError, ValueError):
     """A folder that is not a checkpoint we can read faithfully; the message names the file and the value."""
 
 
@@ -698,10 +699,130 @@ def read_json(path) -> dict:
         hint = "" if path.parent.is_dir() else f" ({path.parent} does not exist)"
         raise CheckpointError(f"{path} not found{hint}: a checkpoint folder holds config.json, llm/, "
                               "vision_tower/ and mm_projector/")
+    text = path.read_text()
+    if not text.strip():
+        raise CheckpointError(f"{path} is empty ({path.stat().st_size} bytes): re-download this file")
     try:
-        return json.loads(path.read_text())
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+        raise CheckpointError(f"{path} is not valid JSON ({e}): re-download this file") from None
+
+
+# ---- weight files, checked before use ----
+
+# bytes per element of each safetensors dtype
+SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                      "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+CONFIG_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64"}
+REDOWNLOAD = "re-download this file"
+
+
+def check_weights(path) -> dict[str, Path]:
+    """A folder of safetensors weights (or one .safetensors file) -> {tensor name: the file that holds it},
+    every file checked from its header before any weight is read. A CheckpointError names the file, its
+    size against the size its header (or index) gives, and says to re-download it, for a file that is:
+
+    - cut short or longer than its header says. A safetensors file is [8 bytes: header length n, a
+      little-endian u64][n bytes of JSON: {tensor: {dtype, shape, data_offsets: [begin, end]}}][data], so
+      its size is 8 + n + the largest end, and each tensor's end - begin = prod(shape) x bytes per element;
+    - missing: a sharded folder lists its files in model.safetensors.index.json ({"weight_map": {tensor:
+      file}}), and each tensor there must be in its file;
+    - of another dtype: a floating-point tensor whose dtype is not the folder's config.json `dtype`
+      (`torch_dtype`), e.g. an F32 shard among BF16 ones. Shapes against the config are checked by the
+      loaders (`_from_pretrained`, `_load_projector`), which know the model the config describes.
+
+    Example: a 7B LLM's shard 2 of 4 whose download stopped at 1 GB ->
+        CheckpointError: llm/model-00002-of-00004.safetensors: 1,073,741,824 bytes, its header says
+        3,864,726,320 (cut short): re-download this file
+    """
+    path = Path(path)
+    if path.is_file():
+        return dict.fromkeys(_safetensors_header(path), path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: no weight_map {{tensor: file}}: {REDOWNLOAD}")
+        files = sorted({path / f for f in weight_map.values()})
+        for file in files:
+            if not file.is_file():
+                n = sum(path / f == file for f in weight_map.values())
+                raise CheckpointError(f"{file} is missing: {index.name} lists it with {n} tensors; {REDOWNLOAD}")
+    else:
+        weight_map = None
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{path}: no *.safetensors weights")
+    headers = {file: _safetensors_header(file) for file in files}
+    where = {name: file for file, header in headers.items() for name in header}
+    for name, file in (weight_map or {}).items():
+        if where.get(name) != path / file:
+            raise CheckpointError(f"{path / file}: has no tensor {name!r}, which {index.name} puts there: "
+                                  f"{REDOWNLOAD}")
+    _check_dtypes(path, headers)
+    return where
+
+
+def shard_numel(folder) -> int | None:
+    """The most weight elements in one file of a sharded weight folder (its files listed in
+    model.safetensors.index.json); None for a folder of one file. Saved with max_shard_size = this x bytes per
+    element, the same weights split into the same files in any dtype (a bf16 release trained in fp32):
+    Hugging Face fills a shard until the next tensor would not fit."""
+    index = Path(folder) / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    files = {Path(folder) / f for f in read_json(index)["weight_map"].values()}
+    return max(sum(math.prod(t["shape"]) for t in _safetensors_header(f).values()) for f in files)
+
+
+def _safetensors_header(file: Path) -> dict[str, dict]:
+    """One file's header {tensor: {dtype, shape, data_offsets}}, checked against the file's size."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else None
+        if n is None or 8 + n > size:
+            need = "8 bytes of header length" if n is None else f"{8 + n:,} bytes of header alone"
+            raise CheckpointError(f"{file}: {size:,} bytes, its header says {need} (cut short): {REDOWNLOAD}")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{file}: its {n:,}-byte header is not valid JSON ({e}): {REDOWNLOAD}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: its header is not a safetensors header: {REDOWNLOAD}")
+    header.pop("__metadata__", None)
+    end = 0
+    for name, t in header.items():
+        try:
+            begin, stop = t["data_offsets"]
+            nbytes = math.prod(t["shape"]) * SAFETENSORS_DTYPES[t["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{file}: tensor {name!r} has no valid dtype, shape and data_offsets in the "
+                                  f"header: {REDOWNLOAD}") from None
+        if stop - begin != nbytes:
+            raise CheckpointError(f"{file}: tensor {name!r} ({t['dtype']} {t['shape']}) takes {nbytes:,} bytes, "
+                                  f"its data_offsets give {stop - begin:,}: {REDOWNLOAD}")
+        end = max(end, stop)
+    if size != 8 + n + end:
+        how = "cut short" if size < 8 + n + end else "longer"
+        raise CheckpointError(f"{file}: {size:,} bytes, its header says {8 + n + end:,} ({how}): {REDOWNLOAD}")
+    return header
+
+
+def _check_dtypes(folder: Path, headers: dict[Path, dict]) -> None:
+    """Floating-point tensors are of the dtype the folder's config.json says (when it says one)."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return
+    cfg = read_json(config)
+    want = CONFIG_DTYPES.get(str(cfg.get("dtype") or cfg.get("torch_dtype")))
+    if want is None or "quantization_config" in cfg:  # quantized weights mix dtypes by design
+        return
+    for file, header in headers.items():
+        for name, t in header.items():
+            if t["dtype"] in CONFIG_DTYPES.values() and t["dtype"] != want:
+                raise CheckpointError(f"{file}: tensor {name!r} is {t['dtype']}, {config} says "
+                                      f"{want} (a file of another release?): {REDOWNLOAD}")
 
 
 # ---- model families ----
@@ -869,13 +990,20 @@ class VilaFamily:
                                attn_implementation=attn_implementation)
         vision_config = SiglipVisionConfig.from_pretrained(path / "vision_tower")
         # the pooling head is never used; a tower saved without it loads without one
-        vision_config.vision_use_head = any(".head." in f".{k}" for k in _weight_names(path / "vision_tower"))
+        vision_config.vision_use_head = any(".head." in f".{k}" for k in check_weights(path / "vision_tower"))
         vision = _from_pretrained(SiglipVisionModel, path / "vision_tower", config=vision_config, dtype=dtype,
                                   attn_implementation="eager" if attn_implementation == "eager" else "sdpa")
         projector = MultimodalProjector(vlm_config.projector, vlm_config.vision_hidden, vlm_config.llm_hidden,
                                         vlm_config.block_order)
         _load_projector(projector, path / "mm_projector" / "model.safetensors")
+        for file in sorted((path / "llm").glob("tokenizer*.json")):  # a cut-short one is named, not a parse error
+            read_json(file)
         tokenizer = AutoTokenizer.from_pretrained(path / "llm")
+        rows = llm.get_input_embeddings().num_embeddings
+        if len(tokenizer) != rows:  # VILA appends its media tokens and resizes the embedding to the tokenizer
+            raise CheckpointError(f"{path / 'llm'}: the tokenizer has {len(tokenizer):,} tokens, the LLM's input "
+                                  f"embedding {rows:,} rows (a VILA LLM has one row per token): the tokenizer files "
+                                  "and the weights are of different models; re-download the folder")
         if not tokenizer.chat_template:
             raise CheckpointError(f"{path / 'llm'}: the tokenizer has no chat template (tokenizer_config.json "
                                   f"chat_template); config.json chat_template is {config.get('chat_template')!r}")
@@ -888,7 +1016,10 @@ class VilaFamily:
                                for k, v in state_dict.items() if k.startswith(prefix)}
         llm_weights = part("llm.")
         dtype = next(iter(llm_weights.values())).dtype  # (save_pretrained empties the dict)
-        model.llm.save_pretrained(folder / "llm", state_dict=llm_weights)
+        # a sharded release is written back in its shards; "50GB" (Hugging Face's default) is one file
+        shard = shard_numel(model.source / "llm") if model.source is not None else None
+        model.llm.save_pretrained(folder / "llm", state_dict=llm_weights,
+                                  max_shard_size=shard * dtype.itemsize if shard else "50GB")
         _write_tokenizer(model.tokenizer, folder / "llm")
 
         tower = folder / "vision_tower"
@@ -980,37 +1111,26 @@ def _check_preprocessor(path: Path, image_size: int) -> None:
         raise CheckpointError(f"{path}: size {size} disagrees with the tower's image_size {image_size}")
 
 
-def _weight_names(folder: Path) -> set[str]:
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{folder}: no *.safetensors weights")
-    names = set()
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            names |= set(f.keys())
-    return names
-
-
 def read_tensor(folder, name: str) -> torch.Tensor:
-    """The tensor `name` of the safetensors weights in `folder` (one file or shards), in its stored dtype.
-
-    Example: read_tensor(path / "llm", "lm_head.weight") -> [V, D]."""
-    for file in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            if name in f.keys():
-                return f.get_tensor(name)
-    raise CheckpointError(f"{folder}: no weight named {name!r} in its *.safetensors files")
+    """The tensor `name` of the safetensors weights in `folder` (one file or shards, checked by
+    `check_weights`), in its stored dtype. Example: read_tensor(path / "llm", "lm_head.weight") -> [V, D]."""
+    where = check_weights(folder)
+    if name not in where:
+        raise CheckpointError(f"{folder}: no weight named {name!r} in its *.safetensors files")
+    with safe_open(str(where[name]), framework="pt") as f:
+        return f.get_tensor(name)
 
 
 def _from_pretrained(auto_class, folder: Path, **kwargs):
-    """`auto_class.from_pretrained(folder)`, refusing weights that are missing or of another shape than
-    the folder's config.json says (Hugging Face would initialise them at random)."""
-    _weight_names(folder)
+    """`auto_class.from_pretrained(folder)` on weights checked first (`check_weights`), refusing weights that
+    are missing or of another shape than the folder's config.json says (Hugging Face would initialise
+    them at random)."""
+    where = check_weights(folder)
     module, info = auto_class.from_pretrained(folder, output_loading_info=True, ignore_mismatched_sizes=True,
                                               **kwargs)
     problems = [f"{k} is missing" for k in sorted(info["missing_keys"])]
-    problems += [f"{k} has shape {list(a)}, config.json makes it {list(b)}" for k, a, b in
-                 sorted(info["mismatched_keys"])]
+    problems += [f"{k} in {where[k].name if k in where else 'the weights'} has shape {list(a)}, config.json makes "
+                 f"it {list(b)}" for k, a, b in sorted(info["mismatched_keys"])]
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise CheckpointError(f"{folder}: the weights disagree with {folder / 'config.json'}: "
@@ -1019,6 +1139,7 @@ def _from_pretrained(auto_class, folder: Path, **kwargs):
 
 
 def _load_projector(projector: MultimodalProjector, file: Path) -> None:
+    check_weights(file)
     weights = load_file(str(file))
     own = projector.state_dict()
     problems = [f"{k} is missing" for k in sorted(set(own) - set(weights))]
@@ -1124,8 +1245,8 @@ def build_from_pretrained(llm_path, vision_path, seed: int = 0, dtype=torch.bflo
     vision = SiglipVisionModel.from_pretrained(vision_path, dtype=dtype)
     vc = vision.config
     if vc.image_size % vc.patch_size:
-        raise ValueError(f"{vision_path}: image_size {vc.image_size} is not a whole number of {vc.patch_size}-pixel "
-                         "patches")
+        raise CheckpointError(f"{vision_path}: image_size {vc.image_size} is not a whole number of "
+                              f"{vc.patch_size}-pixel patches")
     config = VideoLMConfig(vc.image_size, vc.patch_size, vc.hidden_size, llm.config.hidden_size,
                            projector=projector, block_order=block_order, temporal_pool=temporal_pool)
     mm_projector = MultimodalProjector(projector, config.vision_hidden, config.llm_hidden, block_order).to(dtype)
@@ -1219,4 +1340,4 @@ def _prompt_name(question_prompt: str | None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run_main(main)

@@ -62,6 +62,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import errors
 import model as M
 from model import IGNORE, PackedBatch, SequenceBatch, VideoLM
 
@@ -140,7 +141,7 @@ def init_distributed(sp_size: int = 1) -> ParallelState:
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if sp_size < 1 or world_size % sp_size:
-        raise ValueError(f"world size {world_size} is not a multiple of sp_size {sp_size} "
+        raise errors.UsageError(f"world size {world_size} is not a multiple of sp_size {sp_size} "
                          f"(start {sp_size}k processes, e.g. torchrun --nproc-per-node {sp_size})")
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
@@ -232,7 +233,7 @@ def kv_head_repeats(num_heads: int, num_kv_heads: int, sp_size: int) -> int:
     KV head count and dividing it, nothing is copied.
     """
     if num_heads % sp_size:
-        raise ValueError(f"sp_size {sp_size} does not divide {num_heads} query heads")
+        raise errors.UsageError(f"sp_size {sp_size} does not divide {num_heads} query heads")
     return math.lcm(num_kv_heads, sp_size) // num_kv_heads
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import errors
 import eval as evaluation
 import model as M
 import mrsp
@@ -370,17 +371,17 @@ def engine_max_model_len(model: M.VideoLM, records: list[data.Record], sampling:
     needed = positions + args.max_new_tokens
     limit = model.llm.config.max_position_embeddings
     if needed > limit:
-        raise ValueError(
+        raise errors.UsageError(
             f"{args.data}: the prompt of record {problem_id!r} is {positions} positions; with --max-new-tokens "
             f"{args.max_new_tokens} it needs {needed}, past the LLM's max_position_embeddings {limit} "
             f"({model.source}/llm/config.json), which vLLM refuses. Lower --num-frames / --max-frames / --fps")
     if args.max_model_len is None:
         return min(needed + TEXT_SLACK, limit)
     if args.max_model_len > limit:
-        raise ValueError(f"--max-model-len {args.max_model_len} is past the LLM's max_position_embeddings {limit} "
-                         f"({model.source}/llm/config.json), which vLLM refuses: use at most {limit}")
+        raise errors.UsageError(f"--max-model-len {args.max_model_len} is past the LLM's max_position_embeddings "
+                                f"{limit} ({model.source}/llm/config.json), which vLLM refuses: use at most {limit}")
     if needed > args.max_model_len:
-        raise ValueError(
+        raise errors.UsageError(
             f"{args.data}: the prompt of record {problem_id!r} is {positions} positions ({frames} frames x "
             f"({tpf} tokens + {sep} separator) + {text} text); with --max-new-tokens {args.max_new_tokens} "
             f"it needs --max-model-len of at least {needed}, got {args.max_model_len}. Raise --max-model-len "
@@ -631,4 +632,4 @@ def engine_gap(trainer_lp: torch.Tensor, mask: torch.Tensor, episodes) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run_main(main)

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import model as M
+
 
 @dataclass
 class Sample:
@@ -323,7 +325,8 @@ class VLLMEngine:
         from transformers import GenerationConfig
         llm_path = Path(llm_path)
         if not (llm_path / "config.json").exists():
-            raise FileNotFoundError(f"{llm_path} has no config.json: pass a checkpoint's llm/ folder")
+            raise M.CheckpointError(f"{llm_path} has no config.json: pass a checkpoint's llm/ folder")
+        M.check_weights(llm_path)  # vLLM's own messages about a cut-short file name no file
         # In this process, not an engine process of its own: sync_weights streams the trainer's tensors
         # straight into the engine's weights, where another process would need each pickled through host
         # memory. (Under torchrun vLLM's external_launcher executor runs in process anyway.)

@@ -18,6 +18,7 @@ import time
 import torch
 
 import data
+import errors
 import model as M
 import mrsp
 import train
@@ -153,4 +154,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    errors.run_main(main)

@@ -1,0 +1,80 @@
+"""What a user sees when a command fails.
+
+The errors this project raises about its input (a damaged checkpoint, a bad record, an unreadable video,
+flags that do not fit together) are `UserError`s: their message names the file, the line, the field and
+what to do. A script shows one of them as one line on stderr,
+
+    error: runs/init/llm/model-00002-of-00004.safetensors: 1,048,576 bytes, its header says 4,194,304 ...
+
+and exits with code 1; anything else (a bug) keeps its full traceback, and so does a UserError when the
+command line has `--debug`. Every script ends with
+
+    if __name__ == "__main__":
+        errors.run_main(main)
+
+Under torchrun every rank that loads the same damaged checkpoint fails the same way; the message is printed
+once, by the first rank to report (it takes a ticket from the job's key-value store).
+"""
+import json
+import os
+import sys
+import time
+
+
+class UserError(Exception):
+    """An error about input a user can fix (a file, a record, a flag); the message says which and how."""
+
+
+class UsageError(UserError, ValueError):
+    """Flags or inputs that do not fit together, e.g. --sp-size 3 with 2 processes."""
+
+
+def run_main(main) -> None:
+    """Run a script's `main()` and exit with its return code (None: 0).
+
+    A UserError prints `error: <message>` (one line, its notes appended) on stderr and exits 1. `--debug`
+    anywhere on the command line is taken out before `main` parses it, and lets the traceback through instead.
+    """
+    debug = "--debug" in sys.argv[1:]
+    if debug:
+        sys.argv.remove("--debug")
+    try:
+        code = main()
+    except UserError as e:
+        if debug:
+            raise
+        message = "error: " + " ".join("; ".join([str(e), *getattr(e, "__notes__", [])]).splitlines())
+        _tell_launcher(message)
+        if _first_to_report():
+            print(message, file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code)
+
+
+def _tell_launcher(message: str) -> None:
+    """Under torchrun, put the message in the failure summary the launcher prints when a rank fails (in
+    place of its "To enable traceback see ..."): the file it reads a rank's root cause from."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"message": message, "timestamp": int(time.time())}, f)
+
+
+def _first_to_report() -> bool:
+    """False in a torchrun rank when another rank of the same job has already printed its error.
+
+    torchrun's launcher keeps a TCP key-value store at MASTER_ADDR:MASTER_PORT for the job's life; adding
+    1 to a key is atomic, so exactly one rank reads 1 back. A restarted job (--max-restarts) has a key of
+    its own. Without a store to ask, every rank prints: twice is better than never.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(seconds=10))
+        return store.add(f"error-reported-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", 1) == 1
+    except (KeyError, ValueError, RuntimeError):
+        return True

@@ -228,19 +228,23 @@ def test_bench_step_sp_size_divides_the_presets_heads_on_an_8_gpu_node():
     assert bench.default_step_sp_size(4, 2) == 2 and bench.default_step_sp_size(4, 1) == 1
 
 
-def test_max_model_len_past_the_llms_positions_is_refused_at_start_up(easy_task):
+def test_max_model_len_past_the_llms_positions_is_refused_at_start_up(tiny_checkpoint):
     """vLLM refuses a max_model_len above max_position_embeddings; rl.py says so before loading an engine."""
     import data
     import rl
-    model = M.VideoLM.load(easy_task["init"])
-    records = data.load_records(easy_task["data"])
+    model = M.VideoLM.load(tiny_checkpoint)
+    records = [data.Record("q1", "never-opened.mp4", "Which colour comes first?", [], "free_form", "", "red")]
     limit = model.llm.config.max_position_embeddings
-    args = rl.parse_args(["--init", "i", "--data", str(easy_task["data"]), "--out", "o", "--num-frames", "8",
+    args = rl.parse_args(["--init", "i", "--data", "d.jsonl", "--out", "o", "--num-frames", "8",
                           "--max-model-len", str(limit + 1)])
+    sampling = data.FrameSampling.from_args(args)  # a frame count: no file is opened to count positions
     with pytest.raises(ValueError, match=f"max_position_embeddings {limit}"):
-        rl.engine_max_model_len(model, records, data.FrameSampling.from_args(args), args)
+        rl.engine_max_model_len(model, records, sampling, args)
     args.max_model_len = None
-    assert rl.engine_max_model_len(model, records, data.FrameSampling.from_args(args), args) <= limit
+    assert rl.engine_max_model_len(model, records, sampling, args) <= limit
+    args.max_new_tokens = limit  # the prompt alone leaves no room for this many
+    with pytest.raises(ValueError, match=f"past the LLM's max_position_embeddings {limit}"):
+        rl.engine_max_model_len(model, records, sampling, args)
 
 
 def test_engine_gap_is_the_largest_difference_over_sampled_tokens():

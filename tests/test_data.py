@@ -525,3 +525,65 @@ def test_synth_open_answers_ask_the_same_questions_without_options(synth_dir, tm
         assert o.options == [] and o.answer == c.options[ord(c.answer) - ord("A")]
         assert o.problem_type == ("numerical" if o.labels["category"] == "count" else "free_form")
         assert o.answer in o.reasoning.rsplit(".", 2)[-2]  # the last sentence derives the answer
+
+
+# ---- videos found before a run; the training scripts on the release format ----
+
+def test_check_videos_open_finds_missing_and_broken_videos_and_caches_the_rest(counting_video, tmp_path,
+                                                                                monkeypatch):
+    shutil.copy(counting_video, good := tmp_path / "good.mp4")
+    (broken := tmp_path / "broken.mp4").write_bytes(b"\x00not a video" * 100)
+    paths, cache = [str(good), str(broken), str(tmp_path / "gone.mp4")], tmp_path / "check.json"
+    found = data.check_videos_open(paths, cache)
+    assert found[str(good)] is None and found[paths[2]] == f"{paths[2]}: video file not found"
+    assert found[str(broken)].startswith(f"{broken}: cannot decode video")
+    data.save_video_check(cache, found)
+    opened = []
+    monkeypatch.setattr(data, "_open_problem", lambda path: opened.append(path))
+    assert data.check_videos_open(paths, cache) == found and opened == []  # a restart opens nothing again
+    broken.write_bytes(b"\x00not a video, changed" * 100)
+    assert data.check_videos_open(paths, cache)[str(broken)] is None and opened == [str(broken)]
+
+
+@pytest.fixture(scope="module")
+def release_parquet(synth_dir, tmp_path_factory):
+    """The synthetic training set as a LongVideo-Reason parquet file, its videos named "<name>.mp4" in a
+    folder of their own; one more row whose video could not be downloaded, and a bad row."""
+    rows = [json.loads(line) for line in (synth_dir / "train.jsonl").read_text().splitlines()]
+    rows = [dict(r, videos=os.path.basename(r["videos"])) for r in rows]
+    rows += [dict(rows[0], problem_id=100, videos="gone.mp4"), dict(rows[1], problem_id=101, answer="<answer>E</answer>")]
+    return write_parquet(tmp_path_factory.mktemp("lvr") / "train.parquet", rows), synth_dir / "videos"
+
+
+def test_sft_and_rl_train_on_the_release_skipping_bad_rows_and_missing_videos(release_parquet, tiny_checkpoint,
+                                                                              tmp_path, capsys):
+    import rl
+    import sft
+    path, videos = release_parquet
+    common = ["--init", str(tiny_checkpoint), "--data", str(path), "--video-dir", str(videos), "--steps", "1",
+              "--num-frames", "4", "--save-every", "0"]
+    sft.main(common + ["--out", str(tmp_path / "sft"), "--batch-size", "5"])
+    err = capsys.readouterr().err
+    assert f"skipped: {path} row 6, field 'answer': 'E' is not one of the 4 options" in err
+    assert f"{path}: 6 records, 1 skipped" in err
+    assert f"{path}: 5 records with a readable video; skipped 1 whose video is missing, 0 whose video cannot" in err
+    assert len((tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert data.video_check_file(path).is_file()
+    rl.main(common + ["--out", str(tmp_path / "rl"), "--batch-size", "2", "--group-size", "2",
+                      "--max-new-tokens", "4", "--kl-coef", "0", "--engine", "torch"])
+    assert len((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_run_with_fewer_usable_records_than_a_batch_stops_saying_what_was_lost(release_parquet):
+    import argparse
+    import mrsp
+    import train
+    path, videos = release_parquet
+    args = argparse.Namespace(data=str(path), video_dir=str(videos), subtitle_dir=None, allow_absolute_paths=False,
+                              strict=False, batch_size=5)
+    assert [r.problem_id for r in train.load_training_records(args, mrsp.ParallelState())] == ["0", "1", "2", "3", "4"]
+    with pytest.raises(RecordError, match=r"5 usable records, fewer than one batch \(6 on each of 1 data-parallel "
+                                          r"ranks\): 1 bad rows, 1 records whose video is missing, 0 whose"):
+        train.load_training_records(argparse.Namespace(**{**vars(args), "batch_size": 6}), mrsp.ParallelState())
+    with pytest.raises(RecordError, match="row 6, field 'answer'"):
+        train.load_training_records(argparse.Namespace(**{**vars(args), "strict": True}), mrsp.ParallelState())

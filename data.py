@@ -130,7 +130,6 @@ class Folders:
         return path
 
 
-PROBLEM_TYPES = ("multiple_choice", "numerical", "free_form")
 # problem_type values that name an answer form. Any other value ("general", or a reasoning perspective such
 # as "temporal") leaves the form to the options: multiple choice when there are some, free form otherwise.
 _FORMS = {"multiple choice": "multiple_choice", "numerical": "numerical", "numeric": "numerical",

@@ -11,7 +11,7 @@ import pytest
 
 import data
 import eval as evaluation
-from data import FrameSampling, Record, load_records, load_records_report, write_mp4
+from data import FrameSampling, Record, load_records_report, write_mp4
 from eval import (build_report, extract_answer, extract_choice, is_well_formed, parse_number, read_predictions,
                   score_answer)
 from rollout import Sample

@@ -1,9 +1,11 @@
-"""Data for long-video RL: the record format, frame sampling, the prompt, and a synthetic task.
+"""Data for long-video RL: the public sets' record files, frame sampling, the prompt, and a synthetic task.
 
 Everything that turns files on disk into what the model sees lives here:
 
-- `load_records` reads a LongVideo-Reason style JSONL file (one question per line) into `Record`s, and
-  when a line is bad it says which file, line and field.
+- `load_records` reads LongVideo-Reason and Video-MME as they are published (JSONL, a JSON list, parquet,
+  or a folder of such files; the layout is told from the fields) into `Record`s. A bad row is reported
+  with its file, line (or parquet row) and field, and skipped; `check_videos_open` finds the videos that
+  are missing or cannot be read, before a run starts.
 - `sample_indices` / `load_frames` pick frames from a video: a fixed number spread evenly over the whole
   video (training), or a fixed rate in frames per second (inference), both capped at `max_frames`
   (8,192 in the paper). decord decodes them, or PyAV, frame for frame the same, where decord cannot
@@ -13,12 +15,14 @@ Everything that turns files on disk into what the model sees lives here:
 - `build_prompt` / `format_response` fix the text around the video and the think-then-answer format
   that the rewards in rl.py check.
 - `synth` writes a small long-video task (a video is a run of coloured scenes; every question needs the
-  whole video) as real H.264 mp4 files, so every stage runs end to end on a CPU.
+  whole video) as real H.264 mp4 files and LongVideo-Reason records, so every stage runs end to end on a
+  CPU, on the same reading path as the real data.
 
 Run it:
     python data.py synth --out data/synth --n 200 --seed 0            # videos/, train.jsonl, test.jsonl
-    python data.py check data/synth/train.jsonl                        # validate a record file
-    python data.py check data/synth/train.jsonl --decode               # ... and read every video
+    python data.py check data/synth/train.jsonl                        # validate the rows, open every video
+    python data.py check data/synth/train.jsonl --decode               # ... and read their sampled frames
+    python data.py check Video-MME/videomme/test-00000-of-00001.parquet   # videos in Video-MME/data/
     python data.py frames data/synth/videos/synth-000000.mp4 --fps 1   # which frames get sampled
 """
 
@@ -29,8 +33,9 @@ import logging
 import math
 import os
 import re
+import sys
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -50,14 +55,27 @@ MAX_FRAMES = 8192  # the paper's maximum frames per video (at inference)
 
 
 # ---- records ----
+# The public sets' files are read as they are published; each layout has one function that reads its row:
+#   LongVideo-Reason (`_lvr_record`): problem_id (an int in the release), data_type "video", videos
+#     ("<name>.mp4", or a one-element list, relative to the video folder), problem (the question with its
+#     options embedded as "A. ..." lines, or the question alone), problem_type ("multiple choice",
+#     "numerical", "general", "free-form", or a reasoning perspective such as "temporal"), reasoning, answer
+#     ("<answer>B</answer>" or "B"). An `options` list and `subtitles` (text, or an .srt path relative to the
+#     subtitle folder) are read too; every other string field is a label for eval's breakdowns.
+#   Video-MME (`_videomme_record`): the Hub's columns video_id, duration, domain, sub_category, url, videoID,
+#     question_id, task_type, question, options (["A. ...", ...]), answer; the video is <videoID>.mp4 in the
+#     video folder, the subtitles <videoID>.srt in the subtitle folder when that file exists.
+# A row with Video-MME's `question_id` or `videoID` is read as Video-MME, any other as LongVideo-Reason.
+# Files: JSONL, a JSON list, a JSON file holding one object, parquet, or a folder of such files.
 
 class RecordError(errors.UserError, ValueError):
-    """A bad line in a record file. The message names the file, the line and the field, e.g.
-    "train.jsonl line 7, field 'answer': 'E' is not one of the 4 options (A-D)"."""
+    """A bad row of a record file. The message names the file, the row and the field, e.g.
+    "train.jsonl line 7, field 'answer': 'E' is not one of the 4 options (A-D)". A JSON row is numbered by
+    the line it starts on, a parquet row by its index from 0 (as pandas and `datasets` number them)."""
 
-    def __init__(self, path, line: int | None, field: str | None, reason: str):
+    def __init__(self, path, line: int | None, field: str | None, reason: str, unit: str = "line"):
         self.path, self.line, self.field, self.reason = str(path), line, field, reason
-        where = self.path if line is None else f"{self.path} line {line}"
+        where = self.path if line is None else f"{self.path} {unit} {line}"
         super().__init__(f"{where}: {reason}" if field is None else f"{where}, field '{field}': {reason}")
 
 
@@ -66,7 +84,7 @@ class VideoError(errors.UserError, RuntimeError):
 
 
 class _FieldError(Exception):
-    """Raised while parsing one record; load_records_report adds the file and line."""
+    """Raised while reading one row; load_records_report adds the file and the row."""
 
     def __init__(self, field: str | None, reason: str):
         self.field, self.reason = field, reason
@@ -75,9 +93,9 @@ class _FieldError(Exception):
 @dataclass
 class Record:
     """One video question. `answer` is normalised: an option letter for multiple choice, the number as
-    text for numerical, plain text for free form. `subtitles` is inline text or an .srt file's absolute
-    path (see `subtitle_text`). `labels` holds every other string field of the line (duration, category,
-    ...) for eval's breakdowns."""
+    text for numerical, plain text for free form. `video` is an absolute path; `subtitles` is inline text
+    or an .srt file's absolute path (see `subtitle_text`). `labels` holds the row's other string fields
+    (duration, category, ...) for eval's breakdowns."""
 
     problem_id: str
     video: str
@@ -90,10 +108,40 @@ class Record:
     labels: dict = field(default_factory=dict)
 
 
-_RECORD_FIELDS = {"problem_id", "videos", "problem", "options", "problem_type", "reasoning", "answer",
-                  "subtitles"}
+@dataclass
+class Folders:
+    """Where a row's relative paths lead: videos into `video_dir`, .srt files into `subtitle_dir`. A
+    relative path that leads outside its folder is a bad row; an absolute one is read only when
+    `allow_absolute` (--allow-absolute-paths)."""
+
+    video_dir: Path
+    subtitle_dir: Path
+    allow_absolute: bool = False
+
+    def resolve(self, folder: Path, value: str, field: str) -> str:
+        """The absolute, normalised path of `value` in `folder` (symbolic links are not followed, so a
+        folder of links to videos stored elsewhere works)."""
+        if os.path.isabs(value):
+            if not self.allow_absolute:
+                raise _FieldError(field, f"absolute path {value!r:.120}; pass --allow-absolute-paths to read it")
+            return os.path.normpath(value)
+        folder = os.path.abspath(folder)
+        path = os.path.normpath(os.path.join(folder, value))
+        if os.path.commonpath([folder, path]) != folder:
+            raise _FieldError(field, f"{value!r:.120} leads outside {folder}")
+        return path
+
+
+# problem_type values that name an answer form. Any other value ("general", or a reasoning perspective such
+# as "temporal") leaves the form to the options: multiple choice when there are some, free form otherwise.
+_FORMS = {"multiple choice": "multiple_choice", "numerical": "numerical", "numeric": "numerical",
+          "free form": "free_form", "open ended": "free_form"}
+_LVR_FIELDS = {"problem_id", "data_type", "videos", "problem", "options", "problem_type", "reasoning", "answer",
+               "subtitles"}
+_VIDEOMME_LABELS = ("duration", "domain", "sub_category", "task_type")
 _MISSING = object()
-_ANSWER_TAG = re.compile(r"^\s*<answer>(.*)</answer>\s*$", re.DOTALL)
+_ANSWER_TAG = re.compile(r"\s*<answer>((?:(?!</?answer>).)*)</answer>\s*", re.DOTALL)
+_OPTION_PREFIX = re.compile(r"\s*\(?([A-Z])[.):]\s*")
 
 
 def option_letter(i: int) -> str:
@@ -116,25 +164,55 @@ def _get(obj: dict, name: str, types: tuple, default=_MISSING):
     return value
 
 
-def _video_path(value, data_root: Path) -> str:
-    # The public release writes `videos` as a one-element list; we take a plain string too.
-    if isinstance(value, list):
-        if len(value) != 1 or not isinstance(value[0], str):
-            raise _FieldError("videos", f"expected one video path, got {value!r:.80}")
-        value = value[0]
-    path = os.path.abspath(data_root / value)  # an absolute `videos` ignores data_root
-    if not os.path.isfile(path):
-        raise _FieldError("videos", f"video file not found: {path}")
-    return path
+def split_options(problem: str) -> tuple[str, list[str]]:
+    """A question with its options embedded as lines -> (question, options). Option lines are "A. x",
+    "A) x" or "(A) x", lettered A, B, C, ... in order; an "Options:" line before them is dropped. Fewer
+    than two such lines are no options: the problem stays as it is.
+
+    >>> split_options("Why does he run?\\nA. rain\\nB. a bus\\n")
+    ('Why does he run?', ['rain', 'a bus'])
+    """
+    question, options = [], []
+    for line in problem.splitlines():
+        m = _OPTION_PREFIX.match(line)
+        if m and len(options) < 26 and m.group(1) == option_letter(len(options)):
+            options.append(line[m.end():].strip())
+        elif not options:
+            question.append(line)
+        elif line.strip():  # a continuation of the previous option
+            options[-1] += " " + line.strip()
+    if len(options) < 2:
+        return problem, []
+    if question and question[-1].strip().lower().rstrip(":") == "options":
+        question.pop()
+    return "\n".join(question).strip(), options
 
 
-def _is_srt_path(subtitles: str | None) -> bool:
-    return bool(subtitles) and "\n" not in subtitles and subtitles.strip().lower().endswith(".srt")
+def _option_texts(options: list) -> list[str]:
+    """An options list as texts: Video-MME's "A. red" loses its letter when every option carries its
+    own letter in order; plain texts stay as they are."""
+    if not all(isinstance(o, str) for o in options):
+        raise _FieldError("options", "every option must be a string")
+    if len(options) > 26:
+        raise _FieldError("options", f"{len(options)} options; at most 26 (A-Z)")
+    prefixes = [_OPTION_PREFIX.match(o) for o in options]
+    if all(m and m.group(1) == option_letter(i) for i, m in enumerate(prefixes)):
+        return [o[m.end():].strip() for o, m in zip(options, prefixes)]
+    return list(options)
 
 
-def _subtitles(value: str | None, data_root: Path) -> str | None:
-    # An .srt path is made absolute like `videos`; it is read (and a missing file reported) when used.
-    return os.path.abspath(data_root / value.strip()) if _is_srt_path(value) else value
+def _unwrap_answer(answer) -> str:
+    """The answer inside the release's "<answer>B</answer>", or as it is when it has no tags. Text outside
+    the tags, or a tag without its pair, makes the answer a guess: a bad row."""
+    answer = str(answer)  # a JSON number is fine for numerical answers
+    if "<answer>" in answer or "</answer>" in answer:
+        tagged = _ANSWER_TAG.fullmatch(answer)
+        if not tagged:
+            raise _FieldError("answer", f"text outside one <answer>...</answer> pair: {answer!r:.80}")
+        answer = tagged.group(1)
+    if not answer.strip():
+        raise _FieldError("answer", "empty")
+    return answer.strip()
 
 
 def _answer_letter(answer: str, options: list[str]) -> str:
@@ -150,12 +228,7 @@ def _answer_letter(answer: str, options: list[str]) -> str:
     raise _FieldError("answer", f"{answer!r:.60} is neither a letter nor the text of one of the {span}")
 
 
-def _normalise_answer(answer, problem_type: str, options: list[str]) -> str:
-    answer = str(answer)  # a JSON number is fine for numerical answers
-    tagged = _ANSWER_TAG.match(answer)  # the release writes "<answer>B</answer>"
-    answer = (tagged.group(1) if tagged else answer).strip()
-    if not answer:
-        raise _FieldError("answer", "empty")
+def _normalise_answer(answer: str, problem_type: str, options: list[str]) -> str:
     if problem_type == "multiple_choice":
         return _answer_letter(answer, options)
     if problem_type == "numerical":
@@ -168,92 +241,262 @@ def _normalise_answer(answer, problem_type: str, options: list[str]) -> str:
     return answer
 
 
-def _parse_record(obj, data_root: Path) -> Record:
-    """Check one JSON object and turn it into a Record; raises _FieldError on the first problem."""
-    if not isinstance(obj, dict):
-        raise _FieldError(None, f"expected a JSON object, got {type(obj).__name__}")
-    problem_type = _get(obj, "problem_type", (str,))
-    if problem_type not in PROBLEM_TYPES:
-        raise _FieldError("problem_type", f"{problem_type!r} is not one of {', '.join(PROBLEM_TYPES)}")
-    options = _get(obj, "options", (list,), default=[])
-    if not all(isinstance(o, str) for o in options):
-        raise _FieldError("options", "every option must be a string")
-    if len(options) > 26:
-        raise _FieldError("options", f"{len(options)} options; at most 26 (A-Z)")
+def _is_srt_path(subtitles: str | None) -> bool:
+    return bool(subtitles) and "\n" not in subtitles and subtitles.strip().lower().endswith(".srt")
+
+
+def _lvr_record(row: dict, folders: Folders) -> Record:
+    """One LongVideo-Reason row (see the section's comment) as a Record; raises _FieldError."""
+    data_type = _get(row, "data_type", (str,), default="video")
+    if data_type != "video":
+        raise _FieldError("data_type", f"{data_type!r}: only video questions are read")
+    problem = _get(row, "problem", (str,))
+    options = _get(row, "options", (list,), default=None)
+    options_field = "options" if options is not None else "problem"
+    problem, options = split_options(problem) if options is None else (problem, _option_texts(options))
+    kind = _get(row, "problem_type", (str,))
+    key = " ".join(kind.lower().replace("_", " ").replace("-", " ").split())
+    problem_type = _FORMS.get(key) or ("multiple_choice" if options else "free_form")
     if problem_type == "multiple_choice" and not options:
-        raise _FieldError("options", "empty, but the problem is multiple_choice")
+        raise _FieldError(options_field, f"no options, but problem_type is {kind!r}" + (
+            " (the release embeds them in the problem as lines 'A. ...')" if options_field == "problem" else ""))
+    videos = _get(row, "videos", (str, list))
+    if isinstance(videos, list):
+        if len(videos) != 1 or not isinstance(videos[0], str):
+            raise _FieldError("videos", f"expected one video path, got {videos!r:.80}")
+        videos = videos[0]
+    subtitles = _get(row, "subtitles", (str, type(None)), default=None)
+    if _is_srt_path(subtitles):
+        subtitles = folders.resolve(folders.subtitle_dir, subtitles.strip(), "subtitles")
+    labels = {k: v for k, v in row.items() if k not in _LVR_FIELDS and isinstance(v, str)}
+    if key not in _FORMS and key != "general":
+        labels["category"] = kind.strip()  # the perspective: temporal, goal, plot, spatial
     return Record(
-        problem_id=str(_get(obj, "problem_id", (str, int))),  # the release numbers its problems
-        video=_video_path(_get(obj, "videos", (str, list)), data_root),
-        problem=_get(obj, "problem", (str,)),
-        options=list(options),
+        problem_id=str(_get(row, "problem_id", (str, int))),
+        video=folders.resolve(folders.video_dir, videos, "videos"),
+        problem=problem,
+        options=options,
         problem_type=problem_type,
-        reasoning=_get(obj, "reasoning", (str,), default=""),  # RL-only data needs no reasoning
-        answer=_normalise_answer(_get(obj, "answer", (str, int, float)), problem_type, options),
-        subtitles=_subtitles(_get(obj, "subtitles", (str, type(None)), default=None), data_root),
-        # Extra string fields are labels for eval's breakdowns; other extras (e.g. duration_s) are ignored.
-        labels={k: v for k, v in obj.items() if k not in _RECORD_FIELDS and isinstance(v, str)},
+        reasoning=_get(row, "reasoning", (str,), default=""),  # RL-only data needs no reasoning
+        answer=_normalise_answer(_unwrap_answer(_get(row, "answer", (str, int, float))), problem_type, options),
+        subtitles=subtitles,
+        labels=labels,
     )
 
 
-def load_records_report(path, data_root=None, check_subtitle_files: bool = False
-                        ) -> tuple[list[Record], list[RecordError]]:
-    """Read a JSONL record file, keeping the good records and a RecordError for each bad line.
+def _videomme_record(row: dict, folders: Folders) -> Record:
+    """One Video-MME row (see the section's comment) as a Record; raises _FieldError."""
+    video_id = _get(row, "videoID", (str,))
+    options = _option_texts(_get(row, "options", (list,)))
+    if not options:
+        raise _FieldError("options", "empty")
+    srt = folders.resolve(folders.subtitle_dir, f"{video_id}.srt", "videoID")
+    return Record(
+        problem_id=str(_get(row, "question_id", (str, int))),
+        video=folders.resolve(folders.video_dir, f"{video_id}.mp4", "videoID"),
+        problem=_get(row, "question", (str,)),
+        options=options,
+        problem_type="multiple_choice",
+        reasoning="",
+        answer=_answer_letter(_unwrap_answer(_get(row, "answer", (str,))), options),
+        subtitles=srt if os.path.isfile(srt) else None,  # some videos have none
+        labels={k: str(row[k]) for k in _VIDEOMME_LABELS if row.get(k) is not None},
+    )
 
-    Video paths are relative to `data_root`, by default the folder that holds the file. A missing video
-    is an error; a missing .srt file only with `check_subtitle_files` (it matters only where subtitles
-    are shown, and training skips such a record when it reaches it).
 
-    >>> records, errors = load_records_report("my_data.jsonl")
-    >>> [(e.line, e.field) for e in errors]
+# ---- reading record files ----
+
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")  # the files a folder of records is read from
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that are not UTF-8, as errors="surrogateescape" keeps them
+
+
+def _utf8_error(text: str) -> _FieldError | None:
+    bad = _NOT_UTF8.search(text)
+    return bad and _FieldError(None, f"not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02x})")
+
+
+def _jsonl_rows(text: str):
+    """(line, row or _FieldError) for each non-blank line."""
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield line_no, _utf8_error(line) or json.loads(line)
+        except json.JSONDecodeError as e:
+            yield line_no, _FieldError(None, f"invalid JSON ({e})")
+
+
+def _json_list_rows(text: str):
+    """(line, row or _FieldError) for each item of a JSON list, numbered by the line it starts on. An item
+    that is not valid JSON (a file cut short) ends the list: the items before it are kept, one error names
+    the line it starts on."""
+    decoder, pos, line = json.JSONDecoder(), text.index("[") + 1, 1
+    skip = re.compile(r"\s*")
+    while True:
+        start = skip.match(text, pos).end()
+        line += text.count("\n", pos, start)
+        if text.startswith("]", start):
+            return
+        try:
+            row, end = decoder.raw_decode(text, start)
+        except json.JSONDecodeError as e:
+            yield line, _FieldError(None, f"invalid JSON ({e}); the rest of the file is not read")
+            return
+        yield line, _utf8_error(text[start:end]) or row
+        line += text.count("\n", start, end)
+        pos = skip.match(text, end).end()
+        line += text.count("\n", end, pos)
+        if text.startswith(",", pos):
+            pos += 1
+        elif not text.startswith("]", pos):
+            yield line, _FieldError(None, "invalid JSON (expected ',' or ']' after an item); the rest of the "
+                                          "file is not read")
+            return
+
+
+def _file_rows(path: Path):
+    """(number, unit, row or _FieldError) for each row of one record file (see the section's comment)."""
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            yield None, "row", _FieldError(None, f"cannot read the parquet file ({e})")
+            return
+        yield from ((i, "row", row) for i, row in enumerate(rows))
+        return
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    if text.lstrip().startswith("["):
+        yield from ((line, "line", row) for line, row in _json_list_rows(text))
+        return
+    try:  # a JSON file holding one (perhaps indented) object: one row
+        row = json.loads(text)
+        if isinstance(row, dict):
+            yield 1, "line", _utf8_error(text) or row
+            return
+    except json.JSONDecodeError:
+        pass
+    yield from ((line, "line", row) for line, row in _jsonl_rows(text))
+
+
+def default_folders(path, video_dir=None, subtitle_dir=None, allow_absolute_paths=False) -> dict[str, Folders]:
+    """The Folders for each layout of the record file or folder `path`. Unset folders default to where the
+    downloads put them: LongVideo-Reason's videos in the record file's folder (a folder of record files:
+    that folder), subtitles beside the videos; Video-MME's in data/ and subtitle/ of the data set's folder,
+    the one above its annotations' videomme/ folder."""
+    here = Path(path) if Path(path).is_dir() else Path(path).parent
+    root = here.parent if here.name == "videomme" else here
+    lvr_videos = Path(video_dir) if video_dir else here
+    return {"lvr": Folders(lvr_videos, Path(subtitle_dir) if subtitle_dir else lvr_videos, allow_absolute_paths),
+            "videomme": Folders(Path(video_dir) if video_dir else root / "data",
+                                Path(subtitle_dir) if subtitle_dir else root / "subtitle", allow_absolute_paths)}
+
+
+def load_records_report(path, video_dir=None, subtitle_dir=None, allow_absolute_paths=False,
+                        check_subtitle_files: bool = False) -> tuple[list[Record], list[RecordError]]:
+    """Read a record file (or a folder of them), keeping the good records and a RecordError for each bad
+    row, and one for a file that holds no rows.
+
+    Video and .srt paths resolve in `video_dir` / `subtitle_dir` (see `default_folders`). Whether a video
+    exists is not checked here (see `check_videos_open`); a missing .srt file is a bad row only with
+    `check_subtitle_files` (it matters only where subtitles are shown).
+
+    >>> records, bad_rows = load_records_report("my_data.jsonl")
+    >>> [(e.line, e.field) for e in bad_rows]
     [(7, 'answer')]
     """
     path = Path(path)
-    data_root = Path(data_root) if data_root is not None else path.parent
-    records, errors, first_line = [], [], {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    if not path.exists():
+        raise RecordError(path, None, None, "no such file or folder")
+    files = sorted(p for p in path.iterdir() if p.suffix in RECORD_SUFFIXES) if path.is_dir() else [path]
+    folders = default_folders(path, video_dir, subtitle_dir, allow_absolute_paths)
+    records, bad_rows, first = [], [], {}
+    for file in files:
+        rows = 0
+        for number, unit, row in _file_rows(file):
+            rows += 1
             try:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise _FieldError(None, f"invalid JSON ({e})") from None
-                record = _parse_record(obj, data_root)
+                if isinstance(row, _FieldError):
+                    raise row
+                if not isinstance(row, dict):
+                    raise _FieldError(None, f"expected a JSON object, got {type(row).__name__}")
+                is_videomme = "question_id" in row or "videoID" in row
+                record = (_videomme_record if is_videomme else _lvr_record)(
+                    row, folders["videomme" if is_videomme else "lvr"])
                 if check_subtitle_files and (srt := subtitle_file(record)) and not os.path.isfile(srt):
                     raise _FieldError("subtitles", f"subtitle file not found: {srt}")
-                if record.problem_id in first_line:
-                    raise _FieldError("problem_id", f"duplicate {record.problem_id!r} "
-                                                    f"(first on line {first_line[record.problem_id]})")
+                if record.problem_id in first:
+                    where = first[record.problem_id]
+                    raise _FieldError("problem_id", f"duplicate {record.problem_id!r} (first on {where[1]} "
+                                                    f"{where[2]}{'' if where[0] == file else f' of {where[0]}'})")
             except _FieldError as e:
-                errors.append(RecordError(path, line_no, e.field, e.reason))
+                bad_rows.append(RecordError(file, number, e.field, e.reason, unit))
                 continue
-            first_line[record.problem_id] = line_no
+            first[record.problem_id] = (file, unit, number)
             records.append(record)
-    return records, errors
+        if not rows:
+            bad_rows.append(RecordError(file, None, None, "holds no records"))
+    return records, bad_rows
 
 
-def load_records(path, data_root=None, skip_bad=False) -> list[Record]:
-    """Read and validate a JSONL record file. A bad line raises RecordError unless skip_bad, which
-    skips bad lines and logs a warning listing each one.
+def summary(path, records: list[Record], bad_rows: list[RecordError], shown: int = 10) -> str:
+    """What a run says about its data when it starts: the first `shown` bad rows, then
+    "data/train.jsonl: 2,847 records, 3 skipped (bad rows above; `python data.py check ...` lists all)"."""
+    lines = [f"skipped: {e}" for e in bad_rows[:shown]]
+    if len(bad_rows) > shown:
+        lines.append(f"... and {len(bad_rows) - shown} more")
+    tail = f" (`python data.py check {path}` lists each)" if bad_rows else ""
+    lines.append(f"{path}: {len(records):,} records, {len(bad_rows):,} skipped{tail}")
+    return "\n".join(lines)
+
+
+def load_records(path, video_dir=None, subtitle_dir=None, allow_absolute_paths=False, strict=False,
+                 quiet=False) -> list[Record]:
+    """Read and validate a record file (see `load_records_report`). Bad rows are skipped, and the
+    `summary` is printed (unless quiet); `strict` raises the first bad row instead. No good record at
+    all raises RecordError.
 
     >>> records = load_records("data/synth/train.jsonl")   # python data.py synth --out data/synth
+    data/synth/train.jsonl: 160 records, 0 skipped
     >>> records[0].problem, records[0].options, records[0].answer
     ('What colour is the first scene?', ['blue', 'yellow', 'cyan', 'red'], 'D')
     """
-    records, errors = load_records_report(path, data_root)
-    if errors and not skip_bad:
-        if len(errors) > 1:
-            errors[0].add_note(f"{len(errors) - 1} more bad line(s); `python data.py check {path}` lists all")
-        raise errors[0]
-    if errors:
-        reasons = "\n".join(f"  {e}" for e in errors)
-        log.warning("skipped %d of %d records in %s:\n%s", len(errors), len(errors) + len(records), path,
-                    reasons)
+    records, bad_rows = load_records_report(path, video_dir, subtitle_dir, allow_absolute_paths)
+    if bad_rows and strict:
+        raise bad_rows[0]
+    if not quiet:
+        print(summary(path, records, bad_rows), file=sys.stderr, flush=True)
     if not records:
-        raise RecordError(path, None, None, "no usable records")
+        raise RecordError(path, None, None, f"no usable records ({len(bad_rows)} bad)")
     return records
+
+
+def add_folder_args(parser) -> None:
+    """--video-dir, --subtitle-dir, --allow-absolute-paths: where a record file's paths lead."""
+    parser.add_argument("--video-dir", default=None,
+                        help="folder the videos are in (LongVideo-Reason's `videos`, Video-MME's <videoID>.mp4); "
+                             "None: the data file's folder, or Video-MME's data/ beside its videomme/ folder")
+    parser.add_argument("--subtitle-dir", default=None,
+                        help="folder the .srt files are in; None: the video folder, or Video-MME's subtitle/")
+    parser.add_argument("--allow-absolute-paths", action="store_true",
+                        help="read records whose video or subtitle path is absolute (else such a row is skipped)")
+
+
+def add_data_args(parser, data_help: str) -> None:
+    """--data, the folder flags, --strict: the same flags, with the same meaning, in every script that
+    reads records."""
+    parser.add_argument("--data", required=True, help=data_help + ": a LongVideo-Reason or Video-MME file as "
+                        "published (.jsonl, .json, .parquet) or a folder of such files")
+    add_folder_args(parser)
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first bad row or unreadable video instead of skipping it")
+
+
+def folder_args(args) -> dict:
+    """The keyword arguments of `load_records` / `load_records_report` that `add_data_args`' flags set."""
+    return dict(video_dir=args.video_dir, subtitle_dir=args.subtitle_dir,
+                allow_absolute_paths=args.allow_absolute_paths)
 
 
 # ---- frame sampling ----
@@ -930,7 +1173,8 @@ def ask(category: str, scenes: list[str], rng: np.random.Generator):
 
 def synth_record(index: int, category: str, answer_pos: int, rng: np.random.Generator, args
                  ) -> tuple[dict, np.ndarray]:
-    """One record of the synthetic task (a dict, as written to JSONL) and its video frames.
+    """One record of the synthetic task (a dict in LongVideo-Reason's format, as written to JSONL) and its
+    video frames (the video is videos/synth-<index>.mp4 beside the record file).
     `args` carries the `synth` flags (min_scenes, max_scenes, frames_per_scene, video_fps, size)."""
     while True:  # re-plan until the plan can carry this question type
         scenes = plan_scenes(rng, args.min_scenes, args.max_scenes)
@@ -940,17 +1184,16 @@ def synth_record(index: int, category: str, answer_pos: int, rng: np.random.Gene
     problem, truth, pool, conclusion = question
     options = [str(o) for o in rng.choice(pool, size=3, replace=False)]
     options.insert(answer_pos, truth)
-    problem_id = f"synth-{index:06d}"
     walk = " ".join(f"Scene {i + 1} is {s}." for i, s in enumerate(scenes))
     k = len(scenes)
-    if args.answers == "open":  # the value itself: a colour name (free_form) or a count (numerical)
-        options, problem_type, answer = [], "numerical" if category == "count" else "free_form", truth
-    else:
-        problem_type, answer = "multiple_choice", option_letter(answer_pos)
-    record = {
-        "problem_id": problem_id, "videos": f"videos/{problem_id}.mp4", "problem": problem,
-        "options": options, "problem_type": problem_type, "reasoning": f"{walk} {conclusion}",
-        "answer": answer,
+    if args.answers == "open":  # the value itself: a count (numerical) or a colour name (free form)
+        problem_type, answer = "numerical" if category == "count" else "general", truth
+    else:  # the options embedded in the problem, as the release writes them
+        problem += "".join(f"\n{option_letter(i)}. {o}" for i, o in enumerate(options))
+        problem_type, answer = "multiple choice", option_letter(answer_pos)
+    record = {  # LongVideo-Reason's fields, then labels for eval's breakdowns and a number for reference
+        "problem_id": index, "data_type": "video", "videos": f"videos/synth-{index:06d}.mp4", "problem": problem,
+        "problem_type": problem_type, "reasoning": f"{walk} {conclusion}", "answer": f"<answer>{answer}</answer>",
         "duration": "short" if k <= 4 else "medium" if k <= 6 else "long", "category": category,
         "duration_s": k * args.frames_per_scene / args.video_fps,
     }
@@ -984,21 +1227,100 @@ def cmd_synth(args) -> int:
 # ---- command line ----
 
 def cmd_check(args) -> int:
-    """Validate a record file, print what it holds; 1 if anything is wrong (0 with --skip-bad, unless
-    --decode finds an unreadable video)."""
-    records, errors = load_records_report(args.file, args.data_root, check_subtitle_files=True)
-    for e in errors:
+    """Validate a record file and find its videos, print what it holds; 1 if anything is wrong (0 with
+    --skip-bad, while some record is usable)."""
+    records, bad_rows = load_records_report(args.file, **folder_args(args), check_subtitle_files=True)
+    for e in bad_rows:
         print(f"error: {e}")
-    print(f"{len(records)} good records, {len(errors)} bad, in {args.file}")
+    print(f"{len(records)} good records, {len(bad_rows)} bad, in {args.file}")
     for problem_type, n in sorted(Counter(r.problem_type for r in records).items()):
         print(f"  problem_type {problem_type}: {n}")
     for (label, value), n in sorted(Counter(kv for r in records for kv in r.labels.items()).items()):
         print(f"  {label} {value}: {n}")
-    unreadable = 0
     if args.decode:
-        sampling = FrameSampling.from_args(args)
-        unreadable = check_videos(records, sampling, args.workers)
-    return int(not records or (bool(errors) and not args.skip_bad) or unreadable > 0)
+        bad_records = check_videos(records, FrameSampling.from_args(args), args.workers)
+    else:
+        opened = check_videos_open([r.video for r in records], video_check_file(args.file))
+        save_video_check(video_check_file(args.file), opened)
+        for problem in filter(None, opened.values()):
+            print(f"unreadable         {problem}")
+        bad_records = sum(opened[r.video] is not None for r in records)
+        print(f"{len(opened)} videos: {sum(p is not None for p in opened.values())} missing or unreadable "
+              f"({bad_records} record{'s' * (bad_records != 1)})")
+    usable = len(records) - bad_records
+    return int(not usable or (bool(bad_rows or bad_records) and not args.skip_bad))
+
+
+# ---- which videos open, found before a run ----
+
+VIDEO_CHECK_THREADS = 8  # decord and PyAV read files outside the GIL; threads spare a process pool's start-up
+
+
+def video_check_file(data_path) -> Path:
+    """Where `check_videos_open`'s result for a record file (or folder) is kept: beside it, as
+    "train.jsonl.videos.json"."""
+    path = Path(data_path).resolve()
+    return path.with_name(path.name + ".videos.json")
+
+
+def _stamp(path: str) -> list | None:
+    """[size, modification time in ns] of a file, None if there is none: what says it is unchanged."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _open_problem(path: str) -> str | None:
+    """Why a video cannot be read, or None: `read_video`'s checks, its index read and no frame decoded."""
+    try:
+        read_video(path, None, FrameSampling(num_frames=1), decode=False)
+    except VideoError as e:
+        return str(e)
+    return None
+
+
+def check_videos_open(paths, cache_file=None, threads: int = VIDEO_CHECK_THREADS) -> dict[str, str | None]:
+    """video path -> why it cannot be read (missing, empty, not a video, cut short), or None when it opens,
+    for each of `paths`, in parallel threads. A file whose size and modification time match its entry in
+    `cache_file` (written by `save_video_check`) is not opened again, so a restarted run starts at once.
+
+    >>> check_videos_open(["/data/a.mp4", "/data/gone.mp4"])
+    {'/data/a.mp4': None, '/data/gone.mp4': '/data/gone.mp4: video file not found'}
+    """
+    cached = {}
+    if cache_file is not None and Path(cache_file).is_file():
+        try:
+            cached = json.loads(Path(cache_file).read_text())
+        except (OSError, ValueError):
+            log.warning("%s: unreadable; every video is checked again", cache_file)
+    result, todo = {}, []
+    for path in dict.fromkeys(paths):
+        stamp = _stamp(path)
+        if stamp is None:
+            result[path] = f"{path}: video file not found"
+        elif isinstance(cached.get(path), list) and cached[path][:2] == stamp:
+            result[path] = cached[path][2]
+        else:
+            todo.append(path)
+    with ThreadPoolExecutor(threads) as pool:
+        for path, problem in zip(todo, pool.map(_open_problem, todo)):
+            result[path] = problem
+    return result
+
+
+def save_video_check(cache_file, result: dict[str, str | None]) -> None:
+    """Keep `check_videos_open`'s result for the files that exist (with each one's size and modification
+    time) in `cache_file`, written whole or not at all. A folder that cannot be written is a warning."""
+    entries = {path: [*stamp, problem] for path, problem in result.items() if (stamp := _stamp(path))}
+    tmp = Path(f"{cache_file}.tmp")
+    try:
+        tmp.write_text(json.dumps(entries) + "\n")
+        os.replace(tmp, cache_file)
+    except OSError as e:
+        log.warning("cannot keep the video check in %s (%s); the next run checks every video again",
+                    cache_file, e.strerror or e)
 
 
 CHECK_IMAGE_SIZE = 32  # frames decoded by `check --decode` are resized to this; the size does not matter
@@ -1076,14 +1398,15 @@ def main(argv=None) -> int:
                         "(no options; the same videos and questions)")
     p.set_defaults(run=cmd_synth)
 
-    p = commands.add_parser("check", formatter_class=fmt, help="validate a JSONL record file")
-    p.add_argument("file", help="the .jsonl file")
-    p.add_argument("--data-root", default=None, help="folder the video paths are relative to; "
-                                                     "None means the file's folder")
-    p.add_argument("--skip-bad", action="store_true", help="exit 0 when bad lines are only skipped")
+    p = commands.add_parser("check", formatter_class=fmt,
+                            help="validate a record file (or folder) and find its videos")
+    p.add_argument("file", help="a LongVideo-Reason or Video-MME record file (.jsonl, .json, .parquet) or folder")
+    add_folder_args(p)
+    p.add_argument("--skip-bad", action="store_true",
+                   help="exit 0 when bad rows and unreadable videos are only skipped, as training skips them")
     p.add_argument("--decode", action="store_true",
-                   help="also read every video's sampled frames with the real readers (decord, else PyAV) "
-                        "and report each one; exit 1 if any record's video is unreadable")
+                   help="read every video's sampled frames with the real readers (decord, else PyAV) and report "
+                        "each one, instead of opening each video and reading its index")
     add_sampling_args(p)  # with --decode: the frames to read, as training samples them
     p.add_argument("--workers", type=int, default=1, help="with --decode: videos read in parallel processes")
     p.set_defaults(run=cmd_check)

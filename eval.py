@@ -9,13 +9,12 @@ A checkpoint answers every question of a record file (data.py's format) through 
                             cannot), and the settings used
     OUT/settings.json       the settings that change answers; a resumed run must use the same ones
 
-Run it:
+Run it (record files as published: LongVideo-Reason's JSON/JSONL/parquet, Video-MME's parquet; data.py):
     python eval.py --checkpoint runs/rl/final --data data/synth/test.jsonl --out runs/eval
-    python eval.py --checkpoint CKPT --data videomme.jsonl --out runs/videomme-subs --fps 1 --subtitles
-    python eval.py convert-videomme --annotations videomme.json --videos VIDEOMME/videos \\
-        --subtitles VIDEOMME/subtitles --out videomme.jsonl
-    python eval.py convert-longvideo-reason --annotations longvideo_reason_eval.json \\
-        --videos LongVideo-Reason/videos --out lvr_eval.jsonl
+    python eval.py --checkpoint CKPT --data Video-MME/videomme/test-00000-of-00001.parquet --out runs/videomme \
+        --fps 1 --subtitles          # videos in Video-MME/data/, subtitles in Video-MME/subtitle/
+    python eval.py --checkpoint CKPT --data LongVideo-Reason/eval.json --video-dir LongVideo-Reason/videos \
+        --out runs/lvr-eval
 
 Scoring (`score_answer`, which rl.py's accuracy reward uses too):
     multiple_choice  `extract_choice`: the last complete <answer>...</answer> pair if there is one, else
@@ -25,32 +24,15 @@ Scoring (`score_answer`, which rl.py's accuracy reward uses too):
                      a relative 1e-2 or an absolute 1e-6 of the truth
     free_form        exact match after lower-casing, collapsing whitespace and dropping a final "."
 
-Errors: a question that cannot be asked (a malformed line in the record file, a video or subtitle file
-that is missing or cannot be decoded) counts in `n` as wrong, so accuracy stays comparable to a run
-on the whole benchmark; `errors` lists each with its reason and `accuracy_answered` leaves them out.
-`--strict` stops at the first one instead. Malformed lines have no trustworthy labels, so they appear
-in no `by_<label>` breakdown.
+Errors: a question that cannot be asked (a bad row in the record file, a video or subtitle file that
+is missing or cannot be decoded) counts in `n` as wrong, so accuracy stays comparable to a run on the
+whole benchmark; `errors` lists each with its reason and `accuracy_answered` leaves them out. `--strict`
+stops at the first one instead. Bad rows have no trustworthy labels, so they appear in no `by_<label>`
+breakdown. A run in which no question could be asked exits with status 1.
 
 Resume: rerunning the same command skips every problem_id already in predictions.jsonl (errors
 included; delete their lines to retry them), and the report is always computed from that file, so it
 equals the report of an uninterrupted run.
-
-Converting public annotations (fields read; everything else is ignored):
-
-| our field      | VideoMME                                   | LongVideo-Reason (release eval set)          |
-|----------------|--------------------------------------------|----------------------------------------------|
-| `problem_id`   | `question_id`                              | `problem_id`                                 |
-| `videos`       | `<videos>/<videoID>.mp4`                   | `<videos>/` + `videos` (a string or a list)  |
-| `problem`      | `question`                                 | `problem` up to its first option line        |
-| `options`      | `options`, "A. " prefixes stripped         | the "A. ..." lines embedded in `problem`     |
-| `problem_type` | multiple_choice                            | `problem_type` ("multiple choice" accepted)  |
-| `reasoning`    | (empty)                                    | `reasoning`                                  |
-| `answer`       | `answer` (a letter)                        | `answer`, `<answer>X</answer>` tags removed  |
-| `subtitles`    | `<subtitles>/<videoID>.srt` when it exists | (none)                                       |
-| labels         | `duration`, `domain`, `sub_category`, `task_type` | `category` from `reasoning_type` or `type` |
-
-VideoMME rows may be flat (one question per row) or nested (one video per row with a `questions`
-list); `video_id` and `videoID` are read from the video level. Input files are a JSON list or JSONL.
 """
 import argparse
 import json
@@ -225,123 +207,6 @@ def score_answer(record: Record, response: str) -> tuple[bool, str | None]:
     """
     correct, prediction, _ = _grade(record, response)
     return correct, prediction
-
-
-# ---------------------------------------------------------------------------------------------------
-# Converting public annotation files into our record format
-# ---------------------------------------------------------------------------------------------------
-
-def read_rows(path) -> list[dict]:
-    """The rows of a JSON list file or a JSONL file."""
-    text = Path(path).read_text(encoding="utf-8-sig")
-    if text.lstrip().startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def _field(row: dict, name: str, where: str):
-    if name not in row:
-        raise ValueError(f"{where}: missing field {name!r}")
-    return row[name]
-
-
-_OPTION_PREFIX = re.compile(r"^\s*\(?([A-Z])[.):]\s*")
-
-
-def convert_videomme(rows: list[dict], videos_dir, subtitles_dir=None, root=".") -> list[dict]:
-    """VideoMME annotation rows -> our record dicts (see the module docstring's table). Paths are
-    written relative to `root`, the folder the record file will live in.
-
-    >>> convert_videomme([{"video_id": "001", "videoID": "fFjv93ACGo8", "question_id": "001-1",
-    ...     "question": "What colour?", "options": ["A. red", "B. blue"], "answer": "B",
-    ...     "duration": "short", "domain": "Knowledge", "sub_category": "Humanity & History",
-    ...     "task_type": "Counting Problem"}], "videos")[0]["options"]
-    ['red', 'blue']
-    """
-    records = []
-    flat = [{**{k: v for k, v in row.items() if k != "questions"}, **q} if "questions" in row else row
-            for row in rows for q in (row.get("questions") or [None])]
-    for i, row in enumerate(flat):
-        where = f"VideoMME row {i} ({row.get('question_id', '?')})"
-        video_name = _field(row, "videoID", where)
-        options = [_OPTION_PREFIX.sub("", o, count=1).strip() for o in _field(row, "options", where)]
-        srt = Path(subtitles_dir) / f"{video_name}.srt" if subtitles_dir else None
-        records.append({
-            "problem_id": str(_field(row, "question_id", where)),
-            "videos": os.path.relpath(Path(videos_dir) / f"{video_name}.mp4", root),
-            "problem": _field(row, "question", where),
-            "options": options,
-            "problem_type": "multiple_choice",
-            "reasoning": "",
-            "answer": _field(row, "answer", where).strip(),
-            "subtitles": os.path.relpath(srt, root) if srt and srt.is_file() else None,
-            **{k: str(row[k]) for k in ("duration", "domain", "sub_category", "task_type") if k in row},
-        })
-    return records
-
-
-_PROBLEM_TYPES = {"multiple choice": "multiple_choice", "multiple_choice": "multiple_choice",
-                  "numerical": "numerical", "numeric": "numerical",
-                  "free-form": "free_form", "free_form": "free_form", "free form": "free_form"}
-
-
-def split_options(problem: str) -> tuple[str, list[str]]:
-    """A question with its options embedded as lines -> (question, options). Option lines are "A. x",
-    "A) x" or "(A) x", lettered A, B, C, ... in order; an "Options:" line before them is dropped.
-
-    >>> split_options("Why does he run?\\nA. rain\\nB. a bus\\n")
-    ('Why does he run?', ['rain', 'a bus'])
-    """
-    lines = problem.splitlines()
-    question, options = [], []
-    for line in lines:
-        m = _OPTION_PREFIX.match(line)
-        if m and m.group(1) == data.option_letter(len(options)):
-            options.append(line[m.end():].strip())
-        elif not options:
-            question.append(line)
-        elif line.strip():  # a continuation of the previous option
-            options[-1] += " " + line.strip()
-    if question and question[-1].strip().lower().rstrip(":") == "options":
-        question.pop()
-    return "\n".join(question).strip(), options
-
-
-def convert_longvideo_reason(rows: list[dict], videos_dir, root=".") -> list[dict]:
-    """LongVideo-Reason release rows -> our record dicts (see the module docstring's table)."""
-    records = []
-    for i, row in enumerate(rows):
-        where = f"LongVideo-Reason row {i} ({row.get('problem_id', '?')})"
-        video = _field(row, "videos", where)
-        video = video[0] if isinstance(video, list) and len(video) == 1 else video
-        if not isinstance(video, str):
-            raise ValueError(f"{where}: field 'videos' must be one path, got {video!r:.80}")
-        kind = str(_field(row, "problem_type", where)).strip().lower()
-        if kind not in _PROBLEM_TYPES:
-            raise ValueError(f"{where}: unknown problem_type {kind!r}")
-        problem_type = _PROBLEM_TYPES[kind]
-        question, options = _field(row, "problem", where), []
-        if problem_type == "multiple_choice":
-            question, options = split_options(question)
-            if len(options) < 2:
-                raise ValueError(f"{where}: found {len(options)} option line(s) ('A. ...') in 'problem'")
-        answer = str(_field(row, "answer", where)).strip()
-        answer = (extract_answer(answer) if "<answer>" in answer else answer) or answer
-        record = {"problem_id": str(_field(row, "problem_id", where)),
-                  "videos": os.path.relpath(Path(videos_dir) / video, root), "problem": question,
-                  "options": options, "problem_type": problem_type, "reasoning": row.get("reasoning", ""),
-                  "answer": answer}
-        category = row.get("reasoning_type", row.get("type"))
-        if category:
-            record["category"] = str(category).strip().lower()
-        records.append(record)
-    return records
-
-
-def write_jsonl(records: list[dict], path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -561,14 +426,10 @@ def evaluate(model, engine, records: list[Record], sampling: FrameSampling, out_
 
 def _eval_parser() -> argparse.ArgumentParser:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog="converters: `python eval.py convert-videomme --help`, "
-               "`python eval.py convert-longvideo-reason --help`")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="VideoLM checkpoint folder (config.json, llm/, ...)")
-    p.add_argument("--data", required=True, help="record file (.jsonl, data.py's format)")
-    p.add_argument("--data-root", default=None,
-                   help="folder video and subtitle paths are relative to; None means the data file's folder")
+    data.add_data_args(p, "the questions")
     p.add_argument("--out", required=True,
                    help="report folder: predictions.jsonl, report.json; an unfinished run there resumes")
     data.add_sampling_args(p, num_frames=None)  # None: the checkpoint's own setting
@@ -587,8 +448,6 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if cuda else "cpu", help="device of the model")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16" if cuda else "float32",
                    help="model weights' dtype")
-    p.add_argument("--strict", action="store_true",
-                   help="stop at the first malformed record or unreadable video instead of counting it wrong")
     return p
 
 
@@ -601,46 +460,14 @@ def checkpoint_sampling(config: dict, num_frames: int | None, fps: float | None,
     return FrameSampling(num_frames=num_frames, fps=fps, max_frames=max_frames)
 
 
-def _convert_parser(command: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"eval.py {command}", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="write a benchmark's annotations as our record file")
-    p.add_argument("--annotations", required=True, help="the benchmark's annotation file (JSON list or JSONL)")
-    p.add_argument("--videos", required=True, help="folder that holds the benchmark's videos")
-    if command == "convert-videomme":
-        p.add_argument("--subtitles", default=None, help="folder of <videoID>.srt files (optional)")
-    p.add_argument("--out", required=True,
-                   help="record file to write (.jsonl); paths in it are relative to its folder")
-    return p
-
-
-def convert_main(command: str, argv: list[str]) -> int:
-    args = _convert_parser(command).parse_args(argv)
-    rows, root = read_rows(args.annotations), Path(args.out).resolve().parent
-    if command == "convert-videomme":
-        records = convert_videomme(rows, args.videos, args.subtitles, root=root)
-    else:
-        records = convert_longvideo_reason(rows, args.videos, root=root)
-    write_jsonl(records, args.out)
-    missing = sum(not (root / r["videos"]).is_file() for r in records)
-    subs = sum(bool(r.get("subtitles")) for r in records)
-    print(f"wrote {len(records)} records to {args.out} ({subs} with subtitles; "
-          f"{missing} videos not found, they will count as errors)")
-    return 0
-
-
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if argv and argv[0] in ("convert-videomme", "convert-longvideo-reason"):
-        return convert_main(argv[0], argv[1:])
     args = _eval_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import rollout
     from model import VideoLM
 
-    data_root = args.data_root or str(Path(args.data).parent)
-    records, record_errors = data.load_records_report(args.data, data_root)
-    for e in record_errors:
-        log.warning("%s", e)
+    records, record_errors = data.load_records_report(args.data, **data.folder_args(args))
+    print(data.summary(args.data, records, record_errors), file=sys.stderr, flush=True)
     model = VideoLM.load(args.checkpoint, dtype=getattr(torch, args.dtype), device=args.device).eval()
     sampling = checkpoint_sampling(model.release_config, args.num_frames, args.fps, args.max_frames)
     log.info("frames: %s", sampling.key())
@@ -655,6 +482,11 @@ def main(argv=None) -> int:
                                 "max_model_len": args.max_model_len, "dtype": args.dtype})
     print(format_table(report))
     print(f"report: {Path(args.out) / 'report.json'}")
+    if report["n_answered"] == 0:
+        print(f"error: no question of {args.data} could be asked: {len(records)} records read, "
+              f"{len(record_errors)} bad rows, {report['errors']['count'] - len(record_errors)} records whose "
+              f"video or subtitles could not be read (see {Path(args.out) / 'report.json'})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -394,7 +394,7 @@ def engine_max_model_len(model: M.VideoLM, records: list[data.Record], sampling:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=train.HelpFormatter)
     ap.add_argument("--init", required=True, help="checkpoint to start from (usually the SFT run's final/)")
-    ap.add_argument("--data", required=True, help="training records (.jsonl)")
+    data.add_data_args(ap, "training records")
     ap.add_argument("--out", required=True, help="output folder")
     data.add_sampling_args(ap)
     ap.add_argument("--steps", type=int, default=30, help="GRPO steps (one rollout batch each)")
@@ -459,7 +459,7 @@ def main(argv=None):
                          shared_prefix=args.shared_prefix)
     reference = (load_reference(args.init, policy, ps, args.bf16, shared_prefix=args.shared_prefix)
                  if args.kl_coef > 0 else None)
-    records = data.load_records(args.data)
+    records = train.load_training_records(args, ps)
     types = sorted({r.labels[args.type_label] for r in records if args.type_label in r.labels})  # accuracy_<type>
     sampling = data.FrameSampling.from_args(args)
     max_model_len = engine_max_model_len(policy, records, sampling, args)  # refuses too long prompts now

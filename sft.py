@@ -43,7 +43,7 @@ def mix_sampling(mix: list[data.FrameSampling], seed: int, micro_step: int) -> d
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=train.HelpFormatter)
     ap.add_argument("--init", required=True, help="checkpoint to start from (python model.py init ...)")
-    ap.add_argument("--data", required=True, help="training records (.jsonl) with a `reasoning` field")
+    data.add_data_args(ap, "training records with a `reasoning`")
     ap.add_argument("--out", required=True, help="output folder")
     data.add_sampling_args(ap)
     ap.add_argument("--mix-num-frames", type=int, nargs="+", default=None, metavar="N",
@@ -95,7 +95,7 @@ def main(argv=None):
         if ps.rank == 0:
             print(f"resumed from {resume_from} at step {start_step}")
 
-    records = data.load_records(args.data)
+    records = train.load_training_records(args, ps)
     sampling = data.FrameSampling.from_args(args)
     mix = [data.FrameSampling(num_frames=n, max_frames=args.max_frames) for n in args.mix_num_frames or []]
     cache = train.embedding_cache(model, args, ps) if args.freeze_vision else None

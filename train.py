@@ -4,6 +4,7 @@ What is here, in the order a training script uses it:
   - run set-up: process groups and the (dp x sp) layout (`start_run`), a seed per rank, the output folder
   - FSDP2: sharding the model over every rank (`shard_model`), gathering full weights for a checkpoint
     or for the rollout engine (`full_state_dict`, `llm_weights`)
+  - the records a run trains on: bad rows and unreadable videos skipped and counted (`load_training_records`)
   - the prompts of a batch: frames decoded, the video encoded once through the MR-SP embedding cache,
     text spliced around it (`VideoPrompts`), and sequence-parallel log-probs (`sequence_logprobs`)
   - checkpoints and resume (`save_checkpoint`, `latest_checkpoint`, `load_trainer_state`)
@@ -17,8 +18,10 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import re
+import sys
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -552,3 +555,41 @@ def records_for_step(records, step: int, per_rank: int, ps: mrsp.ParallelState, 
     return out
 
 
+def load_training_records(args, ps: mrsp.ParallelState) -> list[data.Record]:
+    """The records of --data that a run can train on. Bad rows are reported and skipped (with --strict the
+    first one stops the run). Then every video is opened once, each rank checking its share, and records
+    whose video is missing or unreadable are skipped too; the result is kept beside the data
+    (`data.video_check_file`), so a restarted run does not open every file again. Fewer usable records
+    than one batch (--batch-size on each data-parallel rank) stop the run, saying what was lost."""
+    records, errors = data.load_records_report(args.data, **data.folder_args(args))
+    if errors and args.strict:
+        raise errors[0]
+    if ps.rank == 0:
+        print(data.summary(args.data, records, errors), file=sys.stderr, flush=True)
+    cache_file = data.video_check_file(args.data)
+    videos = list(dict.fromkeys(r.video for r in records))
+    opened = data.check_videos_open(videos[ps.rank::ps.world_size], cache_file)
+    if ps.world_size > 1:
+        shares = [None] * ps.world_size
+        dist.all_gather_object(shares, opened)
+        opened = {path: problem for share in shares for path, problem in share.items()}
+    if ps.rank == 0:
+        data.save_video_check(cache_file, opened)
+    problems = [problem for problem in opened.values() if problem]
+    if problems and args.strict:
+        raise data.VideoError(problems[0])
+    usable = [r for r in records if not opened[r.video]]
+    missing = sum(not os.path.isfile(r.video) for r in records if opened[r.video])
+    unreadable = len(records) - len(usable) - missing
+    if ps.rank == 0 and problems:
+        for problem in problems[:10]:
+            logger.warning("skipped: %s", problem)
+        print(f"{args.data}: {len(usable):,} records with a readable video; skipped {missing:,} whose video is "
+              f"missing, {unreadable:,} whose video cannot be read", file=sys.stderr, flush=True)
+    if len(usable) < args.batch_size * ps.dp_size:
+        raise data.RecordError(
+            args.data, None, None,
+            f"{len(usable)} usable records, fewer than one batch ({args.batch_size} on each of {ps.dp_size} "
+            f"data-parallel ranks): {len(errors)} bad rows, {missing} records whose video is missing, "
+            f"{unreadable} whose video cannot be read")
+    return usable

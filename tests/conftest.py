@@ -52,10 +52,12 @@ def easy_task(tmp_path_factory):
     data.main(["synth", "--out", str(root / "data"), "--n", "12", "--seed", "3", "--max-scenes", "4",
                "--test-frac", "0.01"])
     rows = [json.loads(line) for line in (root / "data" / "train.jsonl").read_text().splitlines()]
-    for row in rows:  # move the correct option to the front
-        i = ord(row["answer"]) - ord("A")
-        row["options"] = [row["options"][i]] + row["options"][:i] + row["options"][i + 1:]
-        row["answer"] = "A"
+    for row in rows:  # move the correct option to the front (the release format: options in the problem)
+        question, options = data.split_options(row["problem"])
+        i = ord(row["answer"].removeprefix("<answer>")[0]) - ord("A")
+        options = [options[i]] + options[:i] + options[i + 1:]
+        row["problem"] = question + "".join(f"\n{data.option_letter(k)}. {o}" for k, o in enumerate(options))
+        row["answer"] = "<answer>A</answer>"
     easy = root / "data" / "easy.jsonl"
     easy.write_text("".join(json.dumps(r) + "\n" for r in rows))
     M.main(["init", "--out", str(root / "init"), "--data", str(easy)])

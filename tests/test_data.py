@@ -4,7 +4,9 @@ The test videos count: frame i is solid gray at level 8 * i, so a frame read one
 away, far outside the few levels H.264 moves a flat gray.
 """
 import json
+import os
 import re
+import shutil
 
 import decord
 import numpy as np
@@ -167,83 +169,189 @@ def test_truncated_video_raises_video_error(tmp_path, counting_video):
         load_frames(path, 32, FrameSampling())
 
 
-# ---- records ----
+# ---- records: the public sets' files as they are published (contents invented) ----
 
-def good_record(**changes):
-    record = {"problem_id": "q1", "videos": ["videos/a.mp4"], "problem": "What colour is the first scene?",
-              "options": ["red", "green", "blue", "cyan"], "problem_type": "multiple_choice",
-              "reasoning": "Scene 1 is red.", "answer": "<answer>A</answer>", "category": "first"}
-    record.update(changes)
-    return {k: v for k, v in record.items() if v is not ...}  # `...` deletes a field
-
-
-def write_records(folder, *lines) -> str:
-    (folder / "videos").mkdir(exist_ok=True)
-    (folder / "videos" / "a.mp4").write_bytes(b"only its existence is checked here")
-    path = folder / "train.jsonl"
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
-    return str(path)
-
-
-def test_load_records_normalises_answers_and_keeps_labels(tmp_path):
-    path = write_records(
-        tmp_path,
-        good_record(duration_s=12.0, duration="medium"),
-        "",  # blank lines are ignored
-        good_record(problem_id=7, videos="videos/a.mp4", answer="blue", subtitles="hello"),
-        good_record(problem_id="q3", problem_type="numerical", options=..., answer=2.5),
-        good_record(problem_id="q4", problem_type="free_form", options=[], answer="a red ball"),
-    )
-    first, second, third, fourth = load_records(path)
-    assert first.video == str(tmp_path / "videos" / "a.mp4")
-    assert first.answer == "A" and first.labels == {"category": "first", "duration": "medium"}
-    assert (second.problem_id, second.answer, second.subtitles) == ("7", "C", "hello")
-    assert (third.answer, third.options) == ("2.5", [])
-    assert fourth.answer == "a red ball"
+LVR_ROWS = [  # LongVideo-Reason's fields and values as released
+    {"problem_id": 0, "data_type": "video", "videos": "sports_1.mp4",
+     "problem": "Why does the runner stop?\nA. rain\nB. a whistle\nC. a bus\nD. the finish line",
+     "problem_type": "multiple choice", "reasoning": "He hears it.", "answer": "<answer>B</answer>"},
+    {"problem_id": 1, "data_type": "video", "videos": ["vlog_2.mp4"], "problem": "What does she cook?",
+     "problem_type": "general", "reasoning": "Eggs are shown.", "answer": "<answer>an omelette</answer>"},
+    {"problem_id": 2, "data_type": "video", "videos": "game_3.mp4",
+     "problem": "What happens after the goal?\nOptions:\n(A) a replay\n(B) a foul", "problem_type": "temporal",
+     "reasoning": "", "answer": "A", "source": "youtube"},
+]
+# What each row reads as, written out by hand: problem_id, video, problem, options, form, answer, labels.
+LVR_EXPECTED = [
+    ("0", "sports_1.mp4", "Why does the runner stop?", ["rain", "a whistle", "a bus", "the finish line"],
+     "multiple_choice", "B", {}),
+    ("1", "vlog_2.mp4", "What does she cook?", [], "free_form", "an omelette", {}),
+    ("2", "game_3.mp4", "What happens after the goal?", ["a replay", "a foul"], "multiple_choice", "A",
+     {"source": "youtube", "category": "temporal"}),
+]
 
 
-@pytest.mark.parametrize("record, field, message", [
-    (good_record(problem=...), "problem", "missing"),
-    (good_record(options="red, green"), "options", "expected list"),
-    (good_record(problem_type="essay"), "problem_type", "'essay' is not one of"),
-    (good_record(answer="E"), "answer", "'E' is not one of the 4 options (A-D)"),
-    (good_record(answer="purple"), "answer", "neither a letter nor the text"),
-    (good_record(options=[]), "options", "empty"),
-    (good_record(problem_type="numerical", options=[], answer="many"), "answer", "not a number"),
-    (good_record(videos="videos/missing.mp4"), "videos", "video file not found"),
-    (good_record(problem_id="q0"), "problem_id", "duplicate 'q0' (first on line 1)"),
-])
-def test_bad_record_names_file_line_and_field(tmp_path, record, field, message):
-    path = write_records(tmp_path, good_record(problem_id="q0"), "", record)
-    with pytest.raises(RecordError) as err:
-        load_records(path)
-    assert (err.value.line, err.value.field) == (3, field)
-    assert str(err.value).startswith(f"{path} line 3, field '{field}': ")
-    assert message in str(err.value)
+def write_parquet(path, rows, schema=None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(k for r in rows for k in r))  # every row's fields (Arrow reads the first's)
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in rows], schema=schema), path)
+    return path
 
 
-def test_bad_json_names_file_and_line(tmp_path):
-    path = write_records(tmp_path, good_record(), '{"problem_id": "q2", ')
-    with pytest.raises(RecordError, match=r"train.jsonl line 2: invalid JSON"):
-        load_records(path)
+def write_lvr(folder, layout: str, rows=LVR_ROWS):
+    """The rows in one of the layouts the release is published in; returns what --data names."""
+    if layout == "jsonl":
+        (path := folder / "lvr.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif layout == "json":
+        (path := folder / "lvr.json").write_text(json.dumps(rows, indent=2))
+    elif layout == "folder":  # one indented JSON object per file
+        (path := folder / "lvr").mkdir()
+        for r in rows:
+            (path / f"{r['problem_id']}.json").write_text(json.dumps(r, indent=2))
+    else:  # a column holds one type: the one-element `videos` list as its string
+        path = write_parquet(folder / "lvr.parquet",
+                             [{**r, "videos": r["videos"] if isinstance(r["videos"], str) else r["videos"][0]}
+                              for r in rows])
+    return path
 
 
-def test_skip_bad_keeps_good_records_and_reports_each_bad_one(tmp_path, caplog):
-    path = write_records(tmp_path, good_record(), "not json", good_record(problem_id="q2", answer="Z"),
-                         good_record(problem_id="q3"))
-    records = load_records(path, skip_bad=True)
-    assert [r.problem_id for r in records] == ["q1", "q3"]
-    assert "skipped 2 of 4 records" in caplog.text and "line 2" in caplog.text and "line 3" in caplog.text
-    _, errors = load_records_report(path)
-    assert [(e.line, e.field) for e in errors] == [(2, None), (3, "answer")]
+def as_tuple(r: Record, video_dir) -> tuple:
+    return (r.problem_id, os.path.relpath(r.video, video_dir), r.problem, r.options, r.problem_type, r.answer,
+            r.labels)
 
 
-def test_data_root_overrides_the_files_folder(tmp_path):
-    path = write_records(tmp_path, good_record())
-    other = tmp_path / "elsewhere"
-    other.mkdir()
-    with pytest.raises(RecordError, match="video file not found"):
-        load_records(path, data_root=other)
+@pytest.mark.parametrize("layout", ["jsonl", "json", "folder", "parquet"])
+def test_longvideo_reason_is_read_in_every_published_layout(tmp_path, layout, capsys):
+    path = write_lvr(tmp_path, layout)
+    records = load_records(path, video_dir=tmp_path / "videos")
+    assert [as_tuple(r, tmp_path / "videos") for r in records] == LVR_EXPECTED
+    assert capsys.readouterr().err.endswith(f"{path}: 3 records, 0 skipped\n")
+
+
+@pytest.fixture
+def videomme(tmp_path):
+    """Video-MME as the Hub lays it out: videomme/test-00000-of-00001.parquet, data/<videoID>.mp4,
+    subtitle/<videoID>.srt (one of the two videos has none)."""
+    root = tmp_path / "Video-MME"
+    rows = []
+    for v, (video_id, duration) in enumerate([("fFjv93ACGo8", "short"), ("k0aYt2Hq9aA", "long")]):
+        for q in range(2):
+            rows.append({"video_id": f"00{v + 1}", "duration": duration, "domain": "Knowledge",
+                         "sub_category": "Humanity & History", "url": f"https://www.youtube.com/watch?v={video_id}",
+                         "videoID": video_id, "question_id": f"00{v + 1}-{q + 1}", "task_type": "Counting Problem",
+                         "question": f"Question {q} about video {v}?",
+                         "options": ["A. one", "B. two", "C. three", "D. four"], "answer": "ABCD"[v + 2 * q]})
+    write_parquet(root / "videomme" / "test-00000-of-00001.parquet", rows)
+    (root / "data").mkdir()
+    (root / "subtitle").mkdir()
+    (root / "subtitle" / "fFjv93ACGo8.srt").write_text("1\n00:00:00,000 --> 00:00:05,000\nHello there\n")
+    return root, rows
+
+
+def test_videomme_parquet_is_read_with_its_videos_and_subtitles(videomme):
+    root, rows = videomme
+    records = load_records(root / "videomme" / "test-00000-of-00001.parquet")
+    assert [r.problem_id for r in records] == ["001-1", "001-2", "002-1", "002-2"]
+    assert [r.answer for r in records] == ["A", "C", "B", "D"]
+    for r, row in zip(records, rows):
+        assert r.video == str(root / "data" / f"{row['videoID']}.mp4") and r.problem == row["question"]
+        assert r.options == ["one", "two", "three", "four"] and r.problem_type == "multiple_choice"
+        assert r.labels == {"duration": row["duration"], "domain": "Knowledge",
+                            "sub_category": "Humanity & History", "task_type": "Counting Problem"}
+    assert [r.subtitles for r in records] == [str(root / "subtitle" / "fFjv93ACGo8.srt")] * 2 + [None] * 2
+
+
+def lvr_jsonl(*rows) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+
+
+GOOD = dict(LVR_ROWS[0], problem_id=7)  # a good row with a new id
+# Hostile files: (file name, its bytes, problem_ids read, [(row, field, part of the message)])
+HOSTILE = {
+    "non-UTF-8": ("a.jsonl", lvr_jsonl(LVR_ROWS[0]) + json.dumps(LVR_ROWS[1]).encode().replace(b"she", b"sh\xff")
+                  + b"\n" + lvr_jsonl(LVR_ROWS[2]), ["0", "2"], [(2, None, "not UTF-8 text (byte 0xff)")]),
+    "truncated line": ("a.jsonl", lvr_jsonl(*LVR_ROWS)[:-30], ["0", "1"], [(3, None, "invalid JSON")]),
+    "truncated list": ("a.json", json.dumps(LVR_ROWS, indent=2).encode()[:-30], ["0", "1"],
+                       [(json.dumps(LVR_ROWS, indent=2).count("\n", 0, json.dumps(LVR_ROWS, indent=2).index(
+                           '"problem_id": 2')), None, "invalid JSON")]),
+    "empty file": ("a.jsonl", b"", [], [(None, None, "holds no records")]),
+    "option-less multiple choice": ("a.jsonl", lvr_jsonl(dict(GOOD, problem="Why does he stop?"), LVR_ROWS[1]),
+                                    ["1"], [(1, "problem", "no options, but problem_type is 'multiple choice'")]),
+    "answer outside the tags": ("a.jsonl", lvr_jsonl(dict(GOOD, answer="B <answer>C</answer>"), LVR_ROWS[1]),
+                                ["1"], [(1, "answer", "text outside one <answer>...</answer> pair")]),
+    "answer not an option": ("a.jsonl", lvr_jsonl(dict(GOOD, answer="<answer>E</answer>")), [],
+                             [(1, "answer", "'E' is not one of the 4 options (A-D)")]),
+    "../ path": ("a.jsonl", lvr_jsonl(LVR_ROWS[1], dict(GOOD, videos="clips/../../secret.mp4")), ["1"],
+                 [(2, "videos", "leads outside")]),
+    "absolute path": ("a.jsonl", lvr_jsonl(dict(GOOD, videos="/etc/secret.mp4")), [],
+                      [(1, "videos", "absolute path '/etc/secret.mp4'; pass --allow-absolute-paths")]),
+    "../ subtitles": ("a.jsonl", lvr_jsonl(dict(GOOD, subtitles="../x.srt")), [], [(1, "subtitles", "leads outside")]),
+    "duplicate id": ("a.jsonl", lvr_jsonl(LVR_ROWS[0], LVR_ROWS[0]), ["0"],
+                     [(2, "problem_id", "duplicate '0' (first on line 1)")]),
+    "not video": ("a.jsonl", lvr_jsonl(dict(GOOD, data_type="image")), [], [(1, "data_type", "only video")]),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_bad_rows_are_skipped_and_named_by_file_line_and_field(tmp_path, case, capsys):
+    name, content, good_ids, expected = HOSTILE[case]
+    (path := tmp_path / name).write_bytes(content)
+    records, errors = load_records_report(path)
+    assert [r.problem_id for r in records] == good_ids
+    assert [(e.line, e.field) for e in errors] == [(line, field) for line, field, _ in expected]
+    for e, (line, field, message) in zip(errors, expected):
+        where = f"{path} line {line}" if line is not None else str(path)
+        assert str(e).startswith(where + (f", field '{field}': " if field else ": ")) and message in str(e)
+    if good_ids:  # not fatal by default; --strict stops at the first
+        assert [r.problem_id for r in load_records(path)] == good_ids
+        assert f"{path}: {len(good_ids)} records, {len(errors)} skipped" in capsys.readouterr().err
+    else:
+        with pytest.raises(RecordError, match="no usable records"):
+            load_records(path)
+    with pytest.raises(RecordError) as first:
+        load_records(path, strict=True)
+    assert str(first.value) == str(errors[0])
+
+
+def test_absolute_paths_are_read_only_when_allowed(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(lvr_jsonl(dict(GOOD, videos="/data/clips/a.mp4")))
+    record, = load_records(path, allow_absolute_paths=True)
+    assert record.video == "/data/clips/a.mp4"
+
+
+def test_videomme_hostile_files(videomme, tmp_path):
+    root, rows = videomme
+    missing_column = write_parquet(tmp_path / "no_answer.parquet", [{k: v for k, v in r.items() if k != "answer"}
+                                                                     for r in rows])
+    records, errors = load_records_report(missing_column)
+    assert records == [] and [(e.line, e.field) for e in errors] == [(i, "answer") for i in range(4)]
+    assert str(errors[3]) == f"{missing_column} row 3, field 'answer': missing"
+    import pyarrow.parquet as pq
+    schema = pq.read_schema(root / "videomme" / "test-00000-of-00001.parquet")
+    empty = write_parquet(tmp_path / "empty.parquet", [], schema=schema)
+    assert [str(e) for e in load_records_report(empty)[1]] == [f"{empty}: holds no records"]
+    escape = write_parquet(tmp_path / "escape.parquet", [dict(rows[0], videoID="../../x")])
+    assert [(e.line, e.field) for e in load_records_report(escape)[1]] == [(0, "videoID")]
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 this is not a parquet file")
+    assert "cannot read the parquet file" in str(load_records_report(broken)[1][0])
+
+
+def test_other_string_fields_are_labels_and_numbers_are_checked(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(lvr_jsonl(dict(GOOD, duration="medium", duration_s=12.0),
+                               dict(GOOD, problem_id=8, problem_type="numerical", problem="How many?", answer=2.5),
+                               dict(GOOD, problem_id=9, problem_type="numerical", problem="How many?", answer="many"),
+                               dict(GOOD, problem_id=10, options=["A. red", "B. green"], problem="Which?",
+                                    answer="green")))
+    records, errors = load_records_report(path)
+    assert [(r.problem_id, r.answer, r.labels) for r in records] == [
+        ("7", "B", {"duration": "medium"}), ("8", "2.5", {}), ("10", "B", {})]
+    assert records[2].options == ["red", "green"] and records[1].problem_type == "numerical"
+    assert [(e.line, e.field) for e in errors] == [(3, "answer")] and "'many' is not a number" in str(errors[0])
 
 
 # ---- prompt ----
@@ -292,9 +400,9 @@ def test_subtitles_for_window_keeps_overlapping_cues_in_time_order():
 def test_srt_paths_are_resolved_on_load_and_read_when_used(tmp_path, capsys):
     (tmp_path / "subs").mkdir()
     (tmp_path / "subs" / "v.srt").write_text(SRT, encoding="utf-8")
-    path = write_records(tmp_path, good_record(problem_id="srt", subtitles="subs/v.srt"),
-                         good_record(problem_id="inline", subtitles="inline words"), good_record(problem_id="none"),
-                         good_record(problem_id="missing", subtitles="subs/missing.srt"))
+    (path := tmp_path / "train.jsonl").write_bytes(lvr_jsonl(
+        dict(GOOD, problem_id="srt", subtitles="subs/v.srt"), dict(GOOD, problem_id="inline", subtitles="inline words"),
+        dict(GOOD, problem_id="none"), dict(GOOD, problem_id="missing", subtitles="subs/missing.srt")))
     srt, inline, none, missing = load_records(path)  # a missing .srt is found when it is read, not here
     assert srt.subtitles == str(tmp_path / "subs" / "v.srt")
     assert subtitle_text(srt, np.array([2.0, 3.0, 4.0])) == "Hello there\nan overlapping cue"
@@ -303,7 +411,7 @@ def test_srt_paths_are_resolved_on_load_and_read_when_used(tmp_path, capsys):
     assert subtitle_text(none) is None
     with pytest.raises(VideoError, match="missing.srt"):
         subtitle_text(missing, np.array([0.0]))
-    assert data.main(["check", path]) == 1  # check looks for the files: the missing one is an error there
+    assert data.main(["check", str(path)]) == 1  # check looks for the files: the missing one is an error there
     assert "train.jsonl line 4, field 'subtitles': subtitle file not found" in capsys.readouterr().out
 
 
@@ -372,9 +480,34 @@ def test_synth_records_answers_and_videos_agree(synth_dir):
 def test_check_command(synth_dir, tmp_path, capsys):
     assert data.main(["check", str(synth_dir / "train.jsonl")]) == 0
     assert "5 good records, 0 bad" in capsys.readouterr().out
-    bad = write_records(tmp_path, good_record(), good_record(answer="E"))
-    assert data.main(["check", bad]) == 1
-    assert data.main(["check", bad, "--skip-bad"]) == 0
+    rows = [json.loads(line) for line in (synth_dir / "train.jsonl").read_text().splitlines()]
+    (bad := tmp_path / "bad.jsonl").write_bytes(lvr_jsonl(
+        *rows[:2], dict(rows[2], answer="<answer>E</answer>"), dict(rows[3], videos="videos/gone.mp4")))
+    (tmp_path / "videos").symlink_to(synth_dir / "videos")
+    assert data.main(["check", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert f"error: {bad} line 3, field 'answer': 'E' is not one of the 4 options" in out
+    assert f"unreadable         {tmp_path / 'videos' / 'gone.mp4'}: video file not found" in out
+    assert "3 good records, 1 bad" in out and "3 videos: 1 missing or unreadable (1 record)" in out
+    assert data.main(["check", str(bad), "--skip-bad"]) == 0
+
+
+def test_check_reads_videomme_as_downloaded(videomme, counting_video, capsys):
+    root, _ = videomme
+    shutil.copy(counting_video, root / "data" / "fFjv93ACGo8.mp4")  # k0aYt2Hq9aA could not be downloaded
+    assert data.main(["check", str(root / "videomme" / "test-00000-of-00001.parquet")]) == 1
+    out = capsys.readouterr().out
+    assert "4 good records, 0 bad" in out and "duration long: 2" in out and "task_type Counting Problem: 4" in out
+    assert "2 videos: 1 missing or unreadable (2 records)" in out
+
+
+def test_synth_writes_the_longvideo_reason_release_format(synth_dir):
+    for line in (synth_dir / "train.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        assert type(row["problem_id"]) is int and row["data_type"] == "video"
+        assert row["problem_type"] == "multiple choice" and re.fullmatch(r"<answer>[A-D]</answer>", row["answer"])
+        assert re.fullmatch(r"[^\n]+\?\nA\. \w+\nB\. \w+\nC\. \w+\nD\. \w+", row["problem"])
+        assert (synth_dir / row["videos"]).is_file() and "options" not in row
 
 
 def test_frames_command(counting_video, capsys):
@@ -392,3 +525,65 @@ def test_synth_open_answers_ask_the_same_questions_without_options(synth_dir, tm
         assert o.options == [] and o.answer == c.options[ord(c.answer) - ord("A")]
         assert o.problem_type == ("numerical" if o.labels["category"] == "count" else "free_form")
         assert o.answer in o.reasoning.rsplit(".", 2)[-2]  # the last sentence derives the answer
+
+
+# ---- videos found before a run; the training scripts on the release format ----
+
+def test_check_videos_open_finds_missing_and_broken_videos_and_caches_the_rest(counting_video, tmp_path,
+                                                                                monkeypatch):
+    shutil.copy(counting_video, good := tmp_path / "good.mp4")
+    (broken := tmp_path / "broken.mp4").write_bytes(b"\x00not a video" * 100)
+    paths, cache = [str(good), str(broken), str(tmp_path / "gone.mp4")], tmp_path / "check.json"
+    found = data.check_videos_open(paths, cache)
+    assert found[str(good)] is None and found[paths[2]] == f"{paths[2]}: video file not found"
+    assert found[str(broken)].startswith(f"{broken}: cannot decode video")
+    data.save_video_check(cache, found)
+    opened = []
+    monkeypatch.setattr(data, "_open_problem", lambda path: opened.append(path))
+    assert data.check_videos_open(paths, cache) == found and opened == []  # a restart opens nothing again
+    broken.write_bytes(b"\x00not a video, changed" * 100)
+    assert data.check_videos_open(paths, cache)[str(broken)] is None and opened == [str(broken)]
+
+
+@pytest.fixture(scope="module")
+def release_parquet(synth_dir, tmp_path_factory):
+    """The synthetic training set as a LongVideo-Reason parquet file, its videos named "<name>.mp4" in a
+    folder of their own; one more row whose video could not be downloaded, and a bad row."""
+    rows = [json.loads(line) for line in (synth_dir / "train.jsonl").read_text().splitlines()]
+    rows = [dict(r, videos=os.path.basename(r["videos"])) for r in rows]
+    rows += [dict(rows[0], problem_id=100, videos="gone.mp4"), dict(rows[1], problem_id=101, answer="<answer>E</answer>")]
+    return write_parquet(tmp_path_factory.mktemp("lvr") / "train.parquet", rows), synth_dir / "videos"
+
+
+def test_sft_and_rl_train_on_the_release_skipping_bad_rows_and_missing_videos(release_parquet, tiny_checkpoint,
+                                                                              tmp_path, capsys):
+    import rl
+    import sft
+    path, videos = release_parquet
+    common = ["--init", str(tiny_checkpoint), "--data", str(path), "--video-dir", str(videos), "--steps", "1",
+              "--num-frames", "4", "--save-every", "0"]
+    sft.main(common + ["--out", str(tmp_path / "sft"), "--batch-size", "5"])
+    err = capsys.readouterr().err
+    assert f"skipped: {path} row 6, field 'answer': 'E' is not one of the 4 options" in err
+    assert f"{path}: 6 records, 1 skipped" in err
+    assert f"{path}: 5 records with a readable video; skipped 1 whose video is missing, 0 whose video cannot" in err
+    assert len((tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert data.video_check_file(path).is_file()
+    rl.main(common + ["--out", str(tmp_path / "rl"), "--batch-size", "2", "--group-size", "2",
+                      "--max-new-tokens", "4", "--kl-coef", "0", "--engine", "torch"])
+    assert len((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_run_with_fewer_usable_records_than_a_batch_stops_saying_what_was_lost(release_parquet):
+    import argparse
+    import mrsp
+    import train
+    path, videos = release_parquet
+    args = argparse.Namespace(data=str(path), video_dir=str(videos), subtitle_dir=None, allow_absolute_paths=False,
+                              strict=False, batch_size=5)
+    assert [r.problem_id for r in train.load_training_records(args, mrsp.ParallelState())] == ["0", "1", "2", "3", "4"]
+    with pytest.raises(RecordError, match=r"5 usable records, fewer than one batch \(6 on each of 1 data-parallel "
+                                          r"ranks\): 1 bad rows, 1 records whose video is missing, 0 whose"):
+        train.load_training_records(argparse.Namespace(**{**vars(args), "batch_size": 6}), mrsp.ParallelState())
+    with pytest.raises(RecordError, match="row 6, field 'answer'"):
+        train.load_training_records(argparse.Namespace(**{**vars(args), "strict": True}), mrsp.ParallelState())

@@ -287,16 +287,16 @@ def test_check_decode_reports_every_video(videos, tmp_path, capsys):
              for i, video in enumerate([videos["h264"], tmp_path / "av1.mp4", tmp_path / "cut.mp4", videos["h264"]])]
     records = tmp_path / "records.jsonl"
     records.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    assert data.main(["check", str(records)]) == 0  # without --decode the videos are only found, not read
-    capsys.readouterr()
-    assert data.main(["check", str(records), "--decode", "--workers", "2"]) == 1
+    assert data.main(["check", str(records), "--allow-absolute-paths"]) == 1  # each video opened, its index read
+    assert f"unreadable         {tmp_path / 'cut.mp4'}: the file is cut short" in capsys.readouterr().out
+    assert data.main(["check", str(records), "--allow-absolute-paths", "--decode", "--workers", "2"]) == 1
     out = capsys.readouterr().out
     assert f"readable   decord  {videos['h264']}\n" in out
     assert f"readable   pyav    {tmp_path / 'av1.mp4'}  (decord: ERROR cannot find video stream" in out
     assert f"unreadable         {tmp_path / 'cut.mp4'}: the file is cut short" in out
     assert "3 videos: 1 read with decord, 1 with PyAV, 1 unreadable (1 record)" in out
     records.write_text("".join(json.dumps(line) + "\n" for line in lines[:2]))
-    assert data.main(["check", str(records), "--decode", "--fps", "1"]) == 0
+    assert data.main(["check", str(records), "--allow-absolute-paths", "--decode", "--fps", "1"]) == 0
 
 
 # ---- the eval report counts the readers ----
@@ -314,7 +314,7 @@ def test_eval_report_counts_videos_by_reader(tiny_model, videos, tmp_path):
               "problem_type": "multiple_choice", "answer": "A"}
              for i, video in enumerate([videos["h264"], videos["av1"], videos["av1"]])]
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    records = data.load_records(tmp_path / "eval.jsonl")
+    records = data.load_records(tmp_path / "eval.jsonl", allow_absolute_paths=True)
     report = evaluation.evaluate(tiny_model, ScriptedEngine(), records, FrameSampling(num_frames=4), tmp_path / "out")
     assert report["decoders"] == {"decord": 1, "pyav": 1}  # distinct videos, not questions
 

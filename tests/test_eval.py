@@ -1,4 +1,4 @@
-"""Tests for eval.py: answer extraction, scoring, converters, the report and resume.
+"""Tests for eval.py: answer extraction, scoring, the report and resume, the public sets read directly.
 
 The report tests run the real evaluate() on real mp4 files and the tiny VideoLM, with a scripted engine
 (a plain object with generate()) that answers with chosen texts, so the expected accuracy is known
@@ -11,10 +11,11 @@ import pytest
 
 import data
 import eval as evaluation
-from data import FrameSampling, Record, load_records, load_records_report, write_mp4
+from data import FrameSampling, Record, load_records_report, write_mp4
 from eval import (build_report, extract_answer, extract_choice, is_well_formed, parse_number, read_predictions,
-                  score_answer, split_options)
+                  score_answer)
 from rollout import Sample
+from test_data import videomme  # noqa: F401  (a fixture: Video-MME as the Hub lays it out)
 
 OPTIONS = ["red", "blue", "green", "cyan"]
 
@@ -108,61 +109,6 @@ def test_score_answer_numerical_and_free_form():
     assert score_answer(free, "<answer>  A RED   ball. </answer>") == (True, "a red ball")
     assert score_answer(free, "<answer>a blue ball</answer>") == (False, "a blue ball")
     assert score_answer(record(), "<answer>B</answer>") == (True, "B")
-
-
-# ---- converters ----
-
-def test_convert_videomme_flat_and_nested(tmp_path):
-    for name in ("videos/fFjv93ACGo8.mp4", "videos/zzz.mp4", "subtitles/fFjv93ACGo8.srt"):
-        (tmp_path / name).parent.mkdir(exist_ok=True)
-        (tmp_path / name).write_text("x")
-    flat = {"video_id": "001", "videoID": "fFjv93ACGo8", "question_id": "001-1", "duration": "short",
-            "domain": "Knowledge", "sub_category": "Humanity & History", "task_type": "Counting Problem",
-            "question": "How many red cars?", "options": ["A. 1", "B. 2", "C. 3", "D. 4"], "answer": "C"}
-    nested = {"video_id": "002", "videoID": "zzz", "duration": "long", "domain": "Sports",
-              "sub_category": "Football", "questions": [
-                  {"question_id": "002-1", "task_type": "Action Reasoning", "question": "Who scores?",
-                   "options": ["A. The keeper", "B. The striker", "C. Nobody", "D. The referee"], "answer": "B"}]}
-    (tmp_path / "videomme.json").write_text(json.dumps([flat, nested]))
-    out = tmp_path / "converted" / "videomme.jsonl"
-    assert evaluation.main(["convert-videomme", "--annotations", str(tmp_path / "videomme.json"),
-                            "--videos", str(tmp_path / "videos"), "--subtitles", str(tmp_path / "subtitles"),
-                            "--out", str(out)]) == 0
-    first, second = load_records(out)  # paths are relative to the record file's folder
-    assert (first.problem_id, first.options, first.answer) == ("001-1", ["1", "2", "3", "4"], "C")
-    assert first.video == str(tmp_path / "videos" / "fFjv93ACGo8.mp4")
-    assert first.subtitles == str(tmp_path / "subtitles" / "fFjv93ACGo8.srt")  # made absolute on load
-    assert first.labels == {"duration": "short", "domain": "Knowledge", "sub_category": "Humanity & History",
-                            "task_type": "Counting Problem"}
-    assert (second.problem_id, second.answer, second.subtitles) == ("002-1", "B", None)
-    assert second.options[1] == "The striker" and second.labels["duration"] == "long"
-
-
-def test_convert_longvideo_reason(tmp_path):
-    (tmp_path / "videos").mkdir()
-    (tmp_path / "videos" / "sports_1.mp4").write_text("x")
-    rows = [
-        {"problem_id": 1, "data_type": "video", "videos": ["sports_1.mp4"], "problem_type": "multiple choice",
-         "problem": "Why does the team change its formation?\nOptions:\nA. Injury\nB) To defend a lead\n"
-                    "(C) The weather\nD. A red card\n", "reasoning": "They lead 2-0 late on.",
-         "answer": "<answer>B</answer>", "reasoning_type": "Goal"},
-        {"problem_id": 2, "data_type": "video", "videos": "sports_1.mp4", "problem_type": "multiple choice",
-         "problem": "What happens first?\nA. A goal\nB. A foul", "reasoning": "", "answer": "<answer>A</answer>",
-         "type": "temporal"},
-    ]
-    (tmp_path / "lvr.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = tmp_path / "lvr_eval.jsonl"
-    evaluation.main(["convert-longvideo-reason", "--annotations", str(tmp_path / "lvr.jsonl"),
-                     "--videos", str(tmp_path / "videos"), "--out", str(out)])
-    first, second = load_records(out)
-    assert first.problem == "Why does the team change its formation?"
-    assert first.options == ["Injury", "To defend a lead", "The weather", "A red card"]
-    assert (first.problem_id, first.answer, first.reasoning) == ("1", "B", "They lead 2-0 late on.")
-    assert first.labels == {"category": "goal"} and second.labels == {"category": "temporal"}
-    assert second.options == ["A goal", "A foul"]
-    assert split_options("No options here") == ("No options here", [])
-    with pytest.raises(ValueError, match="row 0 .*option"):
-        evaluation.convert_longvideo_reason([{**rows[0], "problem": "Why?"}], "videos")
 
 
 # ---- evaluate(): report, errors, resume ----
@@ -325,3 +271,29 @@ def test_help_lists_every_flag_with_its_default(capsys):
                  "--batch-size", "--engine", "--strict", "--max-model-len"):
         assert flag in text
     assert "(default: torch)" in text and "(default: 0.0)" in text
+
+
+# ---- the public sets, read as they are downloaded ----
+
+def test_cli_reads_videomme_as_downloaded(tiny_checkpoint, videomme, tmp_path, capsys):
+    root, rows = videomme  # videomme/test-00000-of-00001.parquet, subtitle/fFjv93ACGo8.srt
+    write_mp4(root / "data" / "fFjv93ACGo8.mp4", np.zeros((8, 32, 32, 3), dtype=np.uint8), fps=4.0)
+    out = tmp_path / "report"  # k0aYt2Hq9aA's video is missing: its two questions are errors
+    assert evaluation.main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--subtitles",
+                            "--data", str(root / "videomme" / "test-00000-of-00001.parquet"), "--num-frames", "4",
+                            "--max-new-tokens", "4", "--engine", "torch"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (report["n"], report["n_answered"], report["errors"]["count"]) == (4, 2, 2)
+    assert [e["problem_id"] for e in report["errors"]["items"]] == ["002-1", "002-2"]
+    assert all(str(root / "data" / "k0aYt2Hq9aA.mp4") in e["reason"] for e in report["errors"]["items"])
+    assert {v: b["n"] for v, b in report["by_duration"].items()} == {"short": 2, "long": 2}
+    assert "test-00000-of-00001.parquet: 4 records, 0 skipped" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"", json.dumps({"problem_id": 1, "videos": "gone.mp4", "problem": "Why?",
+                                                       "problem_type": "general", "answer": "x"}).encode()])
+def test_cli_fails_when_no_question_could_be_asked(tiny_checkpoint, tmp_path, capsys, content):
+    (path := tmp_path / "lvr.jsonl").write_bytes(content)
+    assert evaluation.main(["--checkpoint", str(tiny_checkpoint), "--data", str(path), "--out", str(tmp_path / "o"),
+                            "--num-frames", "4", "--engine", "torch"]) == 1
+    assert f"error: no question of {path} could be asked" in capsys.readouterr().err

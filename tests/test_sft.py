@@ -52,14 +52,16 @@ def test_sp2_sft_with_trainable_vision_and_checkpointing_equals_one_process(easy
     assert two == pytest.approx(one, rel=1e-4)
 
 
-def test_sft_run_goes_on_past_a_corrupt_video(easy_task, tmp_path):
+def test_sft_run_skips_a_corrupt_video_found_before_training(easy_task, tmp_path, capsys):
     rows = [json.loads(line) for line in Path(easy_task["data"]).read_text().splitlines()]
-    (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
-    bad = {**rows[0], "problem_id": "broken", "videos": str(tmp_path / "broken.mp4")}
-    with_bad = Path(easy_task["data"]).with_name(f"with_bad_{tmp_path.name}.jsonl")  # beside the videos
+    name = f"broken_{tmp_path.name}.mp4"  # beside the record file: its folder is the video folder
+    (Path(easy_task["data"]).parent / name).write_bytes(b"not a video at all")
+    bad = {**rows[0], "problem_id": "broken", "videos": name}
+    with_bad = Path(easy_task["data"]).with_name(f"with_bad_{tmp_path.name}.jsonl")
     with_bad.write_text("".join(json.dumps(r) + "\n" for r in [bad, *rows]))
     sft.main(["--init", str(easy_task["root"] / "init"), "--data", str(with_bad),
-              "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", str(len(rows) + 1),
+              "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", str(len(rows)),
               "--num-frames", "4", "--save-every", "0"])
     row, = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert row["skipped_records"] == 1 and (tmp_path / "run" / "final" / "config.json").exists()
+    assert row["skipped_records"] == 0 and (tmp_path / "run" / "final" / "config.json").exists()
+    assert f"skipped 0 whose video is missing, 1 whose video cannot be read" in capsys.readouterr().err

@@ -130,9 +130,9 @@ def cmd_memory(args):
 WIDE_7B = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4)
 
 
-def _wide_videolm(layers: int, vocab_size: int, seed: int) -> M.VideoLM:
+def _wide_videolm(layers: int, vocab_size: int, seed: int, dtype=torch.bfloat16) -> M.VideoLM:
     """A VideoLM whose LLM has the 7B's width (hidden 3584, 28 query / 4 KV heads, MLP 18944, untied head)
-    and `layers` decoder layers, in bf16; a small SigLIP at 448 px with patch 14 gives the 7B's 256 tokens
+    and `layers` decoder layers, its LLM in `dtype`, its vision parts in bf16; a small SigLIP at 448 px with patch 14 gives the 7B's 256 tokens
     per frame. Random weights: memory does not depend on their values."""
     from transformers import AutoModelForCausalLM, Qwen2Config, SiglipVisionConfig, SiglipVisionModel
     torch.manual_seed(seed)
@@ -141,7 +141,7 @@ def _wide_videolm(layers: int, vocab_size: int, seed: int) -> M.VideoLM:
                                                   num_hidden_layers=1, num_attention_heads=2, vision_use_head=False))
     llm_config = Qwen2Config(vocab_size=vocab_size, num_hidden_layers=layers, tie_word_embeddings=False,
                              max_position_embeddings=32768, **WIDE_7B)
-    llm = AutoModelForCausalLM.from_config(llm_config, attn_implementation="sdpa", dtype=torch.bfloat16)
+    llm = AutoModelForCausalLM.from_config(llm_config, attn_implementation="sdpa", dtype=dtype)
     config = M.VideoLMConfig(448, 14, 64, WIDE_7B["hidden_size"])
     projector = M.MultimodalProjector(config.projector, config.vision_hidden, config.llm_hidden)
     return M.VideoLM(config, vision.to(torch.bfloat16), projector.to(torch.bfloat16), llm, tokenizer)
@@ -169,20 +169,24 @@ def _grpo_memory_rank(rank: int, world_size: int, settings: dict, video: str, po
     ps = mrsp.init_distributed(sp_size=world_size)
     start = time.perf_counter()
     # ---- policy, reference, optimizer, cache: as rl.py's set-up makes them (load_policy, load_reference) ----
-    policy = _wide_videolm(settings["layers"], settings["vocab_size"], seed=0).to(ps.device)
-    policy.freeze_vision()
+    # fp32 master weights computing in bf16 (FSDP2 mixed precision; autocast in one process), the frozen
+    # vision parts stored in bf16
+    policy = _wide_videolm(settings["layers"], settings["vocab_size"], seed=0, dtype=torch.float32).to(ps.device)
+    policy.freeze_vision(dtype=torch.bfloat16)
     policy.llm.train()
     rl.enable_attention(policy, ps, shared_prefix=True)
-    train.shard_model(policy, ps)
-    # the reference: the initial LLM alone (it shares the policy's frozen vision parts), frozen, sharded
-    initial = _wide_videolm(settings["layers"], settings["vocab_size"], seed=0)
+    train.shard_model(policy, ps, bf16=True)
+    # the reference: the initial LLM alone (it shares the policy's frozen vision parts), frozen, sharded,
+    # computing as the policy does (rl.load_reference): bf16 with an fp32 LM head under FSDP, fp32 in one process
+    initial = _wide_videolm(settings["layers"], settings["vocab_size"], seed=0, dtype=train.compute_dtype(ps, True))
+    initial.llm.get_output_embeddings().float()
     reference = M.VideoLM(policy.config, policy.vision_tower, policy.mm_projector, initial.llm.to(ps.device),
                           policy.tokenizer)
     del initial
     reference.llm.requires_grad_(False)
     reference.llm.eval()
     rl.enable_attention(reference, ps, shared_prefix=True)
-    train.shard_model(reference, ps)
+    train.shard_model(reference, ps, bf16=True)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=1e-2)
     cache = mrsp.VideoEmbeddingCache(policy, sp_group=ps.sp_group, dtype=torch.bfloat16)
@@ -226,7 +230,8 @@ def _grpo_memory_rank(rank: int, world_size: int, settings: dict, video: str, po
     results.put(dict(rank=rank, positions=len(prompt) + G * settings["response_len"],
                      params=_local_bytes(policy.parameters()), grads=grad_bytes, optimizer=optim_bytes,
                      reference=_local_bytes([*reference.llm.parameters(), *reference.llm.buffers()]),
-                     cache=cache.bytes, peak_rss=peak_rss, cuda_peak=cuda_peak, seconds=seconds))
+                     cache=cache.bytes, peak_rss=peak_rss, cuda_peak=cuda_peak, seconds=seconds,
+                     structure=train.fsdp_structure(policy)))
     train.shutdown(ps)
 
 
@@ -249,8 +254,16 @@ def cmd_grpo_memory(args):
           f"One GRPO update (encode through the cache, old + reference log-probs, loss, backward, clip, AdamW) "
           f"of one group of {args.group_size} responses x {args.response_len} tokens on a {args.frames}-frame video "
           f"(packed with its prompt once: {rows[0]['positions']:,} positions); LLM of the 7B's width with {args.layers} layer(s), "
-          f"vocabulary {args.vocab_size:,}, bf16 weights and autocast; all ranks one SP group, policy FSDP2-sharded. "
-          f"MiB per rank:\n")
+          f"vocabulary {args.vocab_size:,}; --bf16: fp32 master weights computing in bf16 (FSDP2 mixed precision, "
+          f"autocast in one process), fp32 LM head; all ranks one SP group, policy FSDP2-sharded. MiB per rank:\n")
+    for r in rows:
+        if r["structure"] and r["rank"] == 0:
+            print(f"FSDP units of the policy with {r['ranks']} ranks (train.fsdp_structure):\n")
+            print("| unit | root | frees after forward | computes in | parameters |\n|---|---|---|---|---:|")
+            for u in r["structure"]:
+                print(f"| {u['unit']} | {'yes' if u['root'] else ''} | {'yes' if u['reshard_after_forward'] else ''} "
+                      f"| {u['compute_dtype']} | {u['params']:,} |")
+            print()
     print("| ranks | rank | params | grads | optimizer state | params + grads + optimizer | reference | cache "
           "| peak RSS | CUDA peak | seconds |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

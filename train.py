@@ -72,8 +72,8 @@ def shard_model(model: M.VideoLM, ps: mrsp.ParallelState, bf16: bool = False):
     if model.llm.get_output_embeddings().weight is model.llm.get_input_embeddings().weight:
         # Sharded as two units, the one tied weight would become two parameters and silently untie.
         raise errors.UsageError("this LLM ties its input and output embeddings (tie_word_embeddings=True, e.g. "
-                         "Qwen2-0.5B/1.5B), which FSDP2 cannot shard here; train it in one process, or make a "
-                         "checkpoint with its own LM head: python model.py init --untie-embeddings ...")
+                                "Qwen2-0.5B/1.5B), which FSDP2 cannot shard here; train it in one process, or make "
+                                "a checkpoint with its own LM head: python model.py init --untie-embeddings ...")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(ps.device.type, (ps.world_size,))  # shard over every rank, dp and sp alike

@@ -97,6 +97,9 @@ def test_memory_grpo_step_reports_each_ranks_share():
     for col in (3, 4):  # grads, optimizer state: each rank holds half (+ rounding to whole MiB)
         assert mib(half[col]) <= mib(one[col]) / 2 + 1 and mib(one[col]) > 4
     assert mib(one[7]) > 0  # the video's embeddings are held by the cache
+    _, *units = table_rows(out, "| unit")  # the 2-rank policy's FSDP units: one root for the decoder's layers
+    assert {u[0] for u in units if u[1] == "yes"} == {"llm.model", "llm.lm_head"}
+    assert {u[0]: u[3] for u in units if u[3] != "bfloat16"} == {"llm.lm_head": "float32"}
 
 
 def test_memory_refuses_sequences_shorter_than_the_scored_tokens():

@@ -51,6 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import errors

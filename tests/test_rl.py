@@ -224,6 +224,23 @@ def test_killed_run_resumes_to_the_same_metrics(easy_task, tmp_path):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
 
 
+def test_a_resume_with_other_settings_is_refused_naming_the_setting(easy_task, tmp_path):
+    """A run with a checkpoint, resumed with more steps (RL's learning rate has no schedule: allowed), but
+    another engine or SP size: refused before anything loads, the setting named, the folder untouched."""
+    run = ["--init", str(easy_task["init"]), "--data", str(easy_task["data"]), "--out", str(tmp_path),
+           "--save-every", "1", *RL_ARGS, "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "16"]
+    rl.main(run + ["--steps", "2"])
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    more = run + ["--steps", "3", "--resume"]
+    with pytest.raises(ValueError, match=r"other settings \(engine: 'torch' -> 'vllm'\)"):
+        rl.main(more + ["--engine", "vllm"])
+    with pytest.raises(ValueError, match=r"other settings \(sp_size: 1 -> 2\)"):
+        rl.main(more + ["--sp-size", "2"])
+    with pytest.raises(ValueError, match=r"other settings \(group_size: 2 -> 3, lr: 0.001 -> 0.002\)"):
+        rl.main(more + ["--group-size", "3", "--lr", "2e-3"])  # all named, in the order the run wrote them
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def assert_same_adamw_updates(one: dict, two: dict):
     """Two runs' weights after the same AdamW steps (lr 1e-3) from equal gradients, computed two ways.
     AdamW's early steps are about lr * g / (|g| + eps) per weight: equal gradients give equal updates. Where

@@ -167,9 +167,9 @@ def test_checkpoint_optimizer_state_is_written_in_per_rank_shards_and_resumes(ti
     for rank in ranks:
         assert 0.45 < rank["shard_bytes"] / rank["adamw_bytes"] < 0.55, rank
         assert rank["resumed"] == rank["whole"]
-    assert ranks[0]["files"] == ["config.json", "llm", "mm_projector", "optimizer", "trainer_state.pt", "vision_tower"]
+    assert ranks[0]["files"] == ["config.json", "llm", "mm_projector", "optimizer", "trainer_state.json", "vision_tower"]
     assert train.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
-    assert (tmp_path / "checkpoint-1" / "trainer_state.pt").stat().st_size < 0.01 * ranks[0]["adamw_bytes"]
+    assert (tmp_path / "checkpoint-1" / "trainer_state.json").stat().st_size < 0.01 * ranks[0]["adamw_bytes"]
 
 
 # ---- weight sync: streamed, one full tensor at a time, in the engine's dtype ----

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
 import data
@@ -300,16 +302,13 @@ def save_checkpoint(out_dir, step: int, model, optimizer, ps: mrsp.ParallelState
     """OUT/checkpoint-STEP (collective: all ranks call):
 
         config.json, llm/, vision_tower/, mm_projector/   the model in the release layout (full weights, rank 0)
-        optimizer/            the optimizer state in shards: each rank writes the part it holds
-                              (torch.distributed.checkpoint: __RANK_0.distcp files and a .metadata index)
+        optimizer/rank-R.safetensors   the optimizer state in shards: each rank writes the part it holds
         trainer_state.json    step, the RNG state of every rank (`rng_state`), `extra` (JSON values)
 
     Under FSDP no rank ever holds the whole optimizer state (AdamW's is twice the fp32 model: ~56 GB at
-    7B). Everything is written into a temporary folder, renamed once every rank has finished: a killed
-    run leaves no half checkpoint behind.
+    7B). Nothing is pickled: a resume runs no code from the folder. Everything is written into a
+    temporary folder, renamed once every rank has finished: a killed run leaves no half checkpoint.
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     weights = full_state_dict(model, ps)
     rngs = [rng_state()]
     if ps.world_size > 1:
@@ -317,7 +316,7 @@ def save_checkpoint(out_dir, step: int, model, optimizer, ps: mrsp.ParallelState
         dist.all_gather_object(rngs, rng_state())
     with M.atomic_directory(Path(out_dir) / f"checkpoint-{step}") if ps.rank == 0 else nullcontext() as tmp:
         tmp = Path(broadcast_from_rank0(str(tmp) if ps.rank == 0 else None, ps))
-        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp / "optimizer")
+        save_optimizer(tmp / "optimizer", model, optimizer, ps)
         if ps.rank == 0:
             model.write(tmp, weights)
             state = {"step": step, "world_size": ps.world_size, "extra": extra or {}, "rng": rngs}
@@ -337,16 +336,43 @@ def broadcast_from_rank0(value, ps: mrsp.ParallelState):
     return box[0]
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of a (possibly FSDP-sharded) tensor that this rank holds."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def save_optimizer(folder: Path, model, optimizer, ps: mrsp.ParallelState) -> None:
+    """This rank's part of the optimizer state as folder/rank-R.safetensors: every tensor of the state
+    (AdamW: exp_avg, exp_avg_sq, step of each parameter) as "PARAMETER/NAME", the shard this rank holds
+    under FSDP; the param groups (lr, betas, ...) as JSON in the file's metadata."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    optim = get_optimizer_state_dict(model, optimizer)
+    tensors = {f"{param}/{name}": _local(value).detach().contiguous()
+               for param, state in optim["state"].items() for name, value in state.items()}
+    folder.mkdir(exist_ok=True)
+    save_file(tensors, folder / f"rank-{ps.rank}.safetensors",
+              metadata={"param_groups": json.dumps(optim["param_groups"])})
+
+
+def load_optimizer(folder: Path, model, optimizer, ps: mrsp.ParallelState) -> None:
+    """Read back what `save_optimizer` wrote on this rank (same number of processes: the shards are
+    per rank). Collective under FSDP."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    optim = get_optimizer_state_dict(model, optimizer)  # the layout to read into: this rank's shards
+    with safe_open(folder / f"rank-{ps.rank}.safetensors", framework="pt") as f:
+        for param, state in optim["state"].items():
+            for name, value in state.items():
+                _local(value).copy_(f.get_tensor(f"{param}/{name}"))
+        optim["param_groups"] = json.loads(f.metadata()["param_groups"])
+    set_optimizer_state_dict(model, optimizer, optim)
+
+
 def load_trainer_state(path, model, optimizer, ps) -> dict:
     """Restore the optimizer (each rank reads back the shards it holds) and this rank's RNG from
-    checkpoint `path`; returns its trainer_state.json (step, world_size, extra, rng): JSON, nothing
-    in it is unpickled. Collective under FSDP."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    checkpoint `path`; returns its trainer_state.json (step, world_size, extra, rng). Nothing is
+    unpickled: tensors come from safetensors, the rest from JSON. Collective under FSDP."""
     state = json.loads((Path(path) / TRAINER_STATE).read_text())
-    optim = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the layout to read into
-    dcp.load(optim, checkpoint_id=Path(path) / "optimizer")
-    set_optimizer_state_dict(model, optimizer, optim["optimizer"])
+    load_optimizer(Path(path) / "optimizer", model, optimizer, ps)
     set_rng_state(state["rng"][ps.rank])
     return state
 

@@ -155,7 +155,7 @@ def checkpoint_job(checkpoint: str, out: str) -> dict:
     model, optimizer = start(Path(out) / "checkpoint-1")
     assert train.load_trainer_state(Path(out) / "checkpoint-1", model, optimizer, ps)["step"] == 1
     resumed = [step(model, optimizer, seed) for seed in (1, 2)]
-    shard = Path(out) / "checkpoint-1" / "optimizer" / f"__{ps.rank}_0.distcp"
+    shard = Path(out) / "checkpoint-1" / "optimizer" / f"rank-{ps.rank}.safetensors"
     return {"whole": whole, "resumed": resumed, "shard_bytes": shard.stat().st_size,
             "adamw_bytes": sum(2 * 4 * p.numel() for p in model.llm.parameters()),  # exp_avg, exp_avg_sq in fp32
             "files": sorted(f.name for f in (Path(out) / "checkpoint-1").iterdir())}

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import data
 import eval as evaluation
+import model as M
 import rl
 import rollout
 import train
@@ -232,10 +233,10 @@ def test_a_resume_with_other_settings_is_refused_naming_the_setting(easy_task, t
     rl.main(run + ["--steps", "2"])
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     more = run + ["--steps", "3", "--resume"]
-    with pytest.raises(ValueError, match=r"other settings \(engine: 'torch' -> 'vllm'\)"):
-        rl.main(more + ["--engine", "vllm"])
     with pytest.raises(ValueError, match=r"other settings \(sp_size: 1 -> 2\)"):
         rl.main(more + ["--sp-size", "2"])
+    with pytest.raises(ValueError, match=r"other settings \(engine: 'torch' -> 'vllm'\)"):
+        rl.main(more + ["--engine", "vllm"])
     with pytest.raises(ValueError, match=r"other settings \(group_size: 2 -> 3, lr: 0.001 -> 0.002\)"):
         rl.main(more + ["--group-size", "3", "--lr", "2e-3"])  # all named, in the order the run wrote them
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
@@ -305,6 +306,41 @@ def test_torchrun_sp2_with_the_vllm_engine(easy_task, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert r["logprob_gap_max"] < 0.011, r
+
+
+def test_ctrl_c_ends_both_ranks_within_seconds_and_leaves_only_complete_checkpoints(easy_task, tmp_path):
+    """Ctrl-C sends SIGINT to every process of the job. The two ranks are started as torchrun starts them
+    (its environment), so that each one's own exit status shows; SIGINT reaches both while they step and
+    checkpoint every step. Both end within seconds, by SIGINT (a shell's 130), and every checkpoint
+    folder left is complete: one interrupted mid-write is never renamed into place."""
+    from dist import free_port
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WORLD_SIZE": "2"}
+    out = tmp_path / "run"
+    cmd = [sys.executable, "rl.py", "--init", str(easy_task["init"]), "--data", str(easy_task["data"]),
+           "--out", str(out), "--steps", "100", "--save-every", "1", "--sp-size", "2", *RL_ARGS,
+           "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "16", "--kl-coef", "0"]
+    logs = [open(tmp_path / f"rank{rank}.log", "w") for rank in (0, 1)]
+    ranks = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                              stdout=log, stderr=log) for rank, log in enumerate(logs)]
+    try:
+        deadline = time.monotonic() + 240
+        while train.latest_checkpoint(out) is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert train.latest_checkpoint(out) is not None, (tmp_path / "rank0.log").read_text()[-3000:]
+        for proc in ranks:
+            proc.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        codes = [proc.wait(timeout=60) for proc in ranks]
+        seconds = time.monotonic() - interrupted
+    finally:
+        for proc in ranks:
+            proc.kill()  # no-op for an ended process; never leave a rank stepping after a failed test
+    assert codes == [-signal.SIGINT] * 2, [(tmp_path / f"rank{r}.log").read_text()[-2000:] for r in (0, 1)]
+    assert seconds < 20, seconds
+    assert not list(out.glob("*.tmp-*")) and not list(out.glob("*.old-*"))
+    for checkpoint in out.glob("checkpoint-*"):
+        assert M.is_complete_checkpoint(checkpoint) and (checkpoint / train.TRAINER_STATE).exists(), checkpoint
 
 
 def test_two_mini_batches_make_the_ratio_clip_bite(easy_task, tmp_path):

@@ -1,5 +1,6 @@
-"""The training plumbing both stages share (train.py): the schedule, the data split over ranks, and the
-prompts of a batch (cached video, .srt cues, unreadable videos replaced, SP ranks agreeing)."""
+"""The training plumbing both stages share (train.py): the schedule, the data split over ranks, the
+prompts of a batch (cached video, .srt cues, unreadable videos replaced, SP ranks agreeing), and the run
+folder (one run per --out, what --resume checks, the trainer state as JSON)."""
 import json
 from pathlib import Path
 

@@ -308,21 +308,24 @@ def test_torchrun_sp2_with_the_vllm_engine(easy_task, tmp_path):
         assert r["logprob_gap_max"] < 0.011, r
 
 
-def test_ctrl_c_ends_both_ranks_within_seconds_and_leaves_only_complete_checkpoints(easy_task, tmp_path):
+def test_ctrl_c_ends_both_ranks_within_seconds_and_leaves_only_complete_checkpoints(tiny_checkpoint, tmp_path):
     """Ctrl-C sends SIGINT to every process of the job. The two ranks are started as torchrun starts them
     (its environment), so that each one's own exit status shows; SIGINT reaches both while they step and
     checkpoint every step. Both end within seconds, by SIGINT (a shell's 130), and every checkpoint
     folder left is complete: one interrupted mid-write is never renamed into place."""
     from dist import free_port
+    data.main(["synth", "--out", str(tmp_path / "data"), "--n", "4", "--seed", "0", "--test-frac", "0"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "WORLD_SIZE": "2"}
     out = tmp_path / "run"
-    cmd = [sys.executable, "rl.py", "--init", str(easy_task["init"]), "--data", str(easy_task["data"]),
-           "--out", str(out), "--steps", "100", "--save-every", "1", "--sp-size", "2", *RL_ARGS,
+    cmd = [sys.executable, "rl.py", "--init", str(tiny_checkpoint), "--data", str(tmp_path / "data" / "train.jsonl"),
+           "--out", str(out), "--steps", "1000", "--save-every", "1", "--sp-size", "2", *RL_ARGS,
            "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "16", "--kl-coef", "0"]
+    # SIGINT as a terminal delivers it: a test run started in the background inherits it ignored
+    as_in_a_terminal = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
     logs = [open(tmp_path / f"rank{rank}.log", "w") for rank in (0, 1)]
     ranks = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                              stdout=log, stderr=log) for rank, log in enumerate(logs)]
+                              stdout=log, stderr=log, preexec_fn=as_in_a_terminal) for rank, log in enumerate(logs)]
     try:
         deadline = time.monotonic() + 240
         while train.latest_checkpoint(out) is None and time.monotonic() < deadline:

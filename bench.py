@@ -312,7 +312,7 @@ def bench_engines(args):
                         tokens = sum(len(s.token_ids) for group in groups for s in group)
                         rate = tokens / (time.perf_counter() - start)
                         rates[name, num_prompts, n] = max(rate, rates.get((name, num_prompts, n), 0.0))
-            del engine
+            engine.close()
     both = len(args.engines) == 2
     print(f"\nprompt: {len(prompts[0])} positions ({args.num_frames} frames); up to {args.max_new_tokens} new "
           f"tokens; temperature 1.0; best of {args.repeats} runs; {torch.get_num_threads()} torch threads\n")

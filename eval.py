@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 import data
 import errors
+import train
 from data import FrameSampling, Record, VideoError
 
 log = logging.getLogger("eval")
@@ -306,14 +307,9 @@ _RESUMABLE = {"batch_size", "strict"}
 def _check_settings(out_dir: Path, settings: dict, resuming: bool) -> None:
     """Write settings.json; when resuming, first make sure the earlier part used the same settings."""
     path = out_dir / "settings.json"
-    if resuming and path.exists():
-        before = json.loads(path.read_text())
-        changed = sorted(k for k in set(before) | set(settings)
-                         if k not in _RESUMABLE and before.get(k) != settings.get(k))
-        if changed:
-            diff = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-            raise errors.UsageError(f"{out_dir} holds predictions made with other settings ({diff}); "
-                             "use another output folder or delete it")
+    if resuming:
+        train.check_settings(path, settings, ignore=_RESUMABLE, holds="predictions",
+                             remedy="use another output folder or delete it")
     path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
@@ -480,6 +476,7 @@ def main(argv=None) -> int:
                       settings={"checkpoint": os.path.abspath(args.checkpoint),
                                 "data": os.path.abspath(args.data), "engine": args.engine,
                                 "max_model_len": args.max_model_len, "dtype": args.dtype})
+    engine.close()
     print(format_table(report))
     print(f"report: {Path(args.out) / 'report.json'}")
     if report["n_answered"] == 0:

@@ -451,7 +451,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    ps, out, resume_from = train.start_run(args)
+    ps, out, resume_from = train.start_run(args, resumable=("steps",))
     start = Path(resume_from or args.init)
 
     # ---- policy, reference, optimizer, engine ----
@@ -617,8 +617,7 @@ def main(argv=None):
         train.plot_metrics(log.path, ["reward", "accuracy", "accuracy_*", "no_signal_share", "format", "kl",
                                       "response_len"], out / "rl_curves.png", f"GRPO: {args.data}")
         print(f"wrote {out / 'final'} and {out / 'rl_curves.png'}")
-    del engine  # before the process group goes: an in-process vLLM engine holds groups of its own
-    train.shutdown(ps)
+    train.shutdown(ps, engine)  # the engine first: an in-process vLLM engine holds groups of its own
 
 
 def engine_gap(trainer_lp: torch.Tensor, mask: torch.Tensor, episodes) -> float:

@@ -8,6 +8,7 @@ the engine never sees a frame. Two engines share one small interface:
     groups = engine.generate([prompt_embeds], n=5, max_new_tokens=256, temperature=1.0, top_p=0.99, seed=step)
     groups[0][0].token_ids, groups[0][0].logprobs, groups[0][0].finish_reason, groups[0][0].text
     engine.sync_weights(model.llm.named_parameters())           # after each optimizer step
+    engine.close()                                              # before the process groups go (train.shutdown)
 
 - `TorchEngine` is the readable reference: plain torch + transformers with a KV cache. It decodes with the
   trainer's own `VideoLM`, so it always sees the current weights and needs no sync.
@@ -180,6 +181,9 @@ class TorchEngine:
 
     def sleep(self) -> None:
         pass
+
+    def close(self) -> None:
+        """Nothing to release: the model is the trainer's (or, under FSDP, an ordinary module)."""
 
     def chunks(self, prompt_lens: list[int], n: int, max_new_tokens: int) -> list[range]:
         """Consecutive prompts whose samples' cache positions, n x (L_i + max_new_tokens), add up to at most
@@ -414,6 +418,13 @@ class VLLMEngine:
         if self.enable_sleep_mode:
             self.llm.sleep(level=2)
             self.asleep = True
+
+    def close(self) -> None:
+        """Shut the engine down now. It tears down the process groups it built (under torchrun, on the
+        training's own group: it also destroys that one), so call it after the last collective and
+        before the training's group goes (`train.shutdown`); left to the garbage collector, the
+        teardown runs at exit, after that group is gone, and fails with a traceback."""
+        self.llm.llm_engine.engine_core.shutdown()
 
 
 def make_engine(name: str, model, llm_path, max_model_len: int = 8192, **vllm_kwargs):

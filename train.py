@@ -22,6 +22,7 @@ import os
 import random
 import re
 import sys
+import shutil
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -29,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
 import data
@@ -173,9 +176,16 @@ def reduce_metrics(row: dict, ps: mrsp.ParallelState, sum_keys=(), max_keys=()) 
     return {"step": row["step"], **out}
 
 
-def shutdown(ps: mrsp.ParallelState):
-    """Leave the torchrun job. A single process never made a group (an in-process vLLM engine may have
-    made one of its own, and tears it down itself)."""
+def shutdown(ps: mrsp.ParallelState, *engines):
+    """End the run: close the rollout `engines` (None: a rank without one), then leave the torchrun job.
+
+    The order matters: an in-process vLLM engine builds process groups of its own on the training's
+    and tears them down when it closes. Left to the garbage collector, it closed after the training's
+    group was gone and every rank printed a traceback at exit ("Invalid process group specified").
+    A single process never made a group of its own (vLLM's, if any, goes with the engine)."""
+    for engine in engines:
+        if engine is not None:
+            engine.close()
     if ps.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -194,8 +204,123 @@ def compute_dtype(ps: mrsp.ParallelState, bf16: bool) -> torch.dtype:
     return torch.bfloat16 if bf16 and ps.world_size > 1 else torch.float32
 
 
+# ---- the run folder: one run per --out ----
+
+# Flags that do not change a run's results: a resumed run may set them otherwise.
+RESUMABLE = ("out", "resume", "overwrite", "save_every", "grad_checkpointing", "embed_cache_gb",
+             "embed_cache_offload", "embed_cache_dir", "gpu_memory_utilization", "engine_sleep")
+
+
+def check_settings(path, settings: dict, ignore=(), holds: str = "results",
+                   remedy: str = "use another output folder") -> None:
+    """Refuse to continue what a folder holds with settings that would change its results.
+
+    `path` is the JSON file of the settings the folder's earlier part was made with (nothing to check
+    where there is none). Every setting that differs is named, in the file's order, so the first one
+    first; those in `ignore` may differ. eval.py checks its predictions with it, sft.py and rl.py
+    their runs (`check_run_folder`). Example:
+        runs/rl holds a run made with other settings (sp_size: 1 -> 2, engine: 'torch' -> 'vllm'); ...
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    before = json.loads(path.read_text())
+    changed = [k for k in [*before, *(k for k in settings if k not in before)]
+               if k not in ignore and before.get(k) != settings.get(k)]
+    if changed:
+        diff = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+        raise errors.UsageError(f"{path.parent} holds {holds} made with other settings ({diff}); {remedy}")
+
+
+def run_settings(args) -> dict:
+    """What a run's results depend on: every flag (--init and --data as absolute paths, so that a
+    resume started from another folder compares equal) and the number of processes (the RNG states
+    are per rank)."""
+    settings = vars(args).copy()
+    for key in ("init", "data"):
+        if isinstance(settings.get(key), str):
+            settings[key] = os.path.abspath(settings[key])
+    return {**settings, "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+
+
+def run_outputs(out) -> list[str]:
+    """What of a run the folder `out` holds, for messages: e.g. ["metrics.jsonl (12 steps)",
+    "checkpoint-10", "final/"]. Empty when there is nothing to lose: no folder, or only what a run
+    writes before its first step (settings.json, an empty metrics.jsonl)."""
+    out = Path(out)
+    steps = len(MetricsLog.read(out / "metrics.jsonl"))
+    checkpoints = sorted((int(m.group(1)), p.name) for p in out.glob("checkpoint-*")
+                         if (m := CHECKPOINT_RE.search(p.name)))
+    return ([f"metrics.jsonl ({steps} steps)"] if steps else []) + [name for _, name in checkpoints] + (
+        ["final/"] if (out / "final").exists() else [])
+
+
+def check_run_folder(out: Path, args, settings: dict, resumable=()) -> Path | None:
+    """What this run may do with --out, decided before anything is loaded or written. Returns the
+    checkpoint to resume from (None: start from --init).
+
+      - a folder with no run in it (`run_outputs` is empty): start there, with or without --resume
+      - a run there: refused, unless --overwrite (start_run removes it first) or --resume
+      - --resume: continue from the newest complete checkpoint, if the run's settings.json holds the
+        same settings (`check_settings`; those in RESUMABLE and `resumable` may differ). Refused when
+        there is no complete checkpoint, or when the run already finished its --steps (final/ written)
+    """
+    found = run_outputs(out)
+    if not found or args.overwrite:
+        return None
+    if not args.resume:
+        raise errors.UsageError(f"{out} already holds a run ({', '.join(found)}): pass --resume to continue it, "
+                         "--overwrite to replace it, or choose another --out")
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        old = any(out.glob("checkpoint-*/trainer_state.pt"))
+        hint = (" (an older version's checkpoints keep a pickled trainer_state.pt, which is not loaded: "
+                "unpickling runs code)" if old else "")
+        raise errors.UsageError(f"--resume: {out} holds a run ({', '.join(found)}) but no complete checkpoint to "
+                         f"continue from{hint}; pass --overwrite to start it again, or choose another --out")
+    steps_done = max((r["step"] for r in MetricsLog.read(out / "metrics.jsonl")), default=0)
+    if (out / "final").exists() and steps_done >= args.steps:
+        raise errors.UsageError(f"--resume: the run in {out} already finished its {args.steps} steps (final/ is "
+                         "written); nothing to resume")
+    check_settings(out / "settings.json", settings, ignore=(*RESUMABLE, *resumable), holds="a run",
+                   remedy="resume with the flags it was started with, or pass --overwrite or another --out")
+    return checkpoint
+
+
+def remove_run(out: Path) -> None:
+    """Delete what a training run writes into `out` (for --overwrite), and nothing else there."""
+    for pattern in ("metrics.jsonl", "settings.json", "*_curves.png", "final", "final.*", "checkpoint-*"):
+        for path in out.glob(pattern):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def start_run(args, resumable=()) -> tuple[mrsp.ParallelState, Path, Path | None]:
+    """What sft.py and rl.py do first: check what --out holds (`check_run_folder`; every rank reads the
+    folder before any rank writes to it), the process groups, a seed per rank, the output folder with
+    the run's settings.json, and the checkpoint to resume from (None: start from --init).
+    `resumable`: the script's flags that may change on --resume besides RESUMABLE (rl.py's --steps:
+    its learning rate has no schedule that the step count would stretch)."""
+    out = Path(args.out)
+    settings = run_settings(args)
+    resume_from = check_run_folder(out, args, settings, resumable)
+    ps = mrsp.init_distributed(args.sp_size)  # once its groups stand, every rank has checked the folder
+    torch.manual_seed(args.seed + ps.rank)
+    if ps.rank == 0:
+        if args.overwrite and (found := run_outputs(out)):
+            print(f"--overwrite: removing the run in {out} ({', '.join(found)})")
+            remove_run(out)
+        elif args.resume and resume_from is None:
+            print(f"--resume: no run in {out} yet; starting from --init")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    if ps.world_size > 1:
+        dist.barrier()  # the old run is gone before any rank writes into the folder
+    return ps, out, resume_from
+
+
 # ---- checkpoint and resume ----
 
+TRAINER_STATE = "trainer_state.json"  # in a checkpoint: step, every rank's RNG state, extra (JSON, no pickle)
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)$")
 
 
@@ -203,49 +328,42 @@ def latest_checkpoint(out_dir) -> Path | None:
     """The newest complete OUT/checkpoint-STEP (half-written ones are temp folders and never match)."""
     found = [(int(m.group(1)), p) for p in Path(out_dir).glob("checkpoint-*")
              if (m := CHECKPOINT_RE.search(p.name)) and M.is_complete_checkpoint(p)
-             and (p / "trainer_state.pt").exists()]
+             and (p / TRAINER_STATE).exists()]
     return max(found)[1] if found else None
 
 
-def start_run(args) -> tuple[mrsp.ParallelState, Path, Path | None]:
-    """What sft.py and rl.py do first: the process groups, a seed per rank, the output folder, and the
-    checkpoint to resume from (None: start from --init)."""
-    ps = mrsp.init_distributed(args.sp_size)
-    torch.manual_seed(args.seed + ps.rank)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    return ps, out, latest_checkpoint(out) if args.resume else None
-
-
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    """This process's RNG states as JSON values: python's `random`, numpy's global generator, torch's
+    CPU generator and each GPU's (their bytes in hex). `set_rng_state` restores them exactly."""
+    version, words, gauss = random.getstate()                     # Mersenne Twister: 624 words + position
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {"python": [version, list(words), gauss],
+            "numpy": [keys.tolist(), pos, has_gauss, cached_gaussian],
+            "torch": torch.get_rng_state().numpy().tobytes().hex(),
+            "cuda": [s.numpy().tobytes().hex() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
+    torch.set_rng_state(torch.frombuffer(bytearray.fromhex(state["torch"]), dtype=torch.uint8))
+    if state.get("cuda") and torch.cuda.is_available():  # one generator per GPU
+        torch.cuda.set_rng_state_all([torch.frombuffer(bytearray.fromhex(h), dtype=torch.uint8) for h in state["cuda"]])
 
 
 def save_checkpoint(out_dir, step: int, model, optimizer, ps: mrsp.ParallelState, extra: dict | None = None):
     """OUT/checkpoint-STEP (collective: all ranks call):
 
         config.json, llm/, vision_tower/, mm_projector/   the model in the release layout (full weights, rank 0)
-        optimizer/            the optimizer state in shards: each rank writes the part it holds
-                              (torch.distributed.checkpoint: __RANK_0.distcp files and a .metadata index)
-        trainer_state.pt      step, the RNG state of every rank, `extra`
+        optimizer/rank-R.safetensors   the optimizer state in shards: each rank writes the part it holds
+        trainer_state.json    step, the RNG state of every rank (`rng_state`), `extra` (JSON values)
 
     Under FSDP no rank ever holds the whole optimizer state (AdamW's is twice the fp32 model: ~56 GB at
-    7B). Everything is written into a temporary folder, renamed once every rank has finished: a killed
-    run leaves no half checkpoint behind.
+    7B). Nothing is pickled: a resume runs no code from the folder. Everything is written into a
+    temporary folder, renamed once every rank has finished: a killed run leaves no half checkpoint.
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     weights = full_state_dict(model, ps)
     rngs = [rng_state()]
     if ps.world_size > 1:
@@ -253,10 +371,11 @@ def save_checkpoint(out_dir, step: int, model, optimizer, ps: mrsp.ParallelState
         dist.all_gather_object(rngs, rng_state())
     with M.atomic_directory(Path(out_dir) / f"checkpoint-{step}") if ps.rank == 0 else nullcontext() as tmp:
         tmp = Path(broadcast_from_rank0(str(tmp) if ps.rank == 0 else None, ps))
-        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp / "optimizer")
+        save_optimizer(tmp / "optimizer", model, optimizer, ps)
         if ps.rank == 0:
             model.write(tmp, weights)
-            torch.save({"step": step, "rng": rngs, "extra": extra or {}}, tmp / "trainer_state.pt")
+            state = {"step": step, "world_size": ps.world_size, "extra": extra or {}, "rng": rngs}
+            (tmp / TRAINER_STATE).write_text(json.dumps(state))
         if ps.world_size > 1:
             dist.barrier()  # every rank's shard is written before rank 0 renames the folder
     if ps.world_size > 1:
@@ -272,15 +391,43 @@ def broadcast_from_rank0(value, ps: mrsp.ParallelState):
     return box[0]
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of a (possibly FSDP-sharded) tensor that this rank holds."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def save_optimizer(folder: Path, model, optimizer, ps: mrsp.ParallelState) -> None:
+    """This rank's part of the optimizer state as folder/rank-R.safetensors: every tensor of the state
+    (AdamW: exp_avg, exp_avg_sq, step of each parameter) as "PARAMETER/NAME", the shard this rank holds
+    under FSDP; the param groups (lr, betas, ...) as JSON in the file's metadata."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    optim = get_optimizer_state_dict(model, optimizer)
+    tensors = {f"{param}/{name}": _local(value).detach().contiguous()
+               for param, state in optim["state"].items() for name, value in state.items()}
+    folder.mkdir(exist_ok=True)
+    save_file(tensors, folder / f"rank-{ps.rank}.safetensors",
+              metadata={"param_groups": json.dumps(optim["param_groups"])})
+
+
+def load_optimizer(folder: Path, model, optimizer, ps: mrsp.ParallelState) -> None:
+    """Read back what `save_optimizer` wrote on this rank (same number of processes: the shards are
+    per rank). Collective under FSDP."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    optim = get_optimizer_state_dict(model, optimizer)  # the layout to read into: this rank's shards
+    with safe_open(folder / f"rank-{ps.rank}.safetensors", framework="pt") as f:
+        for param, state in optim["state"].items():
+            for name, value in state.items():
+                _local(value).copy_(f.get_tensor(f"{param}/{name}"))
+        optim["param_groups"] = json.loads(f.metadata()["param_groups"])
+    set_optimizer_state_dict(model, optimizer, optim)
+
+
 def load_trainer_state(path, model, optimizer, ps) -> dict:
     """Restore the optimizer (each rank reads back the shards it holds) and this rank's RNG from
-    checkpoint `path`; returns trainer_state.pt (step, rng, extra). Collective under FSDP."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-    state = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
-    optim = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the layout to read into
-    dcp.load(optim, checkpoint_id=Path(path) / "optimizer")
-    set_optimizer_state_dict(model, optimizer, optim["optimizer"])
+    checkpoint `path`; returns its trainer_state.json (step, world_size, extra, rng). Nothing is
+    unpickled: tensors come from safetensors, the rest from JSON. Collective under FSDP."""
+    state = json.loads((Path(path) / TRAINER_STATE).read_text())
+    load_optimizer(Path(path) / "optimizer", model, optimizer, ps)
     set_rng_state(state["rng"][ps.rank])
     return state
 
@@ -383,7 +530,13 @@ def add_run_args(ap, save_every: int):
                     help="compute in bf16 with fp32 master weights (default on a GPU): FSDP2 mixed precision "
                          "under torchrun, autocast in one process; log-probs always in fp32")
     ap.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N steps (0: only final)")
-    ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    folder = ap.add_mutually_exclusive_group()
+    folder.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its newest complete checkpoint, with the same "
+                             "settings (a folder with no run: start there)")
+    folder.add_argument("--overwrite", action="store_true",
+                        help="replace the run in --out (a folder that holds a run is refused without "
+                             "--resume or --overwrite)")
     ap.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and initial RNG")
 
 

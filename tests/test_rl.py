@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import data
 import eval as evaluation
+import model as M
 import rl
 import rollout
 import train
@@ -224,6 +225,23 @@ def test_killed_run_resumes_to_the_same_metrics(easy_task, tmp_path):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
 
 
+def test_a_resume_with_other_settings_is_refused_naming_the_setting(easy_task, tmp_path):
+    """A run with a checkpoint, resumed with more steps (RL's learning rate has no schedule: allowed), but
+    another engine or SP size: refused before anything loads, the setting named, the folder untouched."""
+    run = ["--init", str(easy_task["init"]), "--data", str(easy_task["data"]), "--out", str(tmp_path),
+           "--save-every", "1", *RL_ARGS, "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "16"]
+    rl.main(run + ["--steps", "2"])
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    more = run + ["--steps", "3", "--resume"]
+    with pytest.raises(ValueError, match=r"other settings \(sp_size: 1 -> 2\)"):
+        rl.main(more + ["--sp-size", "2"])
+    with pytest.raises(ValueError, match=r"other settings \(engine: 'torch' -> 'vllm'\)"):
+        rl.main(more + ["--engine", "vllm"])
+    with pytest.raises(ValueError, match=r"other settings \(group_size: 2 -> 3, lr: 0.001 -> 0.002\)"):
+        rl.main(more + ["--group-size", "3", "--lr", "2e-3"])  # all named, in the order the run wrote them
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def assert_same_adamw_updates(one: dict, two: dict):
     """Two runs' weights after the same AdamW steps (lr 1e-3) from equal gradients, computed two ways.
     AdamW's early steps are about lr * g / (|g| + eps) per weight: equal gradients give equal updates. Where
@@ -241,9 +259,10 @@ def test_sp2_training_steps_update_weights_like_one_process(easy_task, tmp_path)
             "--save-every", "0", *RL_ARGS]
     rl.main(args + ["--out", str(tmp_path / "sp1")])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    "rl.py", *args, "--out", str(tmp_path / "sp2"), "--sp-size", "2"],
-                   cwd=ROOT, check=True, env=env, capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "rl.py", *args, "--out", str(tmp_path / "sp2"), "--sp-size", "2"],
+                          cwd=ROOT, check=True, env=env, capture_output=True, text=True)
+    assert "Traceback" not in done.stderr, done.stderr  # a run that ended well ends quietly
     before = load_file(str(easy_task["init"] / "llm" / "model.safetensors"))
     one = load_file(str(tmp_path / "sp1" / "final" / "llm" / "model.safetensors"))
     two = load_file(str(tmp_path / "sp2" / "final" / "llm" / "model.safetensors"))
@@ -272,18 +291,59 @@ def test_rl_with_vllm_engine_keeps_engine_and_trainer_in_step(easy_task, tmp_pat
 def test_torchrun_sp2_with_the_vllm_engine(easy_task, tmp_path):
     """The default engine under torchrun with --sp-size 2. vLLM builds its process groups from the
     training group, so every rank must build an engine (rank 1's stays idle); building it on SP rank 0
-    alone hung here. Two steps: step 2 samples from the weights synced after step 1."""
+    alone hung here. Two steps: step 2 samples from the weights synced after step 1. The run ends with no
+    traceback: before, every rank printed one at exit, where vLLM's engine tore down its process groups
+    after the training's group was gone (now train.shutdown closes the engine first)."""
     args = [a if a != "torch" else "vllm" for a in RL_ARGS]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    "rl.py", "--init", str(easy_task["init"]), "--data", str(easy_task["data"]),
-                    "--out", str(tmp_path), "--steps", "2", "--save-every", "0", "--max-model-len", "1024",
-                    "--sp-size", "2", *args],
-                   cwd=ROOT, check=True, capture_output=True, timeout=300,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "rl.py", "--init", str(easy_task["init"]), "--data", str(easy_task["data"]),
+                           "--out", str(tmp_path), "--steps", "2", "--save-every", "0", "--max-model-len", "1024",
+                           "--sp-size", "2", *args],
+                          cwd=ROOT, check=True, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "Traceback" not in done.stderr, done.stderr
     rows = rows_of(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert r["logprob_gap_max"] < 0.011, r
+
+
+def test_ctrl_c_ends_both_ranks_within_seconds_and_leaves_only_complete_checkpoints(tiny_checkpoint, tmp_path):
+    """Ctrl-C sends SIGINT to every process of the job. The two ranks are started as torchrun starts them
+    (its environment), so that each one's own exit status shows; SIGINT reaches both while they step and
+    checkpoint every step. Both end within seconds, by SIGINT (a shell's 130), and every checkpoint
+    folder left is complete: one interrupted mid-write is never renamed into place."""
+    from dist import free_port
+    data.main(["synth", "--out", str(tmp_path / "data"), "--n", "4", "--seed", "0", "--test-frac", "0"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WORLD_SIZE": "2"}
+    out = tmp_path / "run"
+    cmd = [sys.executable, "rl.py", "--init", str(tiny_checkpoint), "--data", str(tmp_path / "data" / "train.jsonl"),
+           "--out", str(out), "--steps", "1000", "--save-every", "1", "--sp-size", "2", *RL_ARGS,
+           "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "16", "--kl-coef", "0"]
+    # SIGINT as a terminal delivers it: a test run started in the background inherits it ignored
+    as_in_a_terminal = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+    logs = [open(tmp_path / f"rank{rank}.log", "w") for rank in (0, 1)]
+    ranks = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                              stdout=log, stderr=log, preexec_fn=as_in_a_terminal) for rank, log in enumerate(logs)]
+    try:
+        deadline = time.monotonic() + 240
+        while train.latest_checkpoint(out) is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert train.latest_checkpoint(out) is not None, (tmp_path / "rank0.log").read_text()[-3000:]
+        for proc in ranks:
+            proc.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        codes = [proc.wait(timeout=60) for proc in ranks]
+        seconds = time.monotonic() - interrupted
+    finally:
+        for proc in ranks:
+            proc.kill()  # no-op for an ended process; never leave a rank stepping after a failed test
+    assert codes == [-signal.SIGINT] * 2, [(tmp_path / f"rank{r}.log").read_text()[-2000:] for r in (0, 1)]
+    assert seconds < 20, seconds
+    assert not list(out.glob("*.tmp-*")) and not list(out.glob("*.old-*"))
+    for checkpoint in out.glob("checkpoint-*"):
+        assert M.is_complete_checkpoint(checkpoint) and (checkpoint / train.TRAINER_STATE).exists(), checkpoint
 
 
 def test_two_mini_batches_make_the_ratio_clip_bite(easy_task, tmp_path):

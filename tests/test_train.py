@@ -1,5 +1,6 @@
-"""The training plumbing both stages share (train.py): the schedule, the data split over ranks, and the
-prompts of a batch (cached video, .srt cues, unreadable videos replaced, SP ranks agreeing)."""
+"""The training plumbing both stages share (train.py): the schedule, the data split over ranks, the
+prompts of a batch (cached video, .srt cues, unreadable videos replaced, SP ranks agreeing), and the run
+folder (one run per --out, what --resume checks, the trainer state as JSON)."""
 import json
 from pathlib import Path
 
@@ -137,3 +138,63 @@ def test_the_checkpoints_question_prompt_reaches_training_rollout_and_eval(tmp_p
             torch.testing.assert_close(train.VideoPrompts(reference, sampling, mrsp.ParallelState(), None)(records[0]),
                                        expected)
     assert lengths["plain"] < lengths["thinking"] - 60                       # the thinking prompt's fixed text
+
+
+# ---- the run folder: one run per --out; the trainer state without pickle ----
+
+def files_of(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_run_folder_is_refused_to_a_second_run_replaced_only_on_overwrite(easy_task, tmp_path, capsys):
+    import sft
+    run = ["--init", str(easy_task["root"] / "init"), "--data", str(easy_task["data"]), "--out", str(tmp_path),
+           "--steps", "2", "--batch-size", "2", "--num-frames", "4", "--save-every", "1"]
+    sft.main(run)
+    first = files_of(tmp_path)
+    assert {"metrics.jsonl", "settings.json", "final/config.json", "checkpoint-1/trainer_state.json"} <= set(first)
+
+    with pytest.raises(ValueError, match=r"already holds a run \(metrics.jsonl \(2 steps\), checkpoint-1, final/\)"):
+        sft.main(run + ["--lr", "1e-3"])                      # the same command again, or another run: refused
+    with pytest.raises(ValueError, match="already finished its 2 steps"):
+        sft.main(run + ["--resume"])                          # nothing left to do
+    assert files_of(tmp_path) == first                        # every file of the first run, byte for byte
+
+    sft.main(run + ["--overwrite", "--lr", "1e-3", "--save-every", "0"])
+    assert capsys.readouterr().out.count("--overwrite: removing the run in") == 1
+    assert not (tmp_path / "checkpoint-1").exists()           # the old run's checkpoints went with it
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]                # the new run's rows only, not appended
+    assert json.loads((tmp_path / "settings.json").read_text())["lr"] == 1e-3
+    assert files_of(tmp_path)["final/llm/model.safetensors"] != first["final/llm/model.safetensors"]
+
+
+def test_resume_without_a_checkpoint_stops_unless_the_folder_holds_no_run(easy_task, tmp_path, capsys):
+    import sft
+    run = ["--init", str(easy_task["root"] / "init"), "--data", str(easy_task["data"]), "--out", str(tmp_path),
+           "--steps", "1", "--batch-size", "2", "--num-frames", "4", "--save-every", "0", "--resume"]
+    sft.main(run)                                             # an empty folder: a fresh start
+    assert "no run in" in capsys.readouterr().out
+    finished = files_of(tmp_path)
+    with pytest.raises(ValueError, match="no complete checkpoint to continue from; pass --overwrite"):
+        sft.main(run[:-2] + ["2", "--resume"])                # more steps asked, but nothing to continue from
+    assert files_of(tmp_path) == finished
+    (tmp_path / "checkpoint-1").mkdir()                       # an older version's checkpoint: pickled state
+    (tmp_path / "checkpoint-1" / "trainer_state.pt").write_bytes(b"pickle")
+    with pytest.raises(ValueError, match="pickled trainer_state.pt, which is not loaded"):
+        sft.main(run[:-2] + ["2", "--resume"])
+
+
+def test_rng_state_round_trips_through_json():
+    """The trainer state is JSON: what comes back from the file must draw exactly what the saved state
+    would have drawn, from all three generators."""
+    import random
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.normal()                                        # numpy now holds a cached gaussian as well
+    state = json.loads(json.dumps(train.rng_state()))
+    draws = lambda: (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.normal(),
+                     torch.rand(3).tolist())
+    expected = draws()
+    draws()                                                   # move every generator on
+    train.set_rng_state(state)
+    assert draws() == expected

@@ -156,7 +156,7 @@ def checkpoint_job(checkpoint: str, out: str) -> dict:
     model, optimizer = start(Path(out) / "checkpoint-1")
     assert train.load_trainer_state(Path(out) / "checkpoint-1", model, optimizer, ps)["step"] == 1
     resumed = [step(model, optimizer, seed) for seed in (1, 2)]
-    shard = Path(out) / "checkpoint-1" / "optimizer" / f"__{ps.rank}_0.distcp"
+    shard = Path(out) / "checkpoint-1" / "optimizer" / f"rank-{ps.rank}.safetensors"
     return {"whole": whole, "resumed": resumed, "shard_bytes": shard.stat().st_size,
             "adamw_bytes": sum(2 * 4 * p.numel() for p in model.llm.parameters()),  # exp_avg, exp_avg_sq in fp32
             "files": sorted(f.name for f in (Path(out) / "checkpoint-1").iterdir())}
@@ -168,9 +168,9 @@ def test_checkpoint_optimizer_state_is_written_in_per_rank_shards_and_resumes(ti
     for rank in ranks:
         assert 0.45 < rank["shard_bytes"] / rank["adamw_bytes"] < 0.55, rank
         assert rank["resumed"] == rank["whole"]
-    assert ranks[0]["files"] == ["config.json", "llm", "mm_projector", "optimizer", "trainer_state.pt", "vision_tower"]
+    assert ranks[0]["files"] == ["config.json", "llm", "mm_projector", "optimizer", "trainer_state.json", "vision_tower"]
     assert train.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
-    assert (tmp_path / "checkpoint-1" / "trainer_state.pt").stat().st_size < 0.01 * ranks[0]["adamw_bytes"]
+    assert (tmp_path / "checkpoint-1" / "trainer_state.json").stat().st_size < 0.01 * ranks[0]["adamw_bytes"]
 
 
 # ---- weight sync: streamed, one full tensor at a time, in the engine's dtype ----

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 import data
-import eval as evaluation
+import grading
 import model as M
 import mrsp
 import rollout
@@ -44,7 +44,7 @@ def format_reward(response: str) -> float:
 
     Example: format_reward("<think>red</think><answer>B</answer>") == 1.0; format_reward("<answer>B</answer>") == 0.0
     """
-    return 1.0 if evaluation.is_well_formed(response) else 0.0
+    return 1.0 if grading.is_well_formed(response) else 0.0
 
 
 def accuracy_reward(record: data.Record, response: str) -> float:
@@ -56,9 +56,9 @@ def accuracy_reward(record: data.Record, response: str) -> float:
     Example: accuracy_reward(record, "<think>.</think><answer>B</answer>") == 1.0 and
     accuracy_reward(record, "The answer is B") == 0.0 when record.answer == "B".
     """
-    if evaluation.extract_answer(response) is None:
+    if grading.extract_answer(response) is None:
         return 0.0
-    return 1.0 if evaluation.score_answer(record, response)[0] else 0.0
+    return 1.0 if grading.score_answer(record, response)[0] else 0.0
 
 
 # ---- GRPO: advantages, policy loss, KL ----

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
-import eval as evaluation
+import grading
 import rl
 import rollout
 import train
@@ -138,8 +138,8 @@ def test_accuracy_reward_reads_only_the_tagged_answer_while_eval_stays_lenient()
     untagged = "<think>blue scenes</think>The answer is B"
     assert rl.accuracy_reward(mc_record("B"), untagged) == 0
     assert rl.accuracy_reward(mc_record("B"), "The answer is B") == 0
-    assert evaluation.score_answer(mc_record("B"), untagged) == (True, "B")
-    assert evaluation.score_answer(mc_record("B"), "The answer is B") == (True, "B")
+    assert grading.score_answer(mc_record("B"), untagged) == (True, "B")
+    assert grading.score_answer(mc_record("B"), "The answer is B") == (True, "B")
 
 
 # ---- real runs on an easy task ----

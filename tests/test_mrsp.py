@@ -34,9 +34,12 @@ def example_batch(model: M.VideoLM) -> M.SequenceBatch:
 
 
 def example_loss(logprobs: torch.Tensor, batch: M.SequenceBatch) -> torch.Tensor:
-    """A policy-gradient-shaped loss: per-sequence advantages times log-probs, token mean."""
+    """A policy-gradient-shaped loss: per-sequence advantages times log-probs, token mean, each position
+    weighted by its own random weight, so that the gradient differs at every position: a backward that
+    hands a rank another rank's slice of it gives other gradients (a weight shared by a whole row would not)."""
     advantages = torch.tensor([1.0, -0.5])[:, None]                                 # [B, 1]
-    return -(advantages * logprobs).sum() / batch.loss_mask.sum()
+    weights = torch.rand(logprobs.shape, generator=torch.Generator().manual_seed(0))  # [B, S]
+    return -(advantages * weights * logprobs).sum() / batch.loss_mask.sum()
 
 
 def with_heads(model: M.VideoLM, num_heads: int, num_kv_heads: int) -> M.VideoLM:

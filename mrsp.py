@@ -35,7 +35,7 @@ the attention gradients to the ranks that own the tokens). The full gradient of 
 therefore the SUM over the SP group; across DP groups, gradients are AVERAGED as usual.
 `allreduce_gradients(model, ps)` does exactly that for the plain (non-FSDP) path. With FSDP2, we
 recommend sharding over a 1-D mesh of all world ranks (`init_device_mesh(device_type, (world_size,))`;
-given the 2-D `ps.mesh`, FSDP2 would replicate over dp and shard over sp) and calling
+given the 2-D dp x sp mesh, FSDP2 would replicate over dp and shard over sp) and calling
 `set_gradient_divide_factor(ps.dp_size)` on every `fully_shard`ed module: FSDP's reduce-scatter then sums
 over all ranks and divides by dp_size, the SP sum and the DP mean in one collective. (Keeping FSDP's
 default mean over dp*sp ranks and multiplying the loss by sp_size gives the same gradients. Sharding
@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import init_device_mesh
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -114,20 +114,6 @@ class ParallelState:
     dp_group: dist.ProcessGroup | None = None
     sp_group: dist.ProcessGroup | None = None
     device: torch.device = torch.device("cpu")
-    mesh: DeviceMesh | None = None  # the ("dp", "sp") mesh, e.g. for FSDP2; None outside torchrun
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_groups(cls, sp_group, dp_group=None, device="cpu") -> "ParallelState":
-        """For code that created its process groups itself (tests that spawn their own processes)."""
-        return cls(rank=dist.get_rank() if dist.is_initialized() else 0,
-                   world_size=dist.get_world_size() if dist.is_initialized() else 1,
-                   dp_rank=group_rank(dp_group), dp_size=group_size(dp_group),
-                   sp_rank=group_rank(sp_group), sp_size=group_size(sp_group),
-                   dp_group=dp_group, sp_group=sp_group, device=torch.device(device))
 
 
 def init_distributed(sp_size: int = 1) -> ParallelState:
@@ -156,7 +142,7 @@ def init_distributed(sp_size: int = 1) -> ParallelState:
                          dp_rank=mesh.get_local_rank("dp"), dp_size=world_size // sp_size,
                          sp_rank=mesh.get_local_rank("sp"), sp_size=sp_size,
                          dp_group=mesh.get_group("dp"), sp_group=mesh.get_group("sp"),
-                         device=device, mesh=mesh)
+                         device=device)
 
 
 # ---- communication with autograd ----

@@ -50,7 +50,9 @@ def parse_args(argv=None):
                          "these (the same on every rank, from --seed and the step), so the model sees more "
                          "than one frame count's layout (not with --fps)")
     ap.add_argument("--steps", type=int, default=200, help="optimizer steps")
-    ap.add_argument("--batch-size", type=int, default=8, help="records per micro-batch per data-parallel rank")
+    ap.add_argument("--batch-size", type=int, default=8,
+                    help="records (one response each) per micro-batch per data-parallel rank; an optimizer step "
+                         "trains on batch-size x grad-accum x data-parallel ranks records")
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     ap.add_argument("--lr", type=float, default=1e-5,
                     help="peak learning rate (AdamW); 1e-5 is a usual full fine-tuning rate for a 7B model "
@@ -59,12 +61,16 @@ def parse_args(argv=None):
     ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
     ap.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=False,
-                    help="keep the vision tower and projector fixed (their embeddings are then cached)")
-    train.add_cache_args(ap)
+                    help="keep the vision tower and projector fixed (only the LLM trains)")
+    train.add_cache_args(ap, default=None)
     train.add_run_args(ap, save_every=100)
     args = ap.parse_args(argv)
     if args.mix_num_frames and args.fps is not None:
         ap.error("--mix-num-frames draws frame counts; it cannot be combined with --fps")
+    if args.embed_cache is None:
+        args.embed_cache = args.freeze_vision
+    if args.embed_cache and not args.freeze_vision:
+        ap.error("--embed-cache needs --freeze-vision: a trained vision tower would make the cached embeddings stale")
     return args
 
 
@@ -93,7 +99,7 @@ def main(argv=None):
     records = data.load_records(args.data)
     sampling = data.FrameSampling.from_args(args)
     mix = [data.FrameSampling(num_frames=n, max_frames=args.max_frames) for n in args.mix_num_frames or []]
-    cache = train.embedding_cache(model, args, ps) if args.freeze_vision else None
+    cache = train.embedding_cache(model, args, ps) if args.embed_cache else None
     prompts = train.VideoPrompts(model, sampling, ps, cache)
     log = train.MetricsLog(out, enabled=ps.rank == 0, resume_step=start_step)
 

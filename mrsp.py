@@ -32,8 +32,8 @@ Gradient accounting (the rule rl.py follows). Every SP rank computes the same lo
 log-probs. `gather_sequence`'s backward keeps the local slice of that gradient, so after backward a rank's
 parameter gradients hold the contribution of its own tokens only (the all-to-all backward already routed
 the attention gradients to the ranks that own the tokens). The full gradient of one sample group is
-therefore the SUM over the SP group; across DP groups, gradients are AVERAGED as usual.
-`allreduce_gradients(model, ps)` does exactly that for the plain (non-FSDP) path. With FSDP2, we
+therefore the SUM over the SP group; across DP groups, gradients are AVERAGED as usual (without FSDP:
+an all-reduce sum over `sp_group`, then a mean over `dp_group`, as the tests do). With FSDP2, we
 recommend sharding over a 1-D mesh of all world ranks (`init_device_mesh(device_type, (world_size,))`;
 given the 2-D dp x sp mesh, FSDP2 would replicate over dp and shard over sp) and calling
 `set_gradient_divide_factor(ps.dp_size)` on every `fully_shard`ed module: FSDP's reduce-scatter then sums
@@ -202,7 +202,7 @@ def gather_sequence(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 
     Backward contract: every SP rank computes the SAME loss from the gathered tensor (true in MR-SP: the
     ranks of an SP group hold the same batch). The backward then keeps the local slice of the incoming
-    gradient, and parameter gradients must afterwards be summed over the SP group (`allreduce_gradients`).
+    gradient, and parameter gradients must afterwards be summed over the SP group (module docstring).
     """
     return x if group_size(group) == 1 else _GatherSequence.apply(x, dim, group)
 
@@ -287,7 +287,7 @@ def enable_ulysses(model: VideoLM, sp_group) -> None:
     The current implementation (sdpa, or flash_attention_2 on a GPU) becomes the inner attention; the
     group is remembered on every attention module. Raises ValueError when the heads cannot be split.
     While enabled, every forward of the LLM must be a sharded one run by all SP ranks together
-    (`sp_token_logprobs`); call `disable_ulysses` before generating with it. Enable it on every model
+    (`sp_token_logprobs`); generate with another model (rl.py's engines do). Enable it on every model
     that runs sharded (policy and reference), after any copy.deepcopy of it.
     """
     from transformers import AttentionInterface  # imported on first use, as in model.py: it is slow
@@ -306,16 +306,6 @@ def enable_ulysses(model: VideoLM, sp_group) -> None:
     for attn in _attention_modules(model):
         attn.ulysses = UlyssesSetup(sp_group, inner, ALL_ATTENTION_FUNCTIONS[inner], inner_config)
     model.llm.set_attn_implementation(ULYSSES)
-
-
-def disable_ulysses(model: VideoLM) -> None:
-    """Back to the plain inner attention over whole sequences (e.g. for generation)."""
-    if model.llm.config._attn_implementation != ULYSSES:
-        return
-    inner = _attention_modules(model)[0].ulysses.inner
-    for attn in _attention_modules(model):
-        del attn.ulysses
-    model.llm.set_attn_implementation(inner)
 
 
 # ---- stage 2: sequence shards ----
@@ -393,25 +383,6 @@ def sum_over_ranks(x: torch.Tensor, group) -> torch.Tensor:
     """Sum of equal-shaped tensors over `group`, where each rank filled in its own entries (zero elsewhere).
     Backward follows `gather_sequence`'s contract: the incoming gradient goes to the local term unchanged."""
     return x if group_size(group) == 1 else _SumOverRanks.apply(x, group)
-
-
-def allreduce_gradients(model: torch.nn.Module, ps: ParallelState) -> None:
-    """Turn per-rank gradients into the step's gradient: SUM over the SP group, MEAN over DP groups.
-
-    Use after backward, before clipping and the optimizer step, when the model is not wrapped by FSDP
-    (module docstring: gradient accounting). A trainable parameter that got no gradient on this rank
-    counts as zero, so every rank runs the same collectives in the same order.
-    """
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        if ps.sp_size > 1:
-            dist.all_reduce(p.grad, group=ps.sp_group)
-        if ps.dp_size > 1:
-            dist.all_reduce(p.grad, group=ps.dp_group)
-            p.grad.div_(ps.dp_size)
 
 
 # ---- stage 1: frame-sharded video encoding ----

@@ -8,7 +8,7 @@ from torch.autograd.graph import saved_tensors_hooks
 import model as M
 import mrsp
 import train
-from dist import run_ranks
+from dist import allreduce_gradients, run_ranks
 from test_mrsp import SP_HEADS, example_frames, with_heads
 
 # Responses of different lengths, one of a single token, per group size G.
@@ -52,7 +52,7 @@ def packed(model, prompts, responses, ps: mrsp.ParallelState):
     batch = model.build_packed_batch(prompts, responses, sp_rank=ps.sp_rank, sp_size=ps.sp_size)
     logprobs = train.sequence_logprobs(model, batch, ps, block_rows=4)
     example_loss(logprobs, batch.response_mask).backward()
-    mrsp.allreduce_gradients(model, ps)
+    allreduce_gradients(model, ps)
     return logprobs[batch.response_mask].detach(), {n: p.grad.clone() for n, p in model.llm.named_parameters()}
 
 

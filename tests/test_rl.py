@@ -280,15 +280,17 @@ def test_sp2_training_steps_update_weights_like_one_process(easy_task, tmp_path)
 def test_rl_with_vllm_engine_keeps_engine_and_trainer_in_step(easy_task, tmp_path):
     """Two steps with the real vLLM engine: after the first update the weights are synced into the engine,
     so in step 2 its log-probs still match the trainer's (to the top-p renormalisation, -log 0.99 ~ 0.01).
-    Without the sync, a step at this learning rate moves log-probs far more than that."""
+    Without the sync, a step at this learning rate moves log-probs far more than that. With --tis-cap 2 the
+    importance weights pi_old / pi_engine are then within [0.99, 1]: none capped."""
     args = [a if a != "torch" else "vllm" for a in RL_ARGS]
     rl.main(["--init", str(easy_task["init"]), "--data", str(easy_task["data"]), "--out", str(tmp_path),
-             "--steps", "2", "--save-every", "0", "--max-model-len", "1024", *args])
+             "--steps", "2", "--save-every", "0", "--max-model-len", "1024", "--tis-cap", "2", *args])
     rows = rows_of(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["grad_norm"] > 0
     for r in rows:
         assert r["logprob_gap_max"] < 0.011, r
+        assert 0.989 < r["tis_weight_mean"] <= 1.0 + 1e-6 and r["tis_capped_share"] == 0, r
 
 
 def test_torchrun_sp2_with_the_vllm_engine(easy_task, tmp_path):

@@ -9,7 +9,6 @@
     python bench.py prefill                                  # prefill tokens/s and MFU (Qwen2-1.5B shape on a GPU)
     python bench.py capacity                                 # most frames that fit: prefill and training step
     python bench.py decode                                   # sampled frames from an hour-long video: decord vs PyAV
-    python bench.py lookup                                   # can the preset's LLM learn to re-read lettered options?
 """
 import argparse
 import gc
@@ -153,43 +152,32 @@ def _local_bytes(tensors) -> int:
     return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors if torch.is_tensor(t))
 
 
-def _grpo_memory_rank(rank: int, world_size: int, settings: dict, video: str, port: int, results):
-    """One rank of one GRPO update, as rl.py's steps 2 and 6 run it with its defaults: the video encoded
-    through the embedding cache (bf16), the group packed with its prompt once (shared prefix), reference
-    log-probs, then the clipped loss + k3 KL (on-policy: old log-probs from the update's own forward),
-    backward, clip, AdamW. Policy and reference (its LLM alone) sharded with FSDP2 over all ranks, one SP
-    group of all ranks (Ulysses), bf16 weights, bf16 autocast. Reports bytes held per rank and the process's peak RSS (VmHWM)."""
+def _grpo_memory_rank(rank: int, world_size: int, settings: dict, checkpoint: str, video: str, port: int, results):
+    """One rank of one GRPO update of rl.py, run by rl.py's own functions with its defaults: the
+    models loaded by `rl.load_models` (the policy's fp32 weights, the reference computing as the policy, AdamW, the
+    embedding cache), the video encoded through the cache, then `rl.update_policy` on one group of random
+    responses (packed with its prompt once, on-policy, reference log-probs, clipped loss + k3 KL, backward,
+    clip, AdamW). Both models FSDP2-sharded over all ranks, one SP group of all ranks (Ulysses). Reports
+    bytes held per rank (gradients just before the optimizer step) and the process's peak RSS (VmHWM)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    import dataclasses
+
     import data
     import rl
     import rollout
     import train
     ps = mrsp.init_distributed(sp_size=world_size)
     start = time.perf_counter()
-    # ---- policy, reference, optimizer, cache: as rl.py's set-up makes them (load_policy, load_reference) ----
-    # fp32 master weights computing in bf16 (FSDP2 mixed precision; autocast in one process), the frozen
-    # vision parts stored in bf16
-    policy = _wide_videolm(settings["layers"], settings["vocab_size"], seed=0, dtype=torch.float32).to(ps.device)
-    policy.freeze_vision(dtype=torch.bfloat16)
-    policy.llm.train()
-    rl.enable_attention(policy, ps, shared_prefix=True)
-    train.shard_model(policy, ps, bf16=True)
-    # the reference: the initial LLM alone (it shares the policy's frozen vision parts), frozen, sharded,
-    # computing as the policy does (rl.load_reference): bf16 with an fp32 LM head under FSDP, fp32 in one process
-    initial = _wide_videolm(settings["layers"], settings["vocab_size"], seed=0, dtype=train.compute_dtype(ps, True))
-    initial.llm.get_output_embeddings().float()
-    reference = M.VideoLM(policy.config, policy.vision_tower, policy.mm_projector, initial.llm.to(ps.device),
-                          policy.tokenizer)
-    del initial
-    reference.llm.requires_grad_(False)
-    reference.llm.eval()
-    rl.enable_attention(reference, ps, shared_prefix=True)
-    train.shard_model(reference, ps, bf16=True)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=1e-2)
-    cache = mrsp.VideoEmbeddingCache(policy, sp_group=ps.sp_group, dtype=torch.bfloat16)
+    G = settings["group_size"]
+    args = rl.parse_args(["--init", checkpoint, "--data", video, "--out", video,
+                          "--bf16" if settings["bf16"] else "--no-bf16", "--group-size", str(G),
+                          "--sp-size", str(world_size), "--num-frames", str(settings["frames"])])
+    models = rl.load_models(args, Path(checkpoint), data.FrameSampling.from_args(args), ps)
+    grad_bytes = []
+    models.optimizer.register_step_pre_hook(
+        lambda *_: grad_bytes.append(_local_bytes([p.grad for p in models.params if p.grad is not None])))
     if ps.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ps.device)
 
@@ -197,41 +185,28 @@ def _grpo_memory_rank(rank: int, world_size: int, settings: dict, video: str, po
     frames = np.random.default_rng(0).integers(0, 256, (settings["frames"], 448, 448, 3), dtype=np.uint8)
     record = data.Record("bench", video, "What happens?", [], "free_form", "", "x")
     with torch.no_grad():
-        video_embeds = cache.get(video, f"n{settings['frames']}", frames_fn=lambda: frames,
-                                 encode_fn=lambda f: mrsp.stage1_encode(policy, f, ps.sp_group))
-        prompt = policy.prompt_embeds(CAPACITY_TEXT_BEFORE, video_embeds, CAPACITY_TEXT_AFTER)   # [L, D]
-    train.reshard(policy)
+        video_embeds = models.cache.get(video, f"n{settings['frames']}", frames_fn=lambda: frames,
+                                        encode_fn=lambda f: mrsp.stage1_encode(models.policy, f, ps.sp_group))
+        prompt = models.policy.prompt_embeds(CAPACITY_TEXT_BEFORE, video_embeds, CAPACITY_TEXT_AFTER)   # [L, D]
+    train.reshard(models.policy)
     generator = torch.Generator().manual_seed(0)
-    G = settings["group_size"]
     episodes = [rl.Episode(record, rollout.Sample(torch.randint(3, 300, (settings["response_len"],), generator=generator
                                                                 ).tolist(), [0.0] * settings["response_len"], "length", ""),
                            reward=float(i % 2), accuracy=0.0, format=0.0, advantage=1.0 if i % 2 else -1.0)
                 for i in range(G)]
-    prompt_fn = lambda record: prompt
 
-    # ---- 6a. reference log-probs; 6b. the update (on-policy: the old log-probs are its own, detached) ----
-    # rl.py's defaults: the group packed with its prompt once (shared prefix), one mini-batch
-    with torch.no_grad(), train.autocast(ps, True):
-        ref_lp = rl.batch_logprobs(reference, prompt_fn, episodes, ps, 1.0, True, G)[0]
-    train.reshard(reference)
-    with train.autocast(ps, True):
-        lp, mask = rl.batch_logprobs(policy, prompt_fn, episodes, ps, 1.0, True, G)
-        adv = torch.tensor([e.advantage for e in episodes], device=lp.device)[:, None].expand_as(lp)
-        loss = rl.policy_loss(lp, lp.detach(), adv, mask)[0] + 0.01 * rl.aggregate(rl.kl_k3(lp, ref_lp), mask, "token-mean")
-    (loss * ps.sp_size).backward()
-    grad_bytes = _local_bytes([p.grad for p in params if p.grad is not None])
-    train.clip_grad_norm(params, 1.0)
-    optimizer.step()
-    optim_bytes = _local_bytes([v for state in optimizer.state.values() for v in state.values()])
-    optimizer.zero_grad(set_to_none=True)
+    # ---- 6. the update, as rl.py runs it ----
+    models = dataclasses.replace(models, policy_prompt=lambda r: prompt, reference_prompt=lambda r: prompt)
+    rl.update_policy(models, [episodes], args, ps, rl.PhaseTimer(ps.device))
+    optim_bytes = _local_bytes([v for state in models.optimizer.state.values() for v in state.values()])
     seconds = time.perf_counter() - start
     peak_rss = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) * 1024
     cuda_peak = torch.cuda.max_memory_allocated(ps.device) if ps.device.type == "cuda" else None
     results.put(dict(rank=rank, positions=len(prompt) + G * settings["response_len"],
-                     params=_local_bytes(policy.parameters()), grads=grad_bytes, optimizer=optim_bytes,
-                     reference=_local_bytes([*reference.llm.parameters(), *reference.llm.buffers()]),
-                     cache=cache.bytes, peak_rss=peak_rss, cuda_peak=cuda_peak, seconds=seconds,
-                     structure=train.fsdp_structure(policy)))
+                     params=_local_bytes(models.policy.parameters()), grads=grad_bytes[0], optimizer=optim_bytes,
+                     reference=_local_bytes([*models.reference.llm.parameters(), *models.reference.llm.buffers()]),
+                     cache=models.cache.bytes, peak_rss=peak_rss, cuda_peak=cuda_peak, seconds=seconds,
+                     structure=train.fsdp_structure(models.policy)))
     train.shutdown(ps)
 
 
@@ -239,23 +214,27 @@ def cmd_grpo_memory(args):
     """Print a markdown table: per rank, the bytes of one GRPO step's state and its peak memory, for
     each process count (all ranks one SP group, the policy FSDP2-sharded over them)."""
     settings = dict(layers=args.layers, vocab_size=args.vocab_size, frames=args.frames,
-                    group_size=args.group_size, response_len=args.response_len)
+                    group_size=args.group_size, response_len=args.response_len, bf16=args.bf16)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         video = Path(tmp) / "video.mp4"  # the cache keys on the file's path, size and mtime; nothing decodes it
         video.write_bytes(b"frames come from a random array")
+        checkpoint = Path(tmp) / "policy"  # rl.py loads its policy and reference from a checkpoint
+        _wide_videolm(args.layers, args.vocab_size, seed=0).save(checkpoint)
         for ranks in args.ranks:
             rows += sorted((dict(r, ranks=ranks) for r in _spawn_ranks(_grpo_memory_rank, ranks, ranks, settings,
-                                                                        str(video))),
+                                                                        str(checkpoint), str(video))),
                            key=lambda r: r["rank"])
             print(f"# {ranks} rank(s) done", flush=True)
     mib = lambda b: "-" if b is None else f"{b / 2**20:,.0f}"
+    precision = ("--bf16: fp32 master weights computing in bf16, FSDP2 mixed precision (autocast in one process), "
+                 "fp32 LM head" if args.bf16 else "fp32")
     print(f"\ncommand: `{_command_line()}`\ndevice: {_device_name()}\n"
           f"One GRPO update (encode through the cache, old + reference log-probs, loss, backward, clip, AdamW) "
           f"of one group of {args.group_size} responses x {args.response_len} tokens on a {args.frames}-frame video "
           f"(packed with its prompt once: {rows[0]['positions']:,} positions); LLM of the 7B's width with {args.layers} layer(s), "
-          f"vocabulary {args.vocab_size:,}; --bf16: fp32 master weights computing in bf16 (FSDP2 mixed precision, "
-          f"autocast in one process), fp32 LM head; all ranks one SP group, policy FSDP2-sharded. MiB per rank:\n")
+          f"vocabulary {args.vocab_size:,}; rl.py's models ({precision}); all ranks one SP group, "
+          f"both models FSDP2-sharded. MiB per rank:\n")
     for r in rows:
         if r["structure"] and r["rank"] == 0:
             print(f"FSDP units of the policy with {r['ranks']} ranks (train.fsdp_structure):\n")
@@ -843,89 +822,6 @@ def cmd_decode(args):
         print(f"\nPyAV decoding every frame of the {codec} video ({count:,} frames, no resize): {seconds:.2f} s")
 
 
-# ---- lookup: can a preset's LLM learn to copy the options from its prompt? (text only) ----
-
-LOOKUP_DISTANCES = ("near", "fixed", "varies")
-
-
-def _lookup_example(rng: np.random.Generator, distance: str) -> tuple[str, str]:
-    """(question, response) of the skill a lettered multiple-choice chain needs: the prompt lists four
-    colour options "A. red ...", and the response re-reads them, so each colour is copied from the prompt.
-    Between the two, a walk of scene sentences like the synthetic task's: none ("near"), always five
-    ("fixed": the copy is always the same distance back) or three to eight ("varies": the copy must find
-    its option by the letter, as it must after a real walk)."""
-    import data
-    colours = list(data.PALETTE)
-    options = "".join(f"\n{data.option_letter(i)}. {c}" for i, c in enumerate(rng.choice(colours, 4, replace=False)))
-    n = {"near": 0, "fixed": 5, "varies": int(rng.integers(3, 9))}[distance]
-    walk = " ".join(f"Scene {i + 1} is {rng.choice(colours)}." for i in range(n))
-    return f"Question: Which colours are the options?{options}", f"<think>{walk}{options}</think>"
-
-
-def _lookup_run(preset: str, distance: str, args) -> list[tuple[int, float]]:
-    """Train the preset's LLM (random init) on one distance; [(step, held-out copy accuracy)]."""
-    import data
-    import train
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    pairs = [_lookup_example(rng, distance) for _ in range(args.examples + 200)]
-    tok = M.train_tokenizer([q for q, _ in pairs] + [r for _, r in pairs], M.PRESETS[preset]["vocab_size"])
-    colour_ids = {i for i in tok.get_vocab().values() if tok.decode([i]).strip() in data.PALETTE}
-    encoded = []
-    for question, response in pairs:
-        before, after = M.VilaFamily.chat_text(tok, "", question)
-        prompt, reply = tok(before + after)["input_ids"], tok(response)["input_ids"]
-        copies = [i for i, t in enumerate(reply) if t in colour_ids][-4:]  # the re-read options
-        encoded.append((prompt, reply, copies))
-    train_set, held = encoded[:args.examples], encoded[args.examples:]
-    llm = M.PRESETS[preset]["llm"]
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64 * math.ceil(len(tok) / 64), max_position_embeddings=4096, **llm))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-
-    def batch(examples):
-        length = max(len(p) + len(r) for p, r, _ in examples)
-        ids = torch.full((len(examples), length), tok.pad_token_id)
-        targets = torch.full((len(examples), length), -100)
-        for b, (p, r, _) in enumerate(examples):
-            ids[b, :len(p) + len(r)] = torch.tensor(p + r)
-            targets[b, len(p) - 1:len(p) + len(r) - 1] = torch.tensor(r)
-        return ids, targets
-
-    def copy_accuracy():
-        ids, targets = batch(held)
-        with torch.no_grad():
-            predicted = model(input_ids=ids).logits.argmax(-1)
-        hits = [(predicted[b, len(p) - 1 + i] == targets[b, len(p) - 1 + i]).item()
-                for b, (p, _, copies) in enumerate(held) for i in copies]
-        return sum(hits) / len(hits)
-
-    curve, order = [], np.random.default_rng(args.seed + 1)
-    for step in range(args.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = train.lr_at(step, args.steps, args.lr, warmup_steps=10)  # sft.py's schedule
-        ids, targets = batch([train_set[i] for i in order.choice(len(train_set), args.batch_size, replace=False)])
-        loss = torch.nn.functional.cross_entropy(model(input_ids=ids).logits.transpose(1, 2), targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % args.every == 0:
-            curve.append((step + 1, copy_accuracy()))
-            print(f"  {distance:6s} step {step + 1:5d}  held-out copy accuracy {curve[-1][1]:.3f}", flush=True)
-    return curve
-
-
-def cmd_lookup(args):
-    """Held-out accuracy of the copied option colours against training steps, for each distance. Chance
-    is 1/6 (any colour) or 1/4 (one of the listed four)."""
-    print(f"{args.preset} LLM, batch {args.batch_size}, lr {args.lr}, {args.steps} steps; {_command_line()}")
-    curves = {d: _lookup_run(args.preset, d, args) for d in args.distances}
-    print("step    " + "".join(f"{d:>9s}" for d in curves))
-    for k, (step, _) in enumerate(next(iter(curves.values()))):
-        print(f"{step:<8d}" + "".join(f"{c[k][1]:9.3f}" for c in curves.values()))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -946,6 +842,9 @@ def main():
     memory.add_argument("--vocab-size", type=int, default=152064, help="--grpo-step: LLM vocabulary (Qwen2-7B's)")
     memory.add_argument("--frames", type=int, default=2, help="--grpo-step: frames of the video (257 positions each)")
     memory.add_argument("--group-size", type=int, default=2, help="--grpo-step: responses in the group")
+    memory.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
+                        help="--grpo-step: rl.py's --bf16, with its default (on with a GPU). A CPU without bf16 "
+                             "matrix instructions runs bf16 products on a slow generic path: minutes per step")
     memory.set_defaults(fn=cmd_memory)
     engines = sub.add_parser("engines", formatter_class=fmt,
                              help="rollout throughput (generated tokens/s) of the torch and vLLM engines")
@@ -1014,26 +913,6 @@ def main():
     decode.add_argument("--workdir", default=None,
                         help="folder for the test videos, kept for reruns (default: a new temp folder)")
     decode.set_defaults(fn=cmd_decode)
-    lookup = sub.add_parser("lookup", formatter_class=fmt,
-                            help="can a preset's LLM learn to re-read lettered options from its prompt? (text only)",
-                            description="Train a preset's LLM from random weights, text only, to re-read four "
-                            "lettered colour options (\"A. red\" ...) from its prompt, as a multiple-choice chain of "
-                            "thought must, with a walk of scene sentences in between: none (near), always five "
-                            "(fixed: the copy is always the same distance back) or three to eight (varies: the copy "
-                            "must find its option by the letter, as after a real walk). Prints the held-out accuracy "
-                            "of the copied colours every --every steps; chance is 1/6.")
-    lookup.add_argument("--preset", choices=sorted(M.PRESETS), default="tiny", help="the LLM's sizes")
-    lookup.add_argument("--distances", nargs="+", choices=LOOKUP_DISTANCES, default=list(LOOKUP_DISTANCES),
-                        help="what stands between the options and their re-reading")
-    lookup.add_argument("--steps", type=int, default=800, help="optimizer steps per distance")
-    lookup.add_argument("--batch-size", type=int, default=8, help="examples per step (sft.py's default)")
-    lookup.add_argument("--lr", type=float, default=1e-3,
-                        help="peak learning rate: 10 warmup steps, then cosine decay over --steps, as sft.py "
-                             "(demo.sh's rate)")
-    lookup.add_argument("--examples", type=int, default=2000, help="training examples (demo.sh trains on 2000)")
-    lookup.add_argument("--every", type=int, default=100, help="measure every N steps")
-    lookup.add_argument("--seed", type=int, default=0, help="seed for the data and the initial weights")
-    lookup.set_defaults(fn=cmd_lookup)
     args = ap.parse_args()
     args.fn(args)
 

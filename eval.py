@@ -16,13 +16,7 @@ Run it (record files as published: LongVideo-Reason's JSON/JSONL/parquet, Video-
     python eval.py --checkpoint CKPT --data LongVideo-Reason/eval.json --video-dir LongVideo-Reason/videos \
         --out runs/lvr-eval
 
-Scoring (`score_answer`, which rl.py's accuracy reward uses too):
-    multiple_choice  `extract_choice`: the last complete <answer>...</answer> pair if there is one, else
-                     the text after </think>, read as "B", "(B)", "B.", "B. red", "The answer is B",
-                     "answer: b", or an option's full text. Naming several options, or none, is wrong.
-    numerical        the one number in the answer (every number found must agree), correct when within
-                     a relative 1e-2 or an absolute 1e-6 of the truth
-    free_form        exact match after lower-casing, collapsing whitespace and dropping a final "."
+Scoring: grading.py (`score_answer`), shared with rl.py's rewards.
 
 Errors: a question that cannot be asked (a bad row in the record file, a video or subtitle file that
 is missing or cannot be decoded) counts in `n` as wrong, so accuracy stays comparable to a run on the
@@ -37,7 +31,6 @@ equals the report of an uninterrupted run.
 import argparse
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -49,6 +42,7 @@ from tqdm import tqdm
 
 import data
 import errors
+import grading
 import train
 from data import FrameSampling, Record, VideoError
 
@@ -56,158 +50,120 @@ log = logging.getLogger("eval")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Answer extraction and scoring
+# Converting public annotation files into our record format
 # ---------------------------------------------------------------------------------------------------
 
-# A complete <answer>...</answer> pair whose content holds no other answer tag.
-_ANSWER_PAIR = re.compile(r"<answer>((?:(?!</?answer>).)*)</answer>", re.DOTALL)
-_WELL_FORMED = re.compile(r"\s*<think>((?:(?!</?(?:think|answer)>).)*)</think>\s*"
-                          r"<answer>((?:(?!</?(?:think|answer)>).)*)</answer>\s*", re.DOTALL)
-_TAG = re.compile(r"</?(?:think|answer)>")
-
-# Letter forms. A lowercase letter counts only where it cannot be an English word ("a", "I"): alone,
-# in brackets, or ending a phrase ("answer: b").
-_BARE = re.compile(r"\s*(?:\(([A-Za-z])\)|\[([A-Za-z])\]|([A-Za-z]))[.:]?\s*")      # "B", "(b)", "B."
-_LEADING = re.compile(r"\s*(?:\(([A-Z])\)|\[([A-Z])\]|([A-Z])[.):\n])(.*)", re.DOTALL)  # "B. red", "(B) red"
-_ONE = r"(?:\([A-Z]\)|\[[A-Z]\]|[A-Z](?![A-Za-z0-9]))"
-_LIST = re.compile(rf"\s*{_ONE}(?:\s*(?:,|/|&|\band\b|\bor\b)\s*{_ONE})+\s*\.?\s*")     # "A, C", "A or C"
-# The letters after an answer phrase: "B", "(b)", "b" at the end, and any "or C" / ", D" that follow.
-_PHRASE_LETTERS = (r"(\([A-Za-z]\)|\[[A-Za-z]\]|[A-Z](?![A-Za-z0-9])|[a-z](?=\s*$|[.,;:!?)\]]))"
-                   rf"((?:\s*(?:,|/|\band\b|\bor\b)\s*{_ONE})*)")
-_PHRASES = [re.compile(f"(?i:{head})" + _PHRASE_LETTERS + (f"(?i:{tail})" if tail else "")) for head, tail in (
-    (r"\banswer\b(?:\s+(?:is|would be|should be|will be))?\s*[:=\-]?\s*(?:option\s+|choice\s+)?", ""),
-    (r"\b(?:correct|best|right)\s+(?:option|choice)(?:\s+(?:is|would be|should be))?\s*[:=\-]?\s*", ""),
-    (r"\b(?:option|choice)\s+", r"\s+is\s+(?:the\s+)?(?:correct|right|best|answer)\b"),
-)]
+def read_rows(path) -> list[dict]:
+    """The rows of a JSON list file or a JSONL file."""
+    text = Path(path).read_text(encoding="utf-8-sig")
+    if text.lstrip().startswith("["):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def extract_answer(response: str) -> str | None:
-    """The stripped content of the last complete <answer>...</answer> pair, or None.
+def _field(row: dict, name: str, where: str):
+    if name not in row:
+        raise ValueError(f"{where}: missing field {name!r}")
+    return row[name]
 
-    >>> extract_answer("<think>hmm</think><answer> B </answer>")
-    'B'
-    >>> extract_answer("<answer>A</answer> wait, <answer>C")   # an unclosed tag does not count
-    'A'
+
+_OPTION_PREFIX = re.compile(r"^\s*\(?([A-Z])[.):]\s*")
+
+
+def convert_videomme(rows: list[dict], videos_dir, subtitles_dir=None, root=".") -> list[dict]:
+    """VideoMME annotation rows -> our record dicts (see the module docstring's table). Paths are
+    written relative to `root`, the folder the record file will live in.
+
+    >>> convert_videomme([{"video_id": "001", "videoID": "fFjv93ACGo8", "question_id": "001-1",
+    ...     "question": "What colour?", "options": ["A. red", "B. blue"], "answer": "B",
+    ...     "duration": "short", "domain": "Knowledge", "sub_category": "Humanity & History",
+    ...     "task_type": "Counting Problem"}], "videos")[0]["options"]
+    ['red', 'blue']
     """
-    pairs = _ANSWER_PAIR.findall(response)
-    return pairs[-1].strip() if pairs else None
+    records = []
+    flat = [{**{k: v for k, v in row.items() if k != "questions"}, **q} if "questions" in row else row
+            for row in rows for q in (row.get("questions") or [None])]
+    for i, row in enumerate(flat):
+        where = f"VideoMME row {i} ({row.get('question_id', '?')})"
+        video_name = _field(row, "videoID", where)
+        options = [_OPTION_PREFIX.sub("", o, count=1).strip() for o in _field(row, "options", where)]
+        srt = Path(subtitles_dir) / f"{video_name}.srt" if subtitles_dir else None
+        records.append({
+            "problem_id": str(_field(row, "question_id", where)),
+            "videos": os.path.relpath(Path(videos_dir) / f"{video_name}.mp4", root),
+            "problem": _field(row, "question", where),
+            "options": options,
+            "problem_type": "multiple_choice",
+            "reasoning": "",
+            "answer": _field(row, "answer", where).strip(),
+            "subtitles": os.path.relpath(srt, root) if srt and srt.is_file() else None,
+            **{k: str(row[k]) for k in ("duration", "domain", "sub_category", "task_type") if k in row},
+        })
+    return records
 
 
-def is_well_formed(response: str) -> bool:
-    """The whole response is <think>...</think><answer>...</answer> (whitespace around is fine), no
-    tag nested inside another, and the answer is not empty. This is the format the rewards ask for."""
-    m = _WELL_FORMED.fullmatch(response)
-    return bool(m) and bool(m.group(2).strip())
+_PROBLEM_TYPES = {"multiple choice": "multiple_choice", "multiple_choice": "multiple_choice",
+                  "numerical": "numerical", "numeric": "numerical",
+                  "free-form": "free_form", "free_form": "free_form", "free form": "free_form"}
 
 
-def _final_text(response: str) -> tuple[str, bool]:
-    """What the response gives as its answer: (text, from_tag). The last complete answer tag's content;
-    without one, the text after the last </think> (the reasoning may mention every option)."""
-    tagged = extract_answer(response)
-    if tagged is not None:
-        return tagged, True
-    return response.rsplit("</think>", 1)[-1], False
+def split_options(problem: str) -> tuple[str, list[str]]:
+    """A question with its options embedded as lines -> (question, options). Option lines are "A. x",
+    "A) x" or "(A) x", lettered A, B, C, ... in order; an "Options:" line before them is dropped.
 
-
-def _normalise_text(text: str) -> str:
-    """Lower case, single spaces, no final full stop: "  The  Red ball. " -> "the red ball"."""
-    return " ".join(text.lower().split()).removesuffix(".").strip()
-
-
-def _phrase_letters(text: str) -> set[str]:
-    """Letters named after answer phrases: "The answer is B" -> {"B"}; "answer: a or C" -> {"A", "C"}."""
-    letters = set()
-    for pattern in _PHRASES:
-        for m in pattern.finditer(text):
-            letters |= set(re.findall(r"(?<![A-Za-z])[A-Za-z](?![A-Za-z])", f"{m.group(1)} {m.group(2)}"))
-    return {c.upper() for c in letters}
-
-
-def _read_choice(text: str, options: list[str]) -> tuple[set[str], str]:
-    """The option letters (upper case) a short answer text names, and which form named them."""
-    text = _TAG.sub(" ", text)
-    if m := _BARE.fullmatch(text):
-        return {next(g for g in m.groups() if g).upper()}, "bare_letter"
-    if _LIST.fullmatch(text):
-        return set(re.findall(r"(?<![A-Za-z])[A-Z](?![A-Za-z])", text)), "multiple"
-    wanted = _normalise_text(text)
-    by_text = {data.option_letter(i) for i, o in enumerate(options) if wanted and _normalise_text(o) == wanted}
-    if by_text:
-        return by_text, "option_text"
-    if m := _LEADING.match(text):  # "B. red": the text after the letter must not name another option
-        letter, rest = next(g for g in m.groups()[:3] if g), _normalise_text(m.group(4))
-        named = {data.option_letter(i) for i, o in enumerate(options) if rest and _normalise_text(o) == rest}
-        return {letter} | named | _phrase_letters(text), "bare_letter"
-    return _phrase_letters(text), "phrase"
-
-
-def extract_choice(response: str, num_options: int, options: list[str] | None = None
-                   ) -> tuple[str | None, str]:
-    """The option letter a response chose, and how it was found: (letter or None, how).
-
-    how is "tag" (read inside the last complete <answer> pair), "bare_letter" ("B", "(B)", "B.",
-    "B. red"), "phrase" ("The answer is B", "answer: b", "Option C is correct"), "option_text" (the
-    full text of one option, needs `options`), "multiple" (several different letters: wrong) or
-    "none" (no letter, or one past the last option: wrong).
-
-    >>> extract_choice("<think>...</think><answer>C</answer>", 4)
-    ('C', 'tag')
-    >>> extract_choice("The answer is (b).", 4)
-    ('B', 'phrase')
-    >>> extract_choice("A or C", 4)
-    (None, 'multiple')
+    >>> split_options("Why does he run?\\nA. rain\\nB. a bus\\n")
+    ('Why does he run?', ['rain', 'a bus'])
     """
-    text, from_tag = _final_text(response)
-    letters, how = _read_choice(text, list(options or [])[:num_options])
-    if len(letters) > 1:
-        return None, "multiple"
-    if not letters or ord(min(letters)) - ord("A") >= num_options:
-        return None, "none"
-    return letters.pop(), "tag" if from_tag else how
+    lines = problem.splitlines()
+    question, options = [], []
+    for line in lines:
+        m = _OPTION_PREFIX.match(line)
+        if m and m.group(1) == data.option_letter(len(options)):
+            options.append(line[m.end():].strip())
+        elif not options:
+            question.append(line)
+        elif line.strip():  # a continuation of the previous option
+            options[-1] += " " + line.strip()
+    if question and question[-1].strip().lower().rstrip(":") == "options":
+        question.pop()
+    return "\n".join(question).strip(), options
 
 
-_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?")
+def convert_longvideo_reason(rows: list[dict], videos_dir, root=".") -> list[dict]:
+    """LongVideo-Reason release rows -> our record dicts (see the module docstring's table)."""
+    records = []
+    for i, row in enumerate(rows):
+        where = f"LongVideo-Reason row {i} ({row.get('problem_id', '?')})"
+        video = _field(row, "videos", where)
+        video = video[0] if isinstance(video, list) and len(video) == 1 else video
+        if not isinstance(video, str):
+            raise ValueError(f"{where}: field 'videos' must be one path, got {video!r:.80}")
+        kind = str(_field(row, "problem_type", where)).strip().lower()
+        if kind not in _PROBLEM_TYPES:
+            raise ValueError(f"{where}: unknown problem_type {kind!r}")
+        problem_type = _PROBLEM_TYPES[kind]
+        question, options = _field(row, "problem", where), []
+        if problem_type == "multiple_choice":
+            question, options = split_options(question)
+            if len(options) < 2:
+                raise ValueError(f"{where}: found {len(options)} option line(s) ('A. ...') in 'problem'")
+        answer = str(_field(row, "answer", where)).strip()
+        answer = (grading.extract_answer(answer) if "<answer>" in answer else answer) or answer
+        record = {"problem_id": str(_field(row, "problem_id", where)),
+                  "videos": os.path.relpath(Path(videos_dir) / video, root), "problem": question,
+                  "options": options, "problem_type": problem_type, "reasoning": row.get("reasoning", ""),
+                  "answer": answer}
+        category = row.get("reasoning_type", row.get("type"))
+        if category:
+            record["category"] = str(category).strip().lower()
+        records.append(record)
+    return records
 
 
-def parse_number(text: str) -> float | None:
-    """The number a text states: every number in it must have the same value ("3", "about 3.0
-    scenes", "1,000"); none, or two different ones ("3 or 4"), gives None."""
-    values = {float(m.replace(",", "")) for m in _NUMBER.findall(text)}
-    values = {v for v in values if math.isfinite(v)}
-    return values.pop() if len(values) == 1 else None
-
-
-def numbers_match(prediction: float, truth: float) -> bool:
-    """Within a relative 1e-2 of the truth, or an absolute 1e-6 (so a truth of 0 needs ~0)."""
-    return abs(prediction - truth) <= max(1e-2 * abs(truth), 1e-6)
-
-
-def _grade(record: Record, response: str) -> tuple[bool, str | None, str]:
-    """(correct, prediction, how) for one response; see score_answer."""
-    if record.problem_type == "multiple_choice":
-        letter, how = extract_choice(response, len(record.options), record.options)
-        return letter == record.answer, letter, how
-    text, from_tag = _final_text(response)
-    if record.problem_type == "numerical":
-        value = parse_number(text)
-        prediction = None if value is None else f"{value:g}"
-        correct = value is not None and numbers_match(value, float(record.answer))
-    else:
-        prediction = _normalise_text(text) or None
-        correct = prediction == _normalise_text(record.answer)
-    how = "none" if prediction is None else "tag" if from_tag else "untagged"
-    return correct, prediction, how
-
-
-def score_answer(record: Record, response: str) -> tuple[bool, str | None]:
-    """Is the response's answer right? (correct, prediction): prediction is the option letter, the
-    number (as text) or the normalised free-form answer, None when none could be read.
-
-    >>> score_answer(record, "<think>Scene 1 is red.</think><answer>A</answer>")   # record.answer == "A"
-    (True, 'A')
-    """
-    correct, prediction, _ = _grade(record, response)
-    return correct, prediction
+def write_jsonl(records: list[dict], path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -334,10 +290,10 @@ def _prompt(model, record: Record, sampling: FrameSampling, subtitles: bool, cac
 
 def _prediction_row(record: Record, response: str | None, finish_reason: str | None = None,
                     error: str | None = None) -> dict:
-    correct, prediction, how = _grade(record, response) if error is None else (False, None, "error")
+    correct, prediction, how = grading.grade(record, response) if error is None else (False, None, "error")
     return {"problem_id": record.problem_id, "problem_type": record.problem_type, "answer": record.answer,
             "prediction": prediction, "correct": correct, "how": how,
-            "format_ok": error is None and is_well_formed(response), "labels": record.labels,
+            "format_ok": error is None and grading.is_well_formed(response), "labels": record.labels,
             "finish_reason": finish_reason, "error": error, "response": response,
             "decoder": None if error else data.decoder_of(record.video)}
 

@@ -32,10 +32,10 @@ Gradient accounting (the rule rl.py follows). Every SP rank computes the same lo
 log-probs. `gather_sequence`'s backward keeps the local slice of that gradient, so after backward a rank's
 parameter gradients hold the contribution of its own tokens only (the all-to-all backward already routed
 the attention gradients to the ranks that own the tokens). The full gradient of one sample group is
-therefore the SUM over the SP group; across DP groups, gradients are AVERAGED as usual.
-`allreduce_gradients(model, ps)` does exactly that for the plain (non-FSDP) path. With FSDP2, we
+therefore the SUM over the SP group; across DP groups, gradients are AVERAGED as usual (without FSDP:
+an all-reduce sum over `sp_group`, then a mean over `dp_group`, as the tests do). With FSDP2, we
 recommend sharding over a 1-D mesh of all world ranks (`init_device_mesh(device_type, (world_size,))`;
-given the 2-D `ps.mesh`, FSDP2 would replicate over dp and shard over sp) and calling
+given the 2-D dp x sp mesh, FSDP2 would replicate over dp and shard over sp) and calling
 `set_gradient_divide_factor(ps.dp_size)` on every `fully_shard`ed module: FSDP's reduce-scatter then sums
 over all ranks and divides by dp_size, the SP sum and the DP mean in one collective. (Keeping FSDP's
 default mean over dp*sp ranks and multiplying the loss by sp_size gives the same gradients. Sharding
@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import init_device_mesh
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -114,20 +114,6 @@ class ParallelState:
     dp_group: dist.ProcessGroup | None = None
     sp_group: dist.ProcessGroup | None = None
     device: torch.device = torch.device("cpu")
-    mesh: DeviceMesh | None = None  # the ("dp", "sp") mesh, e.g. for FSDP2; None outside torchrun
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_groups(cls, sp_group, dp_group=None, device="cpu") -> "ParallelState":
-        """For code that created its process groups itself (tests that spawn their own processes)."""
-        return cls(rank=dist.get_rank() if dist.is_initialized() else 0,
-                   world_size=dist.get_world_size() if dist.is_initialized() else 1,
-                   dp_rank=group_rank(dp_group), dp_size=group_size(dp_group),
-                   sp_rank=group_rank(sp_group), sp_size=group_size(sp_group),
-                   dp_group=dp_group, sp_group=sp_group, device=torch.device(device))
 
 
 def init_distributed(sp_size: int = 1) -> ParallelState:
@@ -156,7 +142,7 @@ def init_distributed(sp_size: int = 1) -> ParallelState:
                          dp_rank=mesh.get_local_rank("dp"), dp_size=world_size // sp_size,
                          sp_rank=mesh.get_local_rank("sp"), sp_size=sp_size,
                          dp_group=mesh.get_group("dp"), sp_group=mesh.get_group("sp"),
-                         device=device, mesh=mesh)
+                         device=device)
 
 
 # ---- communication with autograd ----
@@ -216,7 +202,7 @@ def gather_sequence(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 
     Backward contract: every SP rank computes the SAME loss from the gathered tensor (true in MR-SP: the
     ranks of an SP group hold the same batch). The backward then keeps the local slice of the incoming
-    gradient, and parameter gradients must afterwards be summed over the SP group (`allreduce_gradients`).
+    gradient, and parameter gradients must afterwards be summed over the SP group (module docstring).
     """
     return x if group_size(group) == 1 else _GatherSequence.apply(x, dim, group)
 
@@ -290,7 +276,7 @@ def enable_ulysses(model: VideoLM, sp_group) -> None:
     The current implementation (sdpa, or flash_attention_2 on a GPU) becomes the inner attention; the
     group is remembered on every attention module. Raises ValueError when the heads cannot be split.
     While enabled, every forward of the LLM must be a sharded one run by all SP ranks together
-    (`sp_token_logprobs`); call `disable_ulysses` before generating with it. Enable it on every model
+    (`sp_token_logprobs`); generate with another model (rl.py's engines do). Enable it on every model
     that runs sharded (policy and reference), after any copy.deepcopy of it.
     """
     from transformers import AttentionInterface  # imported on first use, as in model.py: it is slow
@@ -306,16 +292,6 @@ def enable_ulysses(model: VideoLM, sp_group) -> None:
     for attn in _attention_modules(model):
         attn.ulysses = UlyssesSetup(sp_group, inner, ALL_ATTENTION_FUNCTIONS[inner], inner_config)
     model.llm.set_attn_implementation(ULYSSES)
-
-
-def disable_ulysses(model: VideoLM) -> None:
-    """Back to the plain inner attention over whole sequences (e.g. for generation)."""
-    if model.llm.config._attn_implementation != ULYSSES:
-        return
-    inner = _attention_modules(model)[0].ulysses.inner
-    for attn in _attention_modules(model):
-        del attn.ulysses
-    model.llm.set_attn_implementation(inner)
 
 
 # ---- stage 2: sequence shards ----
@@ -393,25 +369,6 @@ def sum_over_ranks(x: torch.Tensor, group) -> torch.Tensor:
     """Sum of equal-shaped tensors over `group`, where each rank filled in its own entries (zero elsewhere).
     Backward follows `gather_sequence`'s contract: the incoming gradient goes to the local term unchanged."""
     return x if group_size(group) == 1 else _SumOverRanks.apply(x, group)
-
-
-def allreduce_gradients(model: torch.nn.Module, ps: ParallelState) -> None:
-    """Turn per-rank gradients into the step's gradient: SUM over the SP group, MEAN over DP groups.
-
-    Use after backward, before clipping and the optimizer step, when the model is not wrapped by FSDP
-    (module docstring: gradient accounting). A trainable parameter that got no gradient on this rank
-    counts as zero, so every rank runs the same collectives in the same order.
-    """
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        if ps.sp_size > 1:
-            dist.all_reduce(p.grad, group=ps.sp_group)
-        if ps.dp_size > 1:
-            dist.all_reduce(p.grad, group=ps.dp_group)
-            p.grad.div_(ps.dp_size)
 
 
 # ---- stage 1: frame-sharded video encoding ----

@@ -1,20 +1,21 @@
 """Stage 2: GRPO reinforcement learning of a VideoLM on long-video QA, with MR-SP and a rollout engine.
 
-One GRPO step, as the banners in `main()` show it:
-  1. sample      each data-parallel rank takes --batch-size records
+One GRPO step, as `main()` runs it (each stage one call, defined above `main` in this order):
+  1. sample      each data-parallel rank takes --batch-size records (prompts)
   2. encode      MR-SP stage 1: each video's frames are encoded once, split over the SP group, and
                  cached; every later use in this step (and later steps: the vision tower is frozen)
                  reuses that encoding
   3. rollout     the prompt embeddings (text + cached video) go to the engine, which samples
                  --group-size responses per prompt from one prefill (with vLLM, the ranks of an SP
                  group each generate a share of its prompts)
-  4. rewards     0.9 x accuracy + 0.1 x format (weights configurable)
+  4. rewards     0.9 x accuracy + 0.1 x format (weights configurable; grading.py reads the answer)
   5. advantages  group-normalised: (r - mean) / (std + 1e-6), or without the std (Dr. GRPO)
-  6. update      old-policy and reference log-probs, then the clipped policy loss with a k3 KL term;
-                 a group's G responses share its prompt: each group is one packed row, the prompt run
-                 once (P + G*R positions, not G*(P + R)); the rows are sharded over the SP group (MR-SP
-                 stage 2, Ulysses attention). With one mini-batch the old log-probs come from the
-                 update's own forward (on-policy), not an extra pass
+  6. update      `update_policy`: old-policy and reference log-probs, then the clipped policy loss with a
+                 k3 KL term (and, with --tis-cap, truncated importance sampling on the engine's
+                 log-probs); a group's G responses share its prompt: each group is one packed row, the
+                 prompt run once (P + G*R positions, not G*(P + R)); the rows are sharded over the SP
+                 group (MR-SP stage 2, Ulysses attention). With one mini-batch the old log-probs come
+                 from the update's own forward (on-policy), not an extra pass
   7. sync        the new LLM weights go into the engine in place; metrics; checkpoint
 
 Run:
@@ -24,6 +25,8 @@ Writes OUT/metrics.jsonl (one row per step), OUT/checkpoint-STEP/, OUT/final/ an
 """
 import argparse
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,246 +35,70 @@ import torch.distributed as dist
 
 import data
 import errors
-import eval as evaluation
+import grading
 import model as M
 import mrsp
 import rollout
 import train
 
-# ---- rewards ----
 
-def format_reward(response: str) -> float:
-    """1.0 when the whole response is <think>...</think><answer>...</answer>, nothing nested, answer not empty.
+# ---- flags ----
 
-    Example: format_reward("<think>red</think><answer>B</answer>") == 1.0; format_reward("<answer>B</answer>") == 0.0
-    """
-    return 1.0 if evaluation.is_well_formed(response) else 0.0
-
-
-def accuracy_reward(record: data.Record, response: str) -> float:
-    """1.0 when the answer inside the last complete <answer>...</answer> matches the ground truth (option
-    letter, number within tolerance, or exact text). Only the tagged answer counts, as in the release: an
-    untagged "The answer is B" scores 0 here, though eval.py's lenient reading accepts it, since paying
-    for an answer outside the tags would teach the policy to drop the format.
-
-    Example: accuracy_reward(record, "<think>.</think><answer>B</answer>") == 1.0 and
-    accuracy_reward(record, "The answer is B") == 0.0 when record.answer == "B".
-    """
-    if evaluation.extract_answer(response) is None:
-        return 0.0
-    return 1.0 if evaluation.score_answer(record, response)[0] else 0.0
-
-
-# ---- GRPO: advantages, policy loss, KL ----
-
-def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO advantage of each response relative to its group.   rewards: [N, G] -> [N, G]
-
-        A_ij = (r_ij - mean_j r_ij) / (std_j r_ij + eps)      (scale_by_std=False: r_ij - mean_j r_ij, Dr. GRPO)
-
-    std is the unbiased sample std. A group whose rewards are all equal gets A = 0: it carries no signal.
-    So does a group of one (G = 1), whose unbiased std would be 0/0 = NaN.
-    Example: [[1, 0, 0, 1]] -> [[0.866, -0.866, -0.866, 0.866]]; [[1]] -> [[0]].
-    """
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
-    if not scale_by_std:
-        return centred
-    std = rewards.std(dim=1, keepdim=True, correction=1 if rewards.shape[1] > 1 else 0)
-    return centred / (std + eps)
-
-
-def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimator of KL(policy || reference) from samples of the policy:
-
-        k3 = exp(ref - logp) - (ref - logp) - 1   >= 0, unbiased, low variance (Schulman, "Approximating KL").
-
-    Clamped as verl does: the log-ratio to [-20, 20] before the exp, and k3 to at most 10. A token the
-    two models disagree on wildly (a log-prob gap past ~88 overflows exp, in bf16 as in fp32) then adds a
-    bounded loss and a zero gradient, instead of inf, whose backward is inf * 0 = NaN.
-    """
-    log_ratio = (ref_logprobs - logprobs).clamp(-20, 20)
-    return (torch.exp(log_ratio) - log_ratio - 1).clamp(max=10)
-
-
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """Reduce a per-token loss [B, S] to a scalar over the response tokens (mask [B, S]).
-
-        token-mean           sum_i sum_t l_it / sum_i |o_i|          every token weighs the same (default, DAPO)
-        seq-mean-token-mean  1/B sum_i (1/|o_i|) sum_t l_it         the original GRPO: long answers weigh less per token
-        seq-mean-token-sum   1/B sum_i sum_t l_it                   Dr. GRPO style: no length normalisation
-    """
-    mask = mask.to(per_token.dtype)
-    if mode == "token-mean":
-        return (per_token * mask).sum() / mask.sum().clamp(min=1)
-    per_seq = (per_token * mask).sum(dim=1)
-    if mode == "seq-mean-token-mean":
-        per_seq = per_seq / mask.sum(dim=1).clamp(min=1)
-    elif mode != "seq-mean-token-sum":
-        raise ValueError(f"unknown --loss-agg {mode!r}")
-    return per_seq.mean()
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=train.HelpFormatter)
+    ap.add_argument("--init", required=True, help="checkpoint to start from (usually the SFT run's final/)")
+    data.add_data_args(ap, "training records")
+    ap.add_argument("--out", required=True, help="output folder")
+    data.add_sampling_args(ap)
+    ap.add_argument("--steps", type=int, default=30, help="GRPO steps (one rollout batch each)")
+    ap.add_argument("--batch-size", type=int, default=8,
+                    help="prompts (records) per step per data-parallel rank; each gets --group-size responses, "
+                         "so a step trains on batch-size x group-size x data-parallel ranks responses")
+    ap.add_argument("--group-size", type=int, default=5, help="responses sampled per prompt (G)")
+    ap.add_argument("--mini-batches", type=int, default=1,
+                    help="optimizer updates per rollout batch (the batch is split; >1 makes the clip matter)")
+    ap.add_argument("--micro-batch-size", type=int, default=2,
+                    help="sequences per forward/backward; with the shared prefix, whole groups (at least one). "
+                         "Each carries a whole video, ~66k positions for a 7B model at 256 frames: keep it small there")
+    ap.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
+                    help="run each group's prompt once in the log-prob and update passes (P + G*R positions, not "
+                         "G*(P + R)); --no-shared-prefix runs every response as its own sequence")
+    ap.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (the paper's 1e-6 suits 7B)")
+    ap.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
+    ap.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
+    ap.add_argument("--kl-coef", type=float, default=1e-2, help="weight of the k3 KL to the reference (0: no reference)")
+    ap.add_argument("--clip-low", type=float, default=0.2, help="ratio clip below: 1 - clip_low")
+    ap.add_argument("--clip-high", type=float, default=0.3, help="ratio clip above: 1 + clip_high")
+    ap.add_argument("--dual-clip", type=float, default=3.0, help="dual-clip bound for negative advantages")
+    ap.add_argument("--loss-agg", default="token-mean",
+                    choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"], help="see aggregate()")
+    ap.add_argument("--std-norm", action=argparse.BooleanOptionalAction, default=True,
+                    help="divide the group-centred rewards by the group's std; --no-std-norm leaves it out (Dr. GRPO)")
+    ap.add_argument("--tis-cap", type=float, default=0.0,
+                    help="truncated importance sampling: weight each token's policy-gradient term by "
+                         "min(pi_old / pi_engine, C) with C this cap (0: off); see tis_weights()")
+    ap.add_argument("--type-label", default="category",
+                    help="record field whose values split the per-step accuracy (accuracy_<value> in metrics.jsonl "
+                         "and rl_curves.png); records without it count only in the overall accuracy")
+    ap.add_argument("--accuracy-weight", type=float, default=0.9, help="reward weight of accuracy")
+    ap.add_argument("--format-weight", type=float, default=0.1, help="reward weight of the think/answer format")
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="longest response")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    ap.add_argument("--top-p", type=float, default=0.99, help="nucleus sampling")
+    ap.add_argument("--engine", choices=["vllm", "torch"], default="vllm", help="rollout engine")
+    ap.add_argument("--max-model-len", type=int, default=None,
+                    help="engine's longest prompt + response; checked at start-up against the first records' "
+                         "prompts + --max-new-tokens (default: derived from them, see engine_max_model_len)")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                    help="share of GPU memory the vLLM engine may take (the trainer needs the rest)")
+    ap.add_argument("--engine-sleep", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
+                    help="vLLM sleep mode: free the engine's GPU memory while training (GPU only)")
+    train.add_cache_args(ap, default=True)
+    train.add_run_args(ap, save_every=10)
+    return ap.parse_args(argv)
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_high=0.3, dual_clip=3.0,
-                loss_agg="token-mean"):
-    """Clipped-ratio policy-gradient loss with separate low/high clip and dual clip.   all inputs [B, S]
-
-        r = exp(clamp(logp - logp_old, -20, 20))
-        l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))
-        l = min(l, -A dual_clip)   where A < 0   (bounds the loss when a bad action became very likely)
-
-    The log-ratio is clamped to [-20, 20] before the exp, as verl does: unclamped, a gap past ~88 makes
-    r = inf, and even where the clip discards that branch its backward is inf * 0 = NaN.
-    Returns (loss, clip_fraction): the share of response tokens where clipping changed the loss.
-    """
-    ratio = torch.exp((logprobs - old_logprobs).clamp(-20, 20))
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
-    per_token = torch.maximum(unclipped, clipped)
-    per_token = torch.where(advantages < 0, torch.minimum(per_token, -advantages * dual_clip), per_token)
-    clip_frac = ((clipped > unclipped) & mask).sum() / mask.sum().clamp(min=1)
-    return aggregate(per_token, mask, loss_agg), clip_frac.detach()
-
-
-# ---- the step's data ----
-
-@dataclass
-class Episode:
-    """One sampled response with everything the update needs."""
-    record: data.Record
-    sample: rollout.Sample
-    reward: float
-    accuracy: float
-    format: float
-    advantage: float = 0.0
-
-
-def score_group(record: data.Record, samples: list, args) -> list[Episode]:
-    episodes = []
-    for s in samples:
-        acc, fmt = accuracy_reward(record, s.text), format_reward(s.text)
-        episodes.append(Episode(record, s, args.accuracy_weight * acc + args.format_weight * fmt, acc, fmt))
-    return episodes
-
-
-def type_counts(episodes: list[Episode], label: str, types: list[str]) -> dict:
-    """Right answers and responses per question type (the records' `label` field, e.g. category) in one
-    step: {"correct/count": 3, "responses/count": 16, ...}, every type present (zeros) so that all ranks
-    sum the same keys. `type_accuracy` turns the summed counts into accuracy_<type>."""
-    counts = {f"{kind}/{t}": 0 for t in types for kind in ("correct", "responses")}
-    for e in episodes:
-        t = e.record.labels.get(label)
-        if t in types:
-            counts[f"correct/{t}"] += e.accuracy
-            counts[f"responses/{t}"] += 1
-    return counts
-
-
-def type_accuracy(row: dict, types: list[str]) -> dict:
-    """The summed counts of `type_counts` -> accuracy_<type> added for the types this step saw, plus the share
-    of groups whose G rewards were all equal (no_signal_share: those groups teach nothing)."""
-    out = dict(row)
-    for t in types:
-        if row[f"responses/{t}"]:
-            out[f"accuracy_{t}"] = row[f"correct/{t}"] / row[f"responses/{t}"]
-    out["no_signal_share"] = row["no_signal_groups"] / max(1, row["groups"])
-    return out
-
-
-def rollout_share(num_prompts: int, ps: mrsp.ParallelState, engines_per_group: int) -> range:
-    """The prompts this rank generates: the SP group's first `engines_per_group` ranks own engines and
-    split the group's prompts into contiguous, near-equal shares (the other ranks get none).
-    rollout_share(5, ps, 2) is range(0, 3) on SP rank 0 and range(3, 5) on SP rank 1."""
-    if ps.sp_rank >= engines_per_group:
-        return range(0)
-    return mrsp.split_evenly(num_prompts, engines_per_group)[ps.sp_rank]
-
-
-def gather_episodes(groups, ps: mrsp.ParallelState):
-    """Every rank of the SP group gets the whole group's samples, in prompt order (each rank generated
-    a contiguous share of the prompts, possibly none)."""
-    if ps.sp_size == 1:
-        return groups
-    shares = [None] * ps.sp_size
-    dist.all_gather_object(shares, groups, group=ps.sp_group)
-    return [g for share in shares for g in share]
-
-
-def batch_logprobs(model, prompt_fn, episodes, ps, temperature, shared_prefix: bool, group_size: int):
-    """Log-probs of the episodes' response tokens under `model`, and the mask of real tokens.
-
-    shared_prefix: the episodes are whole groups (G consecutive episodes share a prompt); each group is
-    one packed row [prompt][response 1]...[response G], the prompt run once: [E, R_max] per response.
-    Otherwise each episode is its own sequence [prompt; response]: [E, S]. Either way sharded over SP;
-    the losses only sum over the mask, so they do not care which layout it is.
-    """
-    if shared_prefix:
-        groups = [episodes[i:i + group_size] for i in range(0, len(episodes), group_size)]
-        batch = model.build_packed_batch([prompt_fn(g[0].record) for g in groups],
-                                         [[e.sample.token_ids for e in g] for g in groups],
-                                         sp_rank=ps.sp_rank, sp_size=ps.sp_size)   # this rank's slice
-        return train.sequence_logprobs(model, batch, ps, temperature), batch.response_mask
-    batch = model.build_sequence_batch([prompt_fn(e.record) for e in episodes],
-                                       [e.sample.token_ids for e in episodes],
-                                       sp_rank=ps.sp_rank, sp_size=ps.sp_size)          # this rank's slice
-    return train.sequence_logprobs(model, batch, ps, temperature), batch.loss_mask
-
-
-def micro_batches_of(episodes_by_group, micro_batch_size: int, shared_prefix: bool) -> list[list]:
-    """The episodes of each forward/backward. --micro-batch-size counts sequences (responses); with the
-    shared prefix a micro-batch holds whole groups, as many as fit (at least one): G = 5 and 16 -> 3
-    groups, 15 responses, 3 prompts."""
-    if shared_prefix:
-        per = max(1, micro_batch_size // len(episodes_by_group[0]))
-        return [[e for g in episodes_by_group[i:i + per] for e in g] for i in range(0, len(episodes_by_group), per)]
-    episodes = [e for g in episodes_by_group for e in g]
-    return [episodes[i:i + micro_batch_size] for i in range(0, len(episodes), micro_batch_size)]
-
-
-def micro_batch_weight(micro, mini_batch, loss_agg: str) -> float:
-    """The share of its mini-batch's loss that a micro-batch's `aggregate` stands for, so that the
-    micro-batches add up to the mini-batch's loss taken whole, whatever the split:
-
-        token-mean          tokens in the micro-batch / tokens in the mini-batch
-        seq-mean-token-*    sequences in the micro-batch / sequences in the mini-batch
-
-    Example: 40 sequences in micro-batches of 16/16/8 under seq-mean -> 0.4, 0.4, 0.2 (equal weights of
-    1/3 would count the last 8 sequences double).
-    """
-    if loss_agg == "token-mean":
-        tokens = lambda eps: sum(len(e.sample.token_ids) for e in eps)
-        return tokens(micro) / tokens(mini_batch)
-    return len(micro) / len(mini_batch)
-
-
-def llm_positions(prompt_lens: list[int], episodes_by_group, shared_prefix: bool) -> int:
-    """LLM positions of one pass over the step's episodes: sum of P + G*R per group with the shared
-    prefix, of G*(P + R) without."""
-    responses = [sum(len(e.sample.token_ids) for e in g) for g in episodes_by_group]
-    copies = [1 if shared_prefix else len(g) for g in episodes_by_group]
-    return sum(c * P + R for c, P, R in zip(copies, prompt_lens, responses))
-
-
-def lap(since: float, device: torch.device) -> tuple[float, float]:
-    """(seconds since `since`, now), taken once the device has finished its queued work: CUDA runs
-    asynchronously, and without the synchronize a phase's kernels would be timed in the next phase."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    now = time.time()
-    return now - since, now
-
-
-def sync_engine(engine, model, ps):
-    """Stream the trainer's current LLM weights into the engine, one full tensor at a time in the
-    engine's dtype (collective: every rank gathers each tensor; a rank without an engine drops it)."""
-    weights = train.llm_weights(model, dtype=engine.dtype if engine is not None else None)
-    if engine is None:
-        for _ in weights:
-            pass
-    else:
-        engine.sync_weights(weights)  # a sleeping vLLM engine wakes its weights' memory only, then its KV cache
-
-
-# ---- the models of a run ----
+# ---- set-up: the models of a run ----
 
 def load_policy(path, ps: mrsp.ParallelState, bf16: bool = False, grad_checkpointing: bool = False,
                 shared_prefix: bool = False) -> M.VideoLM:
@@ -329,6 +156,36 @@ def load_reference(path, policy: M.VideoLM, ps: mrsp.ParallelState, bf16: bool =
     reference.llm.eval()
     enable_attention(reference, ps, shared_prefix)
     return train.shard_model(reference, ps, bf16)
+
+
+
+@dataclass
+class Models:
+    """What the update works on: the policy and its optimizer, the frozen reference of the KL term (None
+    with --kl-coef 0), a prompt builder for each (record -> prompt embeddings [L, D]: `train.VideoPrompts`,
+    both through the one embedding cache) and that cache (None with --no-embed-cache)."""
+    policy: M.VideoLM
+    reference: M.VideoLM | None
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    policy_prompt: Callable
+    reference_prompt: Callable | None
+    cache: "mrsp.VideoEmbeddingCache | None" = None
+
+
+def load_models(args, start: Path, sampling: data.FrameSampling, ps: mrsp.ParallelState) -> Models:
+    """The policy from checkpoint `start`, the reference from --init (when --kl-coef > 0), AdamW over the
+    policy's trainable weights, and the prompt builders of both."""
+    policy = load_policy(start, ps, args.bf16, grad_checkpointing=args.grad_checkpointing,
+                         shared_prefix=args.shared_prefix)
+    reference = (load_reference(args.init, policy, ps, args.bf16, shared_prefix=args.shared_prefix)
+                 if args.kl_coef > 0 else None)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    cache = train.embedding_cache(policy, args, ps) if args.embed_cache else None
+    reference_prompt = train.VideoPrompts(reference, sampling, ps, cache) if reference is not None else None
+    return Models(policy, reference, params, optimizer, train.VideoPrompts(policy, sampling, ps, cache),
+                  reference_prompt, cache)
 
 
 # ---- start-up check: the engine's length ----
@@ -389,245 +246,487 @@ def engine_max_model_len(model: M.VideoLM, records: list[data.Record], sampling:
     return args.max_model_len
 
 
+
+# ---- set-up: the engine ----
+
+def engines_per_group(args, ps: mrsp.ParallelState) -> int:
+    """The SP ranks that own an engine. With vLLM every rank owns one and the SP group's ranks split its
+    prompts for rollout. (An in-process vLLM engine takes the training process group as its world and
+    builds groups of its own from it, a collective step, so every rank must build one anyway; vLLM's
+    executor for engines started by an external launcher such as torchrun puts each on its rank's GPU,
+    where the default executor would put them all on GPU 0.) The torch engine runs on SP rank 0 only."""
+    return ps.sp_size if args.engine == "vllm" else 1
+
+
+def start_engine(args, policy: M.VideoLM, start: Path, max_model_len: int, ps: mrsp.ParallelState):
+    """This rank's rollout engine, or None (see engines_per_group). Under FSDP the policy's weights are
+    sharded, so the torch engine decodes with an unsharded copy of the LLM, kept current by sync_engine."""
+    if ps.sp_rank >= engines_per_group(args, ps):
+        return None
+    separate = args.engine == "torch" and ps.world_size > 1
+    decoding = (with_own_llm(policy, start, torch.bfloat16 if args.bf16 else torch.float32, ps.device)
+                if separate else policy)
+    return rollout.make_engine(
+        args.engine, decoding, start / "llm",
+        max_model_len=max_model_len, seed=args.seed, dtype="bfloat16" if args.bf16 else "float32",
+        gpu_memory_utilization=args.gpu_memory_utilization, enable_sleep_mode=args.engine_sleep,
+        distributed_executor_backend="external_launcher" if ps.world_size > 1 else None)
+
+
+# ---- 3. rollout ----
+
+class PhaseTimer:
+    """Seconds per phase of a step (time_<phase> in metrics.jsonl), each taken once the device has finished
+    its queued work: CUDA runs asynchronously, and without the synchronize a phase's kernels would be timed
+    in the next phase."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times, self.tick = device, {}, time.time()
+
+    def lap(self, phase: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.time()
+        self.times[f"time_{phase}"], self.tick = now - self.tick, now
+
+
+def rollout_share(num_prompts: int, ps: mrsp.ParallelState, engines: int) -> range:
+    """The prompts this rank generates: the SP group's first `engines` ranks own engines and split the
+    group's prompts into contiguous, near-equal shares (the other ranks get none).
+    rollout_share(5, ps, 2) is range(0, 3) on SP rank 0 and range(3, 5) on SP rank 1."""
+    if ps.sp_rank >= engines:
+        return range(0)
+    return mrsp.split_evenly(num_prompts, engines)[ps.sp_rank]
+
+
+def rollout_groups(engine, prompts: list[torch.Tensor], step: int, args, ps: mrsp.ParallelState) -> list[list]:
+    """G = --group-size samples (rollout.Sample) for each prompt, one prefill each, in prompt order on
+    every rank of the SP group: its engines generate a contiguous share of the prompts each, then the
+    group gathers them. Seeds differ per step and rank (vLLM derives the G samples' seeds from a
+    request's seed). The engine then sleeps, giving its memory to training (a no-op without sleep mode)."""
+    groups = []
+    share = rollout_share(len(prompts), ps, engines_per_group(args, ps))
+    if len(share):
+        seed = args.seed + 100_003 * (step * ps.dp_size + ps.dp_rank) + 7_919 * ps.sp_rank
+        groups = engine.generate([prompts[i] for i in share], n=args.group_size, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_p=args.top_p, seed=seed)
+    if engine is not None:
+        engine.sleep()
+    if ps.sp_size == 1:
+        return groups
+    shares = [None] * ps.sp_size
+    dist.all_gather_object(shares, groups, group=ps.sp_group)
+    return [g for share in shares for g in share]
+
+
+# ---- 4. rewards ----
+
+def format_reward(response: str) -> float:
+    """1.0 when the whole response is <think>...</think><answer>...</answer>, nothing nested, answer not empty.
+
+    Example: format_reward("<think>red</think><answer>B</answer>") == 1.0; format_reward("<answer>B</answer>") == 0.0
+    """
+    return 1.0 if grading.is_well_formed(response) else 0.0
+
+
+def accuracy_reward(record: data.Record, response: str) -> float:
+    """1.0 when the answer inside the last complete <answer>...</answer> matches the ground truth (option
+    letter, number within tolerance, or exact text). Only the tagged answer counts, as in the release: an
+    untagged "The answer is B" scores 0 here, though grading's lenient reading (eval.py's) accepts it,
+    since paying for an answer outside the tags would teach the policy to drop the format.
+
+    Example: accuracy_reward(record, "<think>.</think><answer>B</answer>") == 1.0 and
+    accuracy_reward(record, "The answer is B") == 0.0 when record.answer == "B".
+    """
+    if grading.extract_answer(response) is None:
+        return 0.0
+    return 1.0 if grading.score_answer(record, response)[0] else 0.0
+
+
+@dataclass
+class Episode:
+    """One sampled response with everything the update needs."""
+    record: data.Record
+    sample: rollout.Sample
+    reward: float
+    accuracy: float
+    format: float
+    advantage: float = 0.0
+
+
+def score_group(record: data.Record, samples: list[rollout.Sample], args) -> list[Episode]:
+    """The episodes of one prompt's G samples: reward = accuracy_weight x accuracy + format_weight x format."""
+    episodes = []
+    for s in samples:
+        acc, fmt = accuracy_reward(record, s.text), format_reward(s.text)
+        episodes.append(Episode(record, s, args.accuracy_weight * acc + args.format_weight * fmt, acc, fmt))
+    return episodes
+
+
+# ---- 5. advantages ----
+
+def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantage of each response relative to its group.   rewards: [N, G] -> [N, G]
+
+        A_ij = (r_ij - mean_j r_ij) / (std_j r_ij + eps)      (scale_by_std=False: r_ij - mean_j r_ij, Dr. GRPO)
+
+    std is the unbiased sample std. A group whose rewards are all equal gets A = 0: it carries no signal.
+    So does a group of one (G = 1), whose unbiased std would be 0/0 = NaN.
+    Example: [[1, 0, 0, 1]] -> [[0.866, -0.866, -0.866, 0.866]]; [[1]] -> [[0]].
+    """
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if not scale_by_std:
+        return centred
+    std = rewards.std(dim=1, keepdim=True, correction=1 if rewards.shape[1] > 1 else 0)
+    return centred / (std + eps)
+
+
+def set_advantages(episodes_by_group: list[list[Episode]], args) -> None:
+    """Each episode's advantage within its group: group_advantages of the groups' rewards, divided by the
+    std unless --no-std-norm."""
+    rewards = torch.tensor([[e.reward for e in g] for g in episodes_by_group])             # [N, G]
+    advantages = group_advantages(rewards, scale_by_std=args.std_norm)                    # [N, G]
+    for g, adv in zip(episodes_by_group, advantages):
+        for e, a in zip(g, adv.tolist()):
+            e.advantage = a
+
+
+# ---- 6. update: the loss pieces ----
+
+def policy_loss(logprobs, old_logprobs, advantages, clip_low=0.2, clip_high=0.3, dual_clip=3.0):
+    """Per-token clipped-ratio policy-gradient loss with separate low/high clip and dual clip.   all [B, S]
+
+        r = exp(clamp(logp - logp_old, -20, 20))
+        l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))
+        l = min(l, -A dual_clip)   where A < 0   (bounds the loss when a bad action became very likely)
+
+    The log-ratio is clamped to [-20, 20] before the exp, as verl does: unclamped, a gap past ~88 makes
+    r = inf, and even where the clip discards that branch its backward is inf * 0 = NaN.
+    Returns (l [B, S], clipped [B, S]: where the ratio clip changed the loss).
+    Example: A = 1, r = 1.5 -> l = -1.3 (clipped); A = -1, r = 5 -> max(5, 1.3) = 5, dual clip -> 3.
+    """
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-20, 20))
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    per_token = torch.where(advantages < 0, torch.minimum(per_token, -advantages * dual_clip), per_token)
+    return per_token, clipped > unclipped
+
+
+def tis_weights(old_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling weight of each sampled token (verl, TRL).   [B, S] -> [B, S], detached
+
+        w = min(pi_old / pi_engine, C) = min(exp(clamp(logp_old - logp_engine, -20, 20)), C)
+
+    The engine samples with its own numerics (bf16 vLLM kernels) while the loss assumes the samples came
+    from the trainer's pi_old; w reweights each token's policy-gradient term to the trainer's
+    distribution, and the cap C bounds the variance a token the engine found unlikely would bring.
+    Example: logp_old = log 0.5, logp_engine = log 0.25, C = 1.5 -> w = min(2, 1.5) = 1.5.
+    """
+    return torch.exp((old_logprobs - engine_logprobs).detach().clamp(-20, 20)).clamp(max=cap)
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(policy || reference) from samples of the policy:
+
+        k3 = exp(ref - logp) - (ref - logp) - 1   >= 0, unbiased, low variance (Schulman, "Approximating KL").
+
+    Clamped as verl does: the log-ratio to [-20, 20] before the exp, and k3 to at most 10. A token the
+    two models disagree on wildly (a log-prob gap past ~88 overflows exp, in bf16 as in fp32) then adds a
+    bounded loss and a zero gradient, instead of inf, whose backward is inf * 0 = NaN.
+    """
+    log_ratio = (ref_logprobs - logprobs).clamp(-20, 20)
+    return (torch.exp(log_ratio) - log_ratio - 1).clamp(max=10)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Reduce a per-token loss [B, S] to a scalar over the response tokens (mask [B, S]).
+
+        token-mean           sum_i sum_t l_it / sum_i |o_i|          every token weighs the same (default, DAPO)
+        seq-mean-token-mean  1/B sum_i (1/|o_i|) sum_t l_it         the original GRPO: long answers weigh less per token
+        seq-mean-token-sum   1/B sum_i sum_t l_it                   Dr. GRPO style: no length normalisation
+    """
+    mask = mask.to(per_token.dtype)
+    if mode == "token-mean":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    per_seq = (per_token * mask).sum(dim=1)
+    if mode == "seq-mean-token-mean":
+        per_seq = per_seq / mask.sum(dim=1).clamp(min=1)
+    elif mode != "seq-mean-token-sum":
+        raise ValueError(f"unknown --loss-agg {mode!r}")
+    return per_seq.mean()
+
+
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, engine_logprobs, advantages, mask, args):
+    """The GRPO objective of one micro-batch.   all tensors [B, S]; ref_logprobs None without the KL term
+
+        loss = agg_t(w_t l_t) + kl_coef agg_t(k3_t)
+
+    l_t: policy_loss (--clip-low, --clip-high, --dual-clip); w_t: tis_weights with --tis-cap (1 when 0);
+    k3_t: kl_k3 to the reference (--kl-coef); agg: aggregate (--loss-agg).
+    Returns (loss, metrics): loss, kl, clip_frac and, with TIS, tis_weight_mean and tis_capped_share
+    (the share of response tokens whose weight hit the cap), as detached scalars.
+    """
+    share = lambda where: (where & mask).sum() / mask.sum().clamp(min=1)
+    per_token, clipped = policy_loss(logprobs, old_logprobs, advantages, args.clip_low, args.clip_high,
+                                     args.dual_clip)
+    metrics = {"clip_frac": share(clipped)}
+    if args.tis_cap > 0:
+        weights = tis_weights(old_logprobs, engine_logprobs, args.tis_cap)
+        per_token = per_token * weights
+        metrics["tis_weight_mean"] = aggregate(weights, mask, "token-mean")
+        metrics["tis_capped_share"] = share(weights >= args.tis_cap)
+    kl = aggregate(kl_k3(logprobs, ref_logprobs), mask, args.loss_agg) if ref_logprobs is not None else torch.zeros(())
+    loss = aggregate(per_token, mask, args.loss_agg) + args.kl_coef * kl
+    return loss, {"loss": loss.detach(), "kl": kl.detach(), **{k: v.detach() for k, v in metrics.items()}}
+
+
+# ---- 6. update: the passes ----
+
+def micro_batches_of(episodes_by_group, micro_batch_size: int, shared_prefix: bool) -> list[list]:
+    """The episodes of each forward/backward. --micro-batch-size counts sequences (responses); with the
+    shared prefix a micro-batch holds whole groups, as many as fit (at least one): G = 5 and 16 -> 3
+    groups, 15 responses, 3 prompts."""
+    if shared_prefix:
+        per = max(1, micro_batch_size // len(episodes_by_group[0]))
+        return [[e for g in episodes_by_group[i:i + per] for e in g] for i in range(0, len(episodes_by_group), per)]
+    episodes = [e for g in episodes_by_group for e in g]
+    return [episodes[i:i + micro_batch_size] for i in range(0, len(episodes), micro_batch_size)]
+
+
+def batch_logprobs(model, prompt_fn, episodes, ps, temperature, shared_prefix: bool, group_size: int):
+    """Log-probs of the episodes' response tokens under `model`, and the mask of real tokens.
+
+    shared_prefix: the episodes are whole groups (G consecutive episodes share a prompt); each group is
+    one packed row [prompt][response 1]...[response G], the prompt run once: [E, R_max] per response.
+    Otherwise each episode is its own sequence [prompt; response]: [E, S]. Either way sharded over SP;
+    the losses only sum over the mask, so they do not care which layout it is.
+    """
+    if shared_prefix:
+        groups = [episodes[i:i + group_size] for i in range(0, len(episodes), group_size)]
+        batch = model.build_packed_batch([prompt_fn(g[0].record) for g in groups],
+                                         [[e.sample.token_ids for e in g] for g in groups],
+                                         sp_rank=ps.sp_rank, sp_size=ps.sp_size)   # this rank's slice
+        return train.sequence_logprobs(model, batch, ps, temperature), batch.response_mask
+    batch = model.build_sequence_batch([prompt_fn(e.record) for e in episodes],
+                                       [e.sample.token_ids for e in episodes],
+                                       sp_rank=ps.sp_rank, sp_size=ps.sp_size)          # this rank's slice
+    return train.sequence_logprobs(model, batch, ps, temperature), batch.loss_mask
+
+
+def engine_logprobs(episodes: list[Episode], mask: torch.Tensor) -> torch.Tensor:
+    """The engine's log-prob of each sampled token, laid out like the trainer's: [B, S] (0 off the mask;
+    the mask's row b holds episode b's tokens in order, in either layout of batch_logprobs)."""
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)                 # [B, S]
+    out[mask] = torch.tensor([lp for e in episodes for lp in e.sample.logprobs], device=mask.device)
+    return out
+
+
+def micro_batch_weight(micro, mini_batch, loss_agg: str) -> float:
+    """The share of its mini-batch's loss that a micro-batch's `aggregate` stands for, so that the
+    micro-batches add up to the mini-batch's loss taken whole, whatever the split:
+
+        token-mean          tokens in the micro-batch / tokens in the mini-batch
+        seq-mean-token-*    sequences in the micro-batch / sequences in the mini-batch
+
+    Example: 40 sequences in micro-batches of 16/16/8 under seq-mean -> 0.4, 0.4, 0.2 (equal weights of
+    1/3 would count the last 8 sequences double).
+    """
+    if loss_agg == "token-mean":
+        tokens = lambda eps: sum(len(e.sample.token_ids) for e in eps)
+        return tokens(micro) / tokens(mini_batch)
+    return len(micro) / len(mini_batch)
+
+
+def update_policy(models: Models, episodes_by_group: list[list[Episode]], args, ps: mrsp.ParallelState,
+                  timer: PhaseTimer) -> dict:
+    """One GRPO update on a step's episodes: --mini-batches optimizer steps, each over its micro-batches.
+
+    Old-policy log-probs: with one mini-batch the update is on-policy, so they equal the current ones
+    before the update and are taken (detached) from the update's own forward, as verl does; with more,
+    later mini-batches score samples of an older policy, so they come from a pass over the whole batch
+    before the first step. Reference log-probs come from a pass before it too. Each micro-batch's loss is
+    grpo_loss; the micro-batches add up to their mini-batch's loss taken whole (micro_batch_weight).
+    Returns the step's metrics: loss, kl, clip_frac (TIS: tis_*), grad_norm, logprob_gap_max (the largest
+    |engine - trainer old log-prob| of a sampled token: the rollout/training mismatch), old_logprobs_reused.
+    """
+    micro_batches = micro_batches_of(episodes_by_group, args.micro_batch_size, args.shared_prefix)
+    mini_batches = mrsp.split_evenly(len(micro_batches), min(args.mini_batches, len(micro_batches)))
+    on_policy = len(mini_batches) == 1
+    logprobs = lambda model, prompt_fn, micro: batch_logprobs(model, prompt_fn, micro, ps, args.temperature,
+                                                              args.shared_prefix, args.group_size)
+    with torch.no_grad(), train.autocast(ps, args.bf16):
+        old_lp = [None if on_policy else logprobs(models.policy, models.policy_prompt, micro)[0]
+                  for micro in micro_batches]
+        ref_lp = [None if models.reference is None else logprobs(models.reference, models.reference_prompt, micro)[0]
+                  for micro in micro_batches]
+    if models.reference is not None:
+        train.reshard(models.reference)  # it has no backward to free its embedding and LM head
+    timer.lap("logprobs")
+
+    stats, gap = defaultdict(float), 0.0
+    for mini_batch in mini_batches:
+        mini_episodes = [e for k in mini_batch for e in micro_batches[k]]
+        for k in mini_batch:
+            micro = micro_batches[k]
+            with train.autocast(ps, args.bf16):
+                lp, mask = logprobs(models.policy, models.policy_prompt, micro)      # [B, S] each
+                old = lp.detach() if on_policy else old_lp[k]                        # the old policy's log-probs
+                engine_lp = engine_logprobs(micro, mask)                             # [B, S]
+                adv = torch.tensor([e.advantage for e in micro], device=lp.device)[:, None].expand_as(lp)
+                loss, metrics = grpo_loss(lp, old, ref_lp[k], engine_lp, adv, mask, args)
+            # The micro-batches add up to the mini-batch's loss taken whole (micro_batch_weight). FSDP
+            # averages over all ranks; x sp_size makes that a sum over the SP group.
+            weight = micro_batch_weight(micro, mini_episodes, args.loss_agg)
+            (loss * weight * ps.sp_size).backward()
+            for name, value in metrics.items():
+                stats[name] += value.item() * weight / len(mini_batches)
+            gap = max(gap, ((old.float() - engine_lp).abs() * mask).max().item())
+        stats["grad_norm"] += train.clip_grad_norm(models.params, args.max_grad_norm) / len(mini_batches)
+        models.optimizer.step()
+        models.optimizer.zero_grad(set_to_none=True)
+    timer.lap("update")
+    return {**stats, "logprob_gap_max": gap, "old_logprobs_reused": float(on_policy)}
+
+
+# ---- 7. sync, metrics ----
+
+def sync_engine(engine, model, ps):
+    """Stream the trainer's current LLM weights into the engine, one full tensor at a time in the
+    engine's dtype (collective: every rank gathers each tensor; a rank without an engine drops it)."""
+    weights = train.llm_weights(model, dtype=engine.dtype if engine is not None else None)
+    if engine is None:
+        for _ in weights:
+            pass
+    else:
+        engine.sync_weights(weights)  # a sleeping vLLM engine wakes its weights' memory only, then its KV cache
+
+
+def counters(models: Models) -> dict:
+    """Running totals that a step's metrics report as differences: vision-tower runs, replaced records."""
+    builders = [b for b in (models.policy_prompt, models.reference_prompt) if b is not None]
+    return {"vision_runs": train.count_vision_runs(models.cache, *builders),
+            "skipped_records": models.policy_prompt.skipped}
+
+
+def type_counts(episodes: list[Episode], label: str, types: list[str]) -> dict:
+    """Right answers and responses per question type (the records' `label` field, e.g. category) in one
+    step: {"correct/count": 3, "responses/count": 16, ...}, every type present (zeros) so that all ranks
+    sum the same keys. `type_accuracy` turns the summed counts into accuracy_<type>."""
+    counts = {f"{kind}/{t}": 0 for t in types for kind in ("correct", "responses")}
+    for e in episodes:
+        t = e.record.labels.get(label)
+        if t in types:
+            counts[f"correct/{t}"] += e.accuracy
+            counts[f"responses/{t}"] += 1
+    return counts
+
+
+def type_accuracy(row: dict, types: list[str]) -> dict:
+    """The summed counts of `type_counts` -> accuracy_<type> added for the types this step saw, plus the share
+    of groups whose G rewards were all equal (no_signal_share: those groups teach nothing)."""
+    out = dict(row)
+    for t in types:
+        if row[f"responses/{t}"]:
+            out[f"accuracy_{t}"] = row[f"correct/{t}"] / row[f"responses/{t}"]
+    out["no_signal_share"] = row["no_signal_groups"] / max(1, row["groups"])
+    return out
+
+
+def llm_positions(prompt_lens: list[int], episodes_by_group, shared_prefix: bool) -> int:
+    """LLM positions of one pass over the step's episodes: sum of P + G*R per group with the shared
+    prefix, of G*(P + R) without."""
+    responses = [sum(len(e.sample.token_ids) for e in g) for g in episodes_by_group]
+    copies = [1 if shared_prefix else len(g) for g in episodes_by_group]
+    return sum(c * P + R for c, P, R in zip(copies, prompt_lens, responses))
+
+
+def step_metrics(step: int, episodes_by_group: list[list[Episode]], prompt_lens: list[int], stats: dict,
+                 timer: PhaseTimer, models: Models, before: dict, types: list[str], args,
+                 ps: mrsp.ParallelState) -> dict:
+    """The step's row of metrics.jsonl, reduced over the data-parallel ranks (means, and sums of counts)."""
+    episodes = [e for g in episodes_by_group for e in g]
+    rewards = torch.tensor([[e.reward for e in g] for g in episodes_by_group])              # [N, G]
+    passes = 1 + (not stats["old_logprobs_reused"]) + (models.reference is not None)      # forward passes
+    mean = lambda values: sum(values) / len(episodes)
+    row = {"step": step + 1, "reward": rewards.mean().item(), "accuracy": mean(e.accuracy for e in episodes),
+           "format": mean(e.format for e in episodes),
+           "response_len": mean(len(e.sample.token_ids) for e in episodes),
+           "no_signal_groups": int((rewards.max(dim=1).values == rewards.min(dim=1).values).sum()),
+           "groups": len(episodes_by_group), **type_counts(episodes, args.type_label, types), **stats,
+           "llm_positions": (llm_positions(prompt_lens, episodes_by_group, True)                # rollout
+                             + passes * llm_positions(prompt_lens, episodes_by_group, args.shared_prefix)),
+           **timer.times, **{k: v - before[k] for k, v in counters(models).items()},
+           **train.cache_metrics(models.cache), **train.reader_counts()}
+    row = train.reduce_metrics(row, ps, sum_keys=("no_signal_groups", "groups", "vision_runs", "skipped_records",
+                                                  "llm_positions", *train.CACHE_SUM_KEYS, *train.READER_SUM_KEYS,
+                                                  *(k for k in row if k.startswith(("correct/", "responses/")))),
+                               max_keys=("logprob_gap_max", *train.CACHE_MAX_KEYS))
+    return type_accuracy(row, types)
+
+
 # ---- main ----
-
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=train.HelpFormatter)
-    ap.add_argument("--init", required=True, help="checkpoint to start from (usually the SFT run's final/)")
-    data.add_data_args(ap, "training records")
-    ap.add_argument("--out", required=True, help="output folder")
-    data.add_sampling_args(ap)
-    ap.add_argument("--steps", type=int, default=30, help="GRPO steps (one rollout batch each)")
-    ap.add_argument("--batch-size", type=int, default=8, help="prompts per step per data-parallel rank")
-    ap.add_argument("--group-size", type=int, default=5, help="responses sampled per prompt (G)")
-    ap.add_argument("--mini-batches", type=int, default=1,
-                    help="optimizer updates per rollout batch (the batch is split; >1 makes the clip matter)")
-    ap.add_argument("--micro-batch-size", type=int, default=2,
-                    help="sequences per forward/backward; with the shared prefix, whole groups (at least one). "
-                         "Each carries a whole video, ~66k positions for a 7B model at 256 frames: keep it small there")
-    ap.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
-                    help="run each group's prompt once in the log-prob and update passes (P + G*R positions, not "
-                         "G*(P + R)); --no-shared-prefix runs every response as its own sequence")
-    ap.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (the paper's 1e-6 suits 7B)")
-    ap.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
-    ap.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
-    ap.add_argument("--kl-coef", type=float, default=1e-2, help="weight of the k3 KL to the reference (0: no reference)")
-    ap.add_argument("--clip-low", type=float, default=0.2, help="ratio clip below: 1 - clip_low")
-    ap.add_argument("--clip-high", type=float, default=0.3, help="ratio clip above: 1 + clip_high")
-    ap.add_argument("--dual-clip", type=float, default=3.0, help="dual-clip bound for negative advantages")
-    ap.add_argument("--loss-agg", default="token-mean",
-                    choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"], help="see aggregate()")
-    ap.add_argument("--no-std-norm", action="store_true", help="advantages without the std division (Dr. GRPO)")
-    ap.add_argument("--type-label", default="category",
-                    help="record field whose values split the per-step accuracy (accuracy_<value> in metrics.jsonl "
-                         "and rl_curves.png); records without it count only in the overall accuracy")
-    ap.add_argument("--accuracy-weight", type=float, default=0.9, help="reward weight of accuracy")
-    ap.add_argument("--format-weight", type=float, default=0.1, help="reward weight of the think/answer format")
-    ap.add_argument("--max-new-tokens", type=int, default=256, help="longest response")
-    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    ap.add_argument("--top-p", type=float, default=0.99, help="nucleus sampling")
-    ap.add_argument("--engine", choices=["vllm", "torch"], default="vllm", help="rollout engine")
-    ap.add_argument("--max-model-len", type=int, default=None,
-                    help="engine's longest prompt + response; checked at start-up against the first records' "
-                         "prompts + --max-new-tokens (default: derived from them, see engine_max_model_len)")
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.5,
-                    help="share of GPU memory the vLLM engine may take (the trainer needs the rest)")
-    ap.add_argument("--engine-sleep", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
-                    help="vLLM sleep mode: free the engine's GPU memory while training (GPU only)")
-    ap.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
-                    help="keep the vision tower and projector fixed, as LongVILA-R1 (required for the cache)")
-    ap.add_argument("--embed-cache", action=argparse.BooleanOptionalAction, default=True,
-                    help="MR-SP stage 1: encode each video once and reuse it; --no-embed-cache re-encodes the "
-                         "video for every sequence in every pass (the baseline the paper compares against)")
-    ap.add_argument("--embed-cache-dir", default=None, help="also keep video embeddings on disk here")
-    train.add_cache_args(ap)
-    train.add_run_args(ap, save_every=10)
-    args = ap.parse_args(argv)
-    if not args.freeze_vision:
-        ap.error("this implementation trains RL with a frozen vision tower (as LongVILA-R1): "
-                 "the cached video embeddings would go stale otherwise")
-    return args
-
 
 def main(argv=None):
     args = parse_args(argv)
     ps, out, resume_from = train.start_run(args, resumable=("steps",))
     start = Path(resume_from or args.init)
 
-    # ---- policy, reference, optimizer, engine ----
-    policy = load_policy(start, ps, args.bf16, grad_checkpointing=args.grad_checkpointing,
-                         shared_prefix=args.shared_prefix)
-    reference = (load_reference(args.init, policy, ps, args.bf16, shared_prefix=args.shared_prefix)
-                 if args.kl_coef > 0 else None)
+    # ---- data, models, engine ----
     records = train.load_training_records(args, ps)
     types = sorted({r.labels[args.type_label] for r in records if args.type_label in r.labels})  # accuracy_<type>
     sampling = data.FrameSampling.from_args(args)
-    max_model_len = engine_max_model_len(policy, records, sampling, args)  # refuses too long prompts now
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    start_step = train.load_trainer_state(resume_from, policy, optimizer, ps)["step"] if resume_from else 0
-    # With vLLM every rank owns an engine and the SP group's ranks split its prompts for rollout. (An
-    # in-process vLLM engine takes the training process group as its world and builds groups of its own
-    # from it, a collective step, so every rank must build one anyway; vLLM's executor for engines started
-    # by an external launcher such as torchrun puts each on its rank's GPU, where the default executor
-    # would put them all on GPU 0.) The torch engine runs on SP rank 0 only: under FSDP the policy's
-    # weights are sharded, so it decodes with an unsharded copy of the LLM, kept current by sync_engine.
-    engines_per_group = ps.sp_size if args.engine == "vllm" else 1
-    engine = None
-    if ps.sp_rank < engines_per_group:
-        separate = args.engine == "torch" and ps.world_size > 1
-        decoding = (with_own_llm(policy, start, torch.bfloat16 if args.bf16 else torch.float32, ps.device)
-                    if separate else policy)
-        engine = rollout.make_engine(
-            args.engine, decoding, start / "llm",
-            max_model_len=max_model_len, seed=args.seed, dtype="bfloat16" if args.bf16 else "float32",
-            gpu_memory_utilization=args.gpu_memory_utilization, enable_sleep_mode=args.engine_sleep,
-            distributed_executor_backend="external_launcher" if ps.world_size > 1 else None)
-
-    cache = train.embedding_cache(policy, args, ps, cache_dir=args.embed_cache_dir) if args.embed_cache else None
-    policy_prompt = train.VideoPrompts(policy, sampling, ps, cache)
-    reference_prompt = train.VideoPrompts(reference, sampling, ps, cache) if reference is not None else None
-    builders = [b for b in (policy_prompt, reference_prompt) if b is not None]
+    models = load_models(args, start, sampling, ps)
+    max_model_len = engine_max_model_len(models.policy, records, sampling, args)  # refuses too long prompts now
+    start_step = (train.load_trainer_state(resume_from, models.policy, models.optimizer, ps)["step"]
+                  if resume_from else 0)
+    engine = start_engine(args, models.policy, start, max_model_len, ps)
     log = train.MetricsLog(out, enabled=ps.rank == 0, resume_step=start_step)
 
     from tqdm import tqdm
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=ps.rank != 0, desc="grpo")
     for step in bar:
-        timing = {}
-        tick = time.time()
-        vision_runs_before, skipped_before = train.count_vision_runs(cache, *builders), policy_prompt.skipped
+        timer, before = PhaseTimer(ps.device), counters(models)
         # ---- 1. sample ----
         recs = train.records_for_step(records, step, args.batch_size, ps, args.seed)
 
         # ---- 2. MR-SP stage 1: encode each video once (cached); an unreadable one is replaced ----
         with torch.no_grad():
-            recs, prompts = policy_prompt.for_batch(recs, records)           # [L_i, D] each
-        timing["time_encode"], tick = lap(tick, ps.device)
+            recs, prompts = models.policy_prompt.for_batch(recs, records)       # [L_i, D] each
+        timer.lap("encode")
 
         # ---- 3. rollout: G responses per prompt, one prefill each; the SP group's engines share the prompts ----
-        train.reshard(policy)  # the token embedding, gathered to build the prompts, goes back to its shards
-        groups = []
-        share = rollout_share(len(prompts), ps, engines_per_group)
-        if len(share):
-            # Own seeds per step and rank (vLLM derives the G samples' seeds from a request's seed).
-            seed = args.seed + 100_003 * (step * ps.dp_size + ps.dp_rank) + 7_919 * ps.sp_rank
-            groups = engine.generate([prompts[i] for i in share], n=args.group_size, max_new_tokens=args.max_new_tokens,
-                                     temperature=args.temperature, top_p=args.top_p, seed=seed)
-        if engine is not None:
-            engine.sleep()  # give its memory to training until the next sync (no-op without sleep mode)
-        groups = gather_episodes(groups, ps)
-        # Each pass below builds its prompts again (the video from the cache): a 7B prompt of 256 frames is
-        # ~66k x 3584 values, so the group's are not held through the update.
+        train.reshard(models.policy)  # the token embedding, gathered to build the prompts, goes back to its shards
+        groups = rollout_groups(engine, prompts, step, args, ps)
         prompt_lens = [len(p) for p in prompts]
-        del prompts
-        timing["time_rollout"], tick = lap(tick, ps.device)
+        del prompts  # each pass builds them again (video from the cache): a 7B prompt of 256 frames is ~66k x 3584
+        timer.lap("rollout")
 
         # ---- 4. rewards, 5. advantages ----
         episodes_by_group = [score_group(r, g, args) for r, g in zip(recs, groups)]
-        rewards = torch.tensor([[e.reward for e in g] for g in episodes_by_group])           # [N, G]
-        advantages = group_advantages(rewards, scale_by_std=not args.no_std_norm)              # [N, G]
-        for g, adv in zip(episodes_by_group, advantages):
-            for e, a in zip(g, adv.tolist()):
-                e.advantage = a
-        episodes = [e for g in episodes_by_group for e in g]
-        no_signal = int((rewards.max(dim=1).values == rewards.min(dim=1).values).sum())
+        set_advantages(episodes_by_group, args)
 
-        # ---- 6a. old-policy and reference log-probs (no grad) ----
-        # Micro-batches of whole groups with the shared prefix (see micro_batches_of). With one mini-batch
-        # the update is on-policy: the old log-probs equal the current ones before the update, so 6b takes
-        # them (detached) from its own forward instead of an extra pass here (as verl does).
-        micro_batches = micro_batches_of(episodes_by_group, args.micro_batch_size, args.shared_prefix)
-        mini_batches = mrsp.split_evenly(len(micro_batches), min(args.mini_batches, len(micro_batches)))
-        on_policy = len(mini_batches) == 1
-        policy_logprobs = lambda micro: batch_logprobs(policy, policy_prompt, micro, ps, args.temperature,
-                                                       args.shared_prefix, args.group_size)
-        old_lp, ref_lp, gap = [], [], 0.0   # old_lp[k], ref_lp[k] belong to micro-batch k
-        with torch.no_grad(), train.autocast(ps, args.bf16):
-            for micro in micro_batches:
-                if not on_policy:
-                    lp, mask = policy_logprobs(micro)
-                    old_lp.append(lp)
-                    gap = max(gap, engine_gap(lp, mask, micro))
-                if reference is not None:
-                    ref_lp.append(batch_logprobs(reference, reference_prompt, micro, ps, args.temperature,
-                                                 args.shared_prefix, args.group_size)[0])
-        if reference is not None:
-            train.reshard(reference)  # it has no backward to free its embedding and LM head
-        timing["time_logprobs"], tick = lap(tick, ps.device)
-
-        # ---- 6b. policy update: clipped ratio + k3 KL, sequences sharded over SP ----
-        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
-        for mini_batch in mini_batches:
-            mini_episodes = [e for k in mini_batch for e in micro_batches[k]]
-            for k in mini_batch:
-                micro = micro_batches[k]
-                with train.autocast(ps, args.bf16):
-                    lp, mask = policy_logprobs(micro)
-                    if on_policy:
-                        old_lp.append(lp.detach())
-                        gap = max(gap, engine_gap(old_lp[k], mask, micro))
-                    adv = torch.tensor([e.advantage for e in micro], device=lp.device)[:, None].expand_as(lp)
-                    pg, clip_frac = policy_loss(lp, old_lp[k], adv, mask, args.clip_low, args.clip_high,
-                                                args.dual_clip, args.loss_agg)
-                    kl = aggregate(kl_k3(lp, ref_lp[k]), mask, args.loss_agg) if ref_lp else torch.zeros(())
-                    loss = pg + args.kl_coef * kl
-                # The micro-batches add up to the mini-batch's loss taken whole (micro_batch_weight). FSDP
-                # averages over all ranks; x sp_size makes that a sum over the SP group.
-                weight = micro_batch_weight(micro, mini_episodes, args.loss_agg)
-                (loss * weight * ps.sp_size).backward()
-                stats["loss"] += loss.item() * weight / len(mini_batches)
-                stats["kl"] += kl.item() * weight / len(mini_batches)
-                stats["clip_frac"] += clip_frac.item() * weight / len(mini_batches)
-            stats["grad_norm"] += train.clip_grad_norm(params, args.max_grad_norm) / len(mini_batches)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        timing["time_update"], tick = lap(tick, ps.device)
-        one_pass = llm_positions(prompt_lens, episodes_by_group, args.shared_prefix)
-        stats["llm_positions"] = (llm_positions(prompt_lens, episodes_by_group, True)  # rollout
-                                  + one_pass * (1 + (not on_policy) + (reference is not None)))
-        stats["old_logprobs_reused"] = float(on_policy)
+        # ---- 6. update: old-policy and reference log-probs, clipped ratio + k3 KL, sequences sharded over SP ----
+        stats = update_policy(models, episodes_by_group, args, ps, timer)
 
         # ---- 7. sync weights into the engine, log, checkpoint ----
-        sync_engine(engine, policy, ps)
-        timing["time_sync"] = lap(tick, ps.device)[0]
-        row = {"step": step + 1,
-               "reward": rewards.mean().item(),
-               "accuracy": sum(e.accuracy for e in episodes) / len(episodes),
-               "format": sum(e.format for e in episodes) / len(episodes),
-               "response_len": sum(len(e.sample.token_ids) for e in episodes) / len(episodes),
-               "no_signal_groups": no_signal, "groups": len(episodes_by_group),
-               **type_counts(episodes, args.type_label, types), **stats, **timing,
-               "vision_runs": train.count_vision_runs(cache, *builders) - vision_runs_before, "logprob_gap_max": gap,
-               "skipped_records": policy_prompt.skipped - skipped_before, **train.cache_metrics(cache),
-               **train.reader_counts()}
-        row = train.reduce_metrics(row, ps, sum_keys=("no_signal_groups", "groups", "vision_runs", "skipped_records",
-                                                      "llm_positions", *train.CACHE_SUM_KEYS, *train.READER_SUM_KEYS,
-                                                      *(k for k in row if k.startswith(("correct/", "responses/")))),
-                                   max_keys=("logprob_gap_max", *train.CACHE_MAX_KEYS))
-        row = type_accuracy(row, types)
+        sync_engine(engine, models.policy, ps)
+        timer.lap("sync")
+        row = step_metrics(step, episodes_by_group, prompt_lens, stats, timer, models, before,
+                           types, args, ps)
         log.log(row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            train.save_checkpoint(out, step + 1, policy, optimizer, ps)
+            train.save_checkpoint(out, step + 1, models.policy, models.optimizer, ps)
 
     # ---- finish ----
-    weights = train.full_state_dict(policy, ps)
+    weights = train.full_state_dict(models.policy, ps)
     if ps.rank == 0:
-        policy.save(out / "final", weights)
+        models.policy.save(out / "final", weights)
         train.plot_metrics(log.path, ["reward", "accuracy", "accuracy_*", "no_signal_share", "format", "kl",
                                       "response_len"], out / "rl_curves.png", f"GRPO: {args.data}")
         print(f"wrote {out / 'final'} and {out / 'rl_curves.png'}")
     train.shutdown(ps, engine)  # the engine first: an in-process vLLM engine holds groups of its own
-
-
-def engine_gap(trainer_lp: torch.Tensor, mask: torch.Tensor, episodes) -> float:
-    """Largest |engine log-prob - trainer log-prob| over the sampled tokens: the rollout/training
-    mismatch RL frameworks watch (it grows with bf16, kernels that differ, or a missed weight sync)."""
-    engine_lp = torch.zeros(mask.shape, dtype=torch.float32)                  # [E, R_max] on the host
-    for row, e in enumerate(episodes):
-        engine_lp[row, :len(e.sample.logprobs)] = torch.tensor(e.sample.logprobs)
-    gaps = (trainer_lp.float() - engine_lp.to(trainer_lp.device)).abs() * mask  # [E, R_max]
-    return gaps.max().item()  # one host sync for the micro-batch
 
 
 if __name__ == "__main__":

@@ -51,7 +51,9 @@ def parse_args(argv=None):
                          "these (the same on every rank, from --seed and the step), so the model sees more "
                          "than one frame count's layout (not with --fps)")
     ap.add_argument("--steps", type=int, default=200, help="optimizer steps")
-    ap.add_argument("--batch-size", type=int, default=8, help="records per micro-batch per data-parallel rank")
+    ap.add_argument("--batch-size", type=int, default=8,
+                    help="records (one response each) per micro-batch per data-parallel rank; an optimizer step "
+                         "trains on batch-size x grad-accum x data-parallel ranks records")
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     ap.add_argument("--lr", type=float, default=1e-5,
                     help="peak learning rate (AdamW); 1e-5 is a usual full fine-tuning rate for a 7B model "
@@ -64,11 +66,15 @@ def parse_args(argv=None):
                          "encoded once and its embeddings cached. --no-freeze-vision trains them too: every "
                          "SP rank then runs the tower over all frames with autograd, checkpointed per chunk of "
                          "frames (it keeps only their pixels), and the cache is off")
-    train.add_cache_args(ap)
+    train.add_cache_args(ap, default=None)
     train.add_run_args(ap, save_every=100)
     args = ap.parse_args(argv)
     if args.mix_num_frames and args.fps is not None:
         ap.error("--mix-num-frames draws frame counts; it cannot be combined with --fps")
+    if args.embed_cache is None:
+        args.embed_cache = args.freeze_vision
+    if args.embed_cache and not args.freeze_vision:
+        ap.error("--embed-cache needs --freeze-vision: a trained vision tower would make the cached embeddings stale")
     return args
 
 
@@ -98,7 +104,7 @@ def main(argv=None):
     records = train.load_training_records(args, ps)
     sampling = data.FrameSampling.from_args(args)
     mix = [data.FrameSampling(num_frames=n, max_frames=args.max_frames) for n in args.mix_num_frames or []]
-    cache = train.embedding_cache(model, args, ps) if args.freeze_vision else None
+    cache = train.embedding_cache(model, args, ps) if args.embed_cache else None
     prompts = train.VideoPrompts(model, sampling, ps, cache)
     log = train.MetricsLog(out, enabled=ps.rank == 0, resume_step=start_step)
 

@@ -637,8 +637,16 @@ def count_vision_runs(cache, *builders: VideoPrompts) -> int:
     return (cache.vision_runs if cache is not None else 0) + sum(b.uncached_runs for b in builders)
 
 
-def add_cache_args(ap):
-    """The flags of the video-embedding cache (MR-SP stage 1), for a stage whose vision tower is frozen."""
+def add_cache_args(ap, default: bool | None):
+    """The flags of the video-embedding cache (MR-SP stage 1), the same in both stages. The cache needs
+    a frozen vision tower; `default` None: on exactly when the stage freezes it (sft.py --freeze-vision)."""
+    ap.add_argument("--embed-cache", action=argparse.BooleanOptionalAction, default=default,
+                    help="MR-SP stage 1: encode each video once and reuse its embeddings (needs a frozen vision "
+                         "tower); --no-embed-cache re-encodes the video for every sequence in every pass (the "
+                         "baseline the paper compares against)" + ("" if default is not None else
+                                                                    " (default: on with --freeze-vision)"))
+    ap.add_argument("--embed-cache-dir", default=None,
+                    help="also keep the video embeddings on disk here (one safetensors file per video and sampling)")
     ap.add_argument("--embed-cache-gb", type=float, default=8.0,
                     help="GiB of video embeddings the cache keeps in memory per rank, least recently used "
                          "dropped first (a 7B video of 256 frames is 0.44 GiB in bf16)")
@@ -647,10 +655,10 @@ def add_cache_args(ap):
                          "prompt uses it (no effect on a CPU)")
 
 
-def embedding_cache(model: M.VideoLM, args, ps: mrsp.ParallelState, cache_dir=None) -> "mrsp.VideoEmbeddingCache":
+def embedding_cache(model: M.VideoLM, args, ps: mrsp.ParallelState) -> "mrsp.VideoEmbeddingCache":
     """The run's video-embedding cache, as the flags of `add_cache_args` and --bf16 ask: entries in the
-    compute dtype, in host memory when offloaded, within --embed-cache-gb."""
-    return mrsp.VideoEmbeddingCache(model, cache_dir=cache_dir, sp_group=ps.sp_group,
+    compute dtype, in host memory when offloaded, within --embed-cache-gb, on disk in --embed-cache-dir."""
+    return mrsp.VideoEmbeddingCache(model, cache_dir=args.embed_cache_dir, sp_group=ps.sp_group,
                                     max_bytes=int(args.embed_cache_gb * 2**30),
                                     dtype=torch.bfloat16 if args.bf16 else None,
                                     storage="cpu" if args.embed_cache_offload else None)

@@ -47,3 +47,22 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
                     p.kill()
                 raise TimeoutError(f"{fn.__name__} on {world_size} ranks did not finish in {timeout:.0f} s")
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def allreduce_gradients(model: torch.nn.Module, ps) -> None:
+    """Turn per-rank gradients into the step's gradient: SUM over the SP group, MEAN over DP groups.
+
+    Use after backward, before clipping and the optimizer step, when the model is not wrapped by FSDP
+    (mrsp.py's docstring: gradient accounting; the trainers let FSDP do this). A trainable parameter that got no gradient on this rank
+    counts as zero, so every rank runs the same collectives in the same order.
+    """
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if ps.sp_size > 1:
+            torch_dist.all_reduce(p.grad, group=ps.sp_group)
+        if ps.dp_size > 1:
+            torch_dist.all_reduce(p.grad, group=ps.dp_group)
+            p.grad.div_(ps.dp_size)

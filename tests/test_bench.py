@@ -1,4 +1,4 @@
-"""bench.py's step, prefill and capacity subcommands at their tiniest sizes on the CPU: each runs the real
+"""bench.py's step, prefill, capacity and memory subcommands at their tiniest sizes on the CPU: each runs the real
 code path and prints its table. Smoke tests only: nothing here asserts on a timing."""
 import subprocess
 import sys
@@ -106,25 +106,3 @@ def test_memory_refuses_sequences_shorter_than_the_scored_tokens():
     done = subprocess.run([sys.executable, "bench.py", "memory", "--seq-lens", "256"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "--seq-lens [256] must be longer than --response-len 512" in done.stderr
-
-
-def test_lookup_examples_put_the_options_near_a_fixed_or_a_varying_distance_back():
-    import numpy as np
-    rng = np.random.default_rng(0)
-    for distance, walks in (("near", {0}), ("fixed", {5}), ("varies", set(range(3, 9)))):
-        seen = set()
-        for _ in range(200):
-            question, response = bench._lookup_example(rng, distance)
-            options = question[question.index("\n"):]
-            assert response.endswith(options + "</think>")  # the re-reading copies the prompt's options
-            seen.add(response.count("Scene "))
-        assert seen == walks
-
-
-def test_lookup_prints_a_copy_accuracy_table():
-    out = run_bench("lookup", "--steps", "2", "--every", "1", "--examples", "20", "--distances", "near", "varies")
-    lines = out.splitlines()
-    header = next(i for i, l in enumerate(lines) if l.startswith("step"))
-    assert lines[header].split() == ["step", "near", "varies"]
-    rows = [l.split() for l in lines[header + 1:header + 3]]
-    assert [r[0] for r in rows] == ["1", "2"] and all(0 <= float(x) <= 1 for r in rows for x in r[1:])

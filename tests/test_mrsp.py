@@ -11,7 +11,7 @@ import torch
 
 import model as M
 import mrsp
-from dist import run_ranks
+from dist import allreduce_gradients, run_ranks
 
 # ---- the example every check uses ----
 
@@ -34,9 +34,12 @@ def example_batch(model: M.VideoLM) -> M.SequenceBatch:
 
 
 def example_loss(logprobs: torch.Tensor, batch: M.SequenceBatch) -> torch.Tensor:
-    """A policy-gradient-shaped loss: per-sequence advantages times log-probs, token mean."""
+    """A policy-gradient-shaped loss: per-sequence advantages times log-probs, token mean, each position
+    weighted by its own random weight, so that the gradient differs at every position: a backward that
+    hands a rank another rank's slice of it gives other gradients (a weight shared by a whole row would not)."""
     advantages = torch.tensor([1.0, -0.5])[:, None]                                 # [B, 1]
-    return -(advantages * logprobs).sum() / batch.loss_mask.sum()
+    weights = torch.rand(logprobs.shape, generator=torch.Generator().manual_seed(0))  # [B, S]
+    return -(advantages * weights * logprobs).sum() / batch.loss_mask.sum()
 
 
 def with_heads(model: M.VideoLM, num_heads: int, num_kv_heads: int) -> M.VideoLM:
@@ -73,7 +76,7 @@ def logprobs_and_grads(model: M.VideoLM, ps: mrsp.ParallelState | None):
         logprobs = mrsp.sp_token_logprobs(model, batch, ps.sp_group)
     example_loss(logprobs, batch).backward()
     if ps is not None:
-        mrsp.allreduce_gradients(model, ps)
+        allreduce_gradients(model, ps)
     grads = {name: p.grad.clone() for name, p in model.llm.named_parameters()}
     return logprobs.detach(), grads
 
@@ -112,7 +115,7 @@ def mesh_job() -> dict:
     ps = mrsp.init_distributed(sp_size=2)
     layer = torch.nn.Linear(1, 1, bias=False)
     layer.weight.grad = torch.full_like(layer.weight, float(ps.rank + 1))
-    mrsp.allreduce_gradients(layer, ps)
+    allreduce_gradients(layer, ps)
     ranks = torch.distributed.get_process_group_ranks
     return {"dp": (ps.dp_rank, ps.dp_size), "sp": (ps.sp_rank, ps.sp_size),
             "sp_ranks": ranks(ps.sp_group), "dp_ranks": ranks(ps.dp_group), "grad": layer.weight.grad.item()}
@@ -238,8 +241,6 @@ def test_ulysses_on_one_rank_is_the_plain_model(tiny_model):
     mrsp.enable_ulysses(tiny_model, None)
     assert tiny_model.llm.config._attn_implementation == "ulysses"
     torch.testing.assert_close(mrsp.sp_token_logprobs(tiny_model, batch, None), expected)
-    mrsp.disable_ulysses(tiny_model)
-    assert tiny_model.llm.config._attn_implementation == "sdpa"
 
 
 def test_head_split_rules():

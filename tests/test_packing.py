@@ -8,7 +8,7 @@ from torch.autograd.graph import saved_tensors_hooks
 import model as M
 import mrsp
 import train
-from dist import run_ranks
+from dist import allreduce_gradients, run_ranks
 from test_mrsp import SP_HEADS, example_frames, with_heads
 
 # Responses of different lengths, one of a single token, per group size G.
@@ -27,9 +27,14 @@ def example_groups(model: M.VideoLM, G: int):
 
 
 def example_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Advantage-weighted log-probs, one advantage per response, token mean (rows = responses in order)."""
+    """Advantage-weighted log-probs, one advantage per response, token mean (rows = responses in order),
+    each response token weighted by a random weight of its own (the same token gets the same weight in
+    both layouts: the mask lists every response's tokens in order), so that the gradient differs at every
+    position and a backward returning another rank's slice of it fails."""
     advantages = torch.linspace(-1, 1, len(logprobs))[:, None]                    # [E, 1]
-    return -(advantages * logprobs * mask).sum() / mask.sum() + (logprobs * mask).pow(2).sum() / 100
+    weights = torch.zeros(logprobs.shape)                                         # [E, S] or [E, R_max]
+    weights[mask] = torch.rand(int(mask.sum()), generator=torch.Generator().manual_seed(0))
+    return -(advantages * weights * logprobs * mask).sum() / mask.sum() + (logprobs * mask).pow(2).sum() / 100
 
 
 def per_sequence(model, prompts, responses):
@@ -47,7 +52,7 @@ def packed(model, prompts, responses, ps: mrsp.ParallelState):
     batch = model.build_packed_batch(prompts, responses, sp_rank=ps.sp_rank, sp_size=ps.sp_size)
     logprobs = train.sequence_logprobs(model, batch, ps, block_rows=4)
     example_loss(logprobs, batch.response_mask).backward()
-    mrsp.allreduce_gradients(model, ps)
+    allreduce_gradients(model, ps)
     return logprobs[batch.response_mask].detach(), {n: p.grad.clone() for n, p in model.llm.named_parameters()}
 
 

@@ -245,11 +245,3 @@ def test_max_model_len_past_the_llms_positions_is_refused_at_start_up(tiny_check
     args.max_new_tokens = limit  # the prompt alone leaves no room for this many
     with pytest.raises(ValueError, match=f"past the LLM's max_position_embeddings {limit}"):
         rl.engine_max_model_len(model, records, sampling, args)
-
-
-def test_engine_gap_is_the_largest_difference_over_sampled_tokens():
-    import rl
-    trainer = torch.tensor([[-1.0, -2.0, 5.0], [-0.5, -0.25, -9.0]])     # [E, R_max]; 5.0 and -9.0 are padding
-    mask = torch.tensor([[True, True, False], [True, True, False]])
-    episodes = [types.SimpleNamespace(sample=types.SimpleNamespace(logprobs=lp)) for lp in ([-1.5, -2.0], [-0.5, -1.0])]
-    assert rl.engine_gap(trainer, mask, episodes) == pytest.approx(max(abs(-1.0 + 1.5), abs(-0.25 + 1.0)))

@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 import data
-import eval as evaluation
+import grading
 import model as M
+import mrsp
 import rl
 import rollout
 import train
@@ -56,26 +57,47 @@ def test_each_loss_aggregation_by_hand():
 
 
 def test_policy_loss_clips_low_high_and_dual_by_hand():
-    old = torch.zeros(1, 4)
-    # ratios e^x: 1.5 (above 1 + 0.3), 0.5 (below 1 - 0.2), 1.1 (inside), 5.0 (dual clip territory)
-    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1, 5.0]]))
-    adv = torch.tensor([[1.0, -1.0, 2.0, -1.0]])
-    mask = torch.ones(1, 4, dtype=torch.bool)
-    loss, clip_frac = rl.policy_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.3, dual_clip=3.0)
-    per_token = [
-        -1.0 * 1.3,             # A>0, r=1.5: max(-1.5, -1.3) = -1.3 (clipped at 1 + clip_high)
-        max(0.5, 0.8),          # A<0, r=0.5: max(0.5, 0.8) = 0.8 (clipped at 1 - clip_low); below dual bound 3
-        -2.0 * 1.1,             # inside the clip range
+    old = torch.zeros(1, 5)
+    # ratios e^x: 1.5 (above 1 + 0.3), 0.5 (below 1 - 0.2), 1.1 (inside), 5.0 (dual clip territory), 1.5 with A < 0
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1, 5.0, 1.5]]))
+    adv = torch.tensor([[1.0, -1.0, 2.0, -1.0, -2.0]])
+    per_token, clipped = rl.policy_loss(logp, old, adv, clip_low=0.2, clip_high=0.3, dual_clip=3.0)
+    expected = [
+        -1.0 * 1.3,               # A>0, r=1.5: max(-1.5, -1.3) = -1.3 (clipped at 1 + clip_high)
+        max(0.5, 0.8),            # A<0, r=0.5: max(0.5, 0.8) = 0.8 (clipped at 1 - clip_low); below dual bound 3
+        -2.0 * 1.1,               # inside the clip range
         min(max(5.0, 1.3), 3.0),  # A<0, r=5: max gives 5.0, the dual clip bounds it at -A * 3 = 3
+        2.0 * 1.5,                # A<0, r=1.5 above 1 + clip_high: max(3.0, 2.6) = 3.0, unclipped, under 6
     ]
-    assert loss.item() == pytest.approx(sum(per_token) / 4, abs=1e-6)
-    assert clip_frac.item() == pytest.approx(2 / 4)  # tokens 1 and 2 were clipped by the ratio clip
+    torch.testing.assert_close(per_token, torch.tensor([expected]))
+    assert clipped.tolist() == [[True, True, False, False, False]]  # where the ratio clip changed the loss
+
+
+def test_tis_weights_and_the_loss_they_weight_by_hand():
+    """pi_old / pi_engine = 2, 1, 0.5, 3 capped at C = 1.5: weights 1.5, 1, 0.5, 1.5; two of four capped.
+    On-policy (r = 1) each token's loss is -A w, its gradient -A w / 4 under token-mean."""
+    from types import SimpleNamespace
+    old = torch.log(torch.tensor([[0.5, 0.5, 0.2, 0.9]]))
+    engine = torch.log(torch.tensor([[0.25, 0.5, 0.4, 0.3]]))
+    torch.testing.assert_close(rl.tis_weights(old, engine, cap=1.5), torch.tensor([[1.5, 1.0, 0.5, 1.5]]))
+    logp = old.clone().requires_grad_(True)
+    adv = torch.tensor([[1.0, -1.0, 2.0, 0.5]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    args = SimpleNamespace(clip_low=0.2, clip_high=0.3, dual_clip=3.0, loss_agg="token-mean", kl_coef=0.0, tis_cap=1.5)
+    loss, metrics = rl.grpo_loss(logp, old, None, engine, adv, mask, args)
+    assert loss.item() == pytest.approx((-1.5 + 1.0 - 1.0 - 0.75) / 4)
+    assert metrics["tis_weight_mean"].item() == pytest.approx((1.5 + 1 + 0.5 + 1.5) / 4)
+    assert metrics["tis_capped_share"].item() == pytest.approx(2 / 4)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.375, 0.25, -0.25, -0.1875]]))
+    _, off = rl.grpo_loss(logp, old, None, engine, adv, mask, SimpleNamespace(**{**vars(args), "tis_cap": 0.0}))
+    assert off["loss"].item() == pytest.approx((-1 + 1 - 2 - 0.5) / 4) and "tis_weight_mean" not in off
 
 
 def test_policy_gradient_pushes_up_positive_advantages():
     logp = torch.zeros(1, 2, requires_grad=True)
-    loss, _ = rl.policy_loss(logp, logp.detach(), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2, dtype=torch.bool))
-    loss.backward()
+    per_token, _ = rl.policy_loss(logp, logp.detach(), torch.tensor([[1.0, -1.0]]))
+    per_token.sum().backward()
     assert logp.grad[0, 0] < 0 < logp.grad[0, 1]  # descent raises the good token, lowers the bad one
 
 
@@ -93,9 +115,9 @@ def test_huge_logprob_gaps_give_a_finite_loss_and_finite_gradients(dtype):
     ref = torch.tensor([[-1000.0, 0.0, 0.0, -1000.0]], dtype=dtype)
     adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]], dtype=dtype)
     mask = torch.ones(1, 4, dtype=torch.bool)
-    pg, _ = rl.policy_loss(logp, old, adv, mask)
-    kl = rl.aggregate(rl.kl_k3(logp, ref), mask, "token-mean")
-    loss = pg + 0.01 * kl
+    pg, _ = rl.policy_loss(logp, old, adv)
+    kl = rl.kl_k3(logp, ref)
+    loss = rl.aggregate(pg + 0.01 * kl, mask, "token-mean")
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logp.grad).all(), (loss, logp.grad)
     assert rl.kl_k3(logp, ref).max() <= 10
@@ -139,8 +161,8 @@ def test_accuracy_reward_reads_only_the_tagged_answer_while_eval_stays_lenient()
     untagged = "<think>blue scenes</think>The answer is B"
     assert rl.accuracy_reward(mc_record("B"), untagged) == 0
     assert rl.accuracy_reward(mc_record("B"), "The answer is B") == 0
-    assert evaluation.score_answer(mc_record("B"), untagged) == (True, "B")
-    assert evaluation.score_answer(mc_record("B"), "The answer is B") == (True, "B")
+    assert grading.score_answer(mc_record("B"), untagged) == (True, "B")
+    assert grading.score_answer(mc_record("B"), "The answer is B") == (True, "B")
 
 
 # ---- real runs on an easy task ----
@@ -175,7 +197,7 @@ def test_short_rl_run_raises_reward_on_easy_task(easy_task, tmp_path):
     assert (tmp_path / "final" / "llm" / "model.safetensors").exists() and (tmp_path / "rl_curves.png").exists()
     for r in rows:  # per step: accuracy by question type (the records' category), adding up to the accuracy
         types = [k for k in r if k.startswith("accuracy_")]
-        assert types and all(0 <= r[k] <= 1 for k in types)
+        assert types
         n = {t: r[f"responses/{t[len('accuracy_'):]}"] for t in types}
         assert sum(r[t] * n[t] for t in types) / sum(n.values()) == pytest.approx(r["accuracy"])
         assert r["no_signal_share"] == r["no_signal_groups"] / r["groups"] and r["groups"] == 4
@@ -277,15 +299,17 @@ def test_sp2_training_steps_update_weights_like_one_process(easy_task, tmp_path)
 def test_rl_with_vllm_engine_keeps_engine_and_trainer_in_step(easy_task, tmp_path):
     """Two steps with the real vLLM engine: after the first update the weights are synced into the engine,
     so in step 2 its log-probs still match the trainer's (to the top-p renormalisation, -log 0.99 ~ 0.01).
-    Without the sync, a step at this learning rate moves log-probs far more than that."""
+    Without the sync, a step at this learning rate moves log-probs far more than that. With --tis-cap 2 the
+    importance weights pi_old / pi_engine are then within [0.99, 1]: none capped."""
     args = [a if a != "torch" else "vllm" for a in RL_ARGS]
     rl.main(["--init", str(easy_task["init"]), "--data", str(easy_task["data"]), "--out", str(tmp_path),
-             "--steps", "2", "--save-every", "0", "--max-model-len", "1024", *args])
+             "--steps", "2", "--save-every", "0", "--max-model-len", "1024", "--tis-cap", "2", *args])
     rows = rows_of(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["grad_norm"] > 0
     for r in rows:
         assert r["logprob_gap_max"] < 0.011, r
+        assert 0.989 < r["tis_weight_mean"] <= 1.0 + 1e-6 and r["tis_capped_share"] == 0, r
 
 
 def test_torchrun_sp2_with_the_vllm_engine(easy_task, tmp_path):
@@ -428,3 +452,206 @@ def test_shared_prefix_step_updates_weights_like_per_sequence(easy_task, tmp_pat
     two = load_file(str(tmp_path / "per-seq" / "final" / "llm" / "model.safetensors"))
     assert max((one[k] - before[k]).abs().max().item() for k in one) > 1e-5
     assert_same_adamw_updates(one, two)
+
+
+# ---- one update computed twice: rl.update_policy vs the formulas written out here ----
+
+# Two groups of G = 3 responses. Texts decide the rewards (accuracy, format); token ids are what is scored.
+TEXTS = ["<think>x</think><answer>A</answer>",   # right, well formed: accuracy 1, format 1
+         "<think>x</think><answer>B</answer>",   # wrong, well formed: 0, 1
+         "<answer>A</answer>"]                   # right, no thinking: 1, 0
+ACC_FMT = [(1, 1), (0, 1), (1, 0)]
+
+
+def fixed_rollouts(model, seed=0):
+    """Records, their prompt embeddings [P, D] (text-only: embedded token ids) and per group the engine's
+    samples: token ids and engine log-probs (random: not the trainer's). Group 2 re-uses group 1's tokens
+    with the advantages' signs swapped, so that the first mini-batch's step (group 1) moves group 2's ratios
+    both ways, past every clip bound."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.llm.config.vocab_size
+    records = [data.Record(f"p{i}", "v.mp4", "Which?", ["red", "blue"], "multiple_choice", "", "A") for i in range(2)]
+    with torch.no_grad():
+        prompts = {r.problem_id: model.llm.get_input_embeddings()(torch.randint(3, vocab, (5 + 2 * i,), generator=g))
+                   for i, r in enumerate(records)}
+    up, down, more = (torch.randint(3, vocab, (n,), generator=g).tolist() for n in (4, 3, 5))
+    token_ids = [[up, down, more], [down + up[:1], up + down, more[:3]]]
+    groups = [[rollout.Sample(ids, (-torch.rand(len(ids), generator=g) * 8).tolist(), "answer", TEXTS[j])
+               for j, ids in enumerate(group)] for group in token_ids]
+    return records, prompts, groups
+
+
+def hf_logprobs(llm, prompt, response):
+    """log pi(response_t | prompt, response_<t) from the Hugging Face model itself, one sequence.   -> [R]"""
+    ids = torch.tensor(response)
+    x = torch.cat([prompt, llm.get_input_embeddings()(ids)])[None]                # [1, P + R, D]
+    logits = llm(inputs_embeds=x).logits[0, len(prompt) - 1:-1].float()          # [R, V]: the positions predicting them
+    return torch.log_softmax(logits, -1).gather(1, ids[:, None])[:, 0]
+
+
+def expected_update(policy, reference, prompts, records, groups, o, lr, mini_batches):
+    """The same update from the formulas: rewards, advantages, per-token loss and its aggregation, one SGD
+    step (lr) per mini-batch of whole groups. Per mini-batch: {loss, dlogp: per-token dloss/dlogp [E, R_max],
+    grads: the LLM's, ratio and adv: per token [E, R_max] (0 off the responses)}. Leaves `policy` as it was."""
+    initial = {k: v.clone() for k, v in policy.llm.state_dict().items()}
+    rewards = torch.tensor([[o["accuracy_weight"] * a + o["format_weight"] * f for a, f in ACC_FMT]] * len(groups))
+    centred = rewards - rewards.mean(1, keepdim=True)                              # [N, G]
+    adv = centred / (rewards.std(1, keepdim=True) + 1e-6) if o["std_norm"] else centred
+    with torch.no_grad():
+        old = [[hf_logprobs(policy.llm, prompts[r.problem_id], s.token_ids) for s in g] for r, g in zip(records, groups)]
+        ref = [[hf_logprobs(reference.llm, prompts[r.problem_id], s.token_ids) for s in g] for r, g in zip(records, groups)]
+    out = []
+    for part in mrsp.split_evenly(len(groups), mini_batches):
+        terms, logps, ratios, advs = [], [], [], []
+        for n in part:
+            for j, s in enumerate(groups[n]):
+                logp = hf_logprobs(policy.llm, prompts[records[n].problem_id], s.token_ids)   # [R]
+                logp.retain_grad()
+                a, r = adv[n, j], torch.exp(logp - old[n][j])
+                pg = torch.maximum(-a * r, -a * r.clamp(1 - o["clip_low"], 1 + o["clip_high"]))
+                if a < 0:
+                    pg = torch.minimum(pg, -a * o["dual_clip"])
+                if o["tis_cap"]:
+                    pg = pg * torch.exp(old[n][j] - torch.tensor(s.logprobs)).clamp(max=o["tis_cap"])
+                d = ref[n][j] - logp
+                terms.append(pg + o["kl_coef"] * (torch.exp(d) - d - 1))
+                logps.append(logp)
+                ratios.append(r.detach())
+                advs.append(a.expand(len(logp)))
+        if o["loss_agg"] == "token-mean":
+            loss = torch.cat(terms).sum() / sum(len(t) for t in terms)
+        elif o["loss_agg"] == "seq-mean-token-mean":
+            loss = sum(t.mean() for t in terms) / len(terms)
+        else:
+            loss = sum(t.sum() for t in terms) / len(terms)
+        policy.llm.zero_grad()
+        loss.backward()
+        padded = lambda rows: torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)    # [E, R_max]
+        out.append(dict(loss=loss.item(), dlogp=padded([lp.grad for lp in logps]), ratio=padded(ratios),
+                        adv=padded(advs), grads={n: p.grad.clone() for n, p in policy.llm.named_parameters()}))
+        with torch.no_grad():
+            for p in policy.llm.parameters():
+                p -= lr * p.grad
+    policy.llm.load_state_dict(initial)
+    policy.llm.zero_grad(set_to_none=True)
+    return out
+
+
+def run_update_policy(policy, reference, prompts, records, groups, flags, lr, monkeypatch):
+    """rl.py's own path: score_group, set_advantages, update_policy with plain SGD (so that an optimizer step
+    is -lr x gradient, as in expected_update). Records per mini-batch the loss's gradient with respect to the
+    log-probs rl.py scored (spied on train.sequence_logprobs) and the parameters' gradients at the step.
+    Leaves `policy` as it was."""
+    initial = {k: v.clone() for k, v in policy.llm.state_dict().items()}
+    args = rl.parse_args(["--init", "i", "--data", "d.jsonl", "--out", "o", "--group-size", "3",
+                          "--micro-batch-size", "3", "--max-grad-norm", "1e9", "--temperature", "1", *flags])
+    params = [p for p in policy.llm.parameters()]
+    optimizer = torch.optim.SGD(params, lr=lr)
+    seen = {"dlogp": [], "grads": []}
+    real = train.sequence_logprobs
+
+    def spied(*a, **kw):
+        logprobs = real(*a, **kw)
+        if logprobs.requires_grad:
+            logprobs.register_hook(lambda grad: seen["dlogp"].append(grad.clone()))
+        return logprobs
+    monkeypatch.setattr(train, "sequence_logprobs", spied)
+    optimizer.register_step_pre_hook(lambda *_: seen["grads"].append(
+        {n: p.grad.clone() for n, p in policy.llm.named_parameters()}))
+    prompt_fn = lambda record: prompts[record.problem_id]
+    models = rl.Models(policy, reference if args.kl_coef > 0 else None, params, optimizer, prompt_fn,
+                       prompt_fn if args.kl_coef > 0 else None)
+    episodes_by_group = [rl.score_group(r, g, args) for r, g in zip(records, groups)]
+    rl.set_advantages(episodes_by_group, args)
+    stats = rl.update_policy(models, episodes_by_group, args, mrsp.ParallelState(), rl.PhaseTimer(torch.device("cpu")))
+    policy.llm.load_state_dict(initial)
+    return stats, seen, episodes_by_group
+
+
+OBJECTIVES = {  # flags -> the options of expected_update; BASE_FLAGS's clip bounds have tokens beyond each
+    "clip bounds, dual clip, KL, token-mean": ([], {}),
+    "no std-norm": (["--no-std-norm"], {"std_norm": False}),
+    "seq-mean-token-mean": (["--loss-agg", "seq-mean-token-mean"], {"loss_agg": "seq-mean-token-mean"}),
+    "seq-mean-token-sum": (["--loss-agg", "seq-mean-token-sum"], {"loss_agg": "seq-mean-token-sum"}),
+    "no KL": (["--kl-coef", "0"], {"kl_coef": 0.0}),
+    "strong KL": (["--kl-coef", "0.5"], {"kl_coef": 0.5}),
+    "reward weights": (["--accuracy-weight", "0.3", "--format-weight", "0.7"],
+                       {"accuracy_weight": 0.3, "format_weight": 0.7}),
+    "TIS": (["--tis-cap", "2"], {"tis_cap": 2.0}),
+}
+BASE_FLAGS = ["--mini-batches", "2", "--clip-low", "0.4", "--clip-high", "0.5", "--dual-clip", "1.8",
+              "--kl-coef", "0.1"]
+BASE = dict(std_norm=True, clip_low=0.4, clip_high=0.5, dual_clip=1.8, loss_agg="token-mean", kl_coef=0.1,
+            tis_cap=0.0, accuracy_weight=0.9, format_weight=0.1)
+SGD_LR = 0.05
+
+
+@pytest.fixture(scope="module")
+def update_models(tiny_tokenizer):
+    """A tiny policy and a reference that differs from it (so the KL term has a gradient from the start),
+    with rl.py's attention for packed groups in one process."""
+    import model as M
+    policy, reference = (M.build_from_preset("tiny", tiny_tokenizer, seed=seed) for seed in (0, 1))
+    for model in (policy, reference):
+        model.freeze_vision()
+        rl.enable_attention(model, mrsp.ParallelState(), shared_prefix=True)
+    return policy, reference
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_update_policy_equals_the_formulas(update_models, monkeypatch, name):
+    """Two mini-batches: the first at the rollout's weights (ratios 1), the second at the weights one SGD step
+    later, off-policy, so tokens fall inside the clip range, beyond 1 - clip_low, beyond 1 + clip_high and
+    beyond the dual clip. Per token: dloss/dlogp; per mini-batch: the loss and the gradient of the LLM."""
+    flags, options = OBJECTIVES[name]
+    policy, reference = update_models
+    records, prompts, groups = fixed_rollouts(policy)
+    o = {**BASE, **options}
+    stats, seen, episodes = run_update_policy(policy, reference, prompts, records, groups, BASE_FLAGS + flags, SGD_LR,
+                                              monkeypatch)
+    expected = expected_update(policy, reference, prompts, records, groups, o, SGD_LR, mini_batches=2)
+
+    second = expected[1]
+    mask = second["ratio"] != 0
+    a, r = second["adv"][mask], second["ratio"][mask]
+    regions = {"inside": ((r > 1 - o["clip_low"]) & (r < 1 + o["clip_high"])).sum(),
+               "A > 0 beyond 1 + clip_high": ((a > 0) & (r > 1 + o["clip_high"])).sum(),
+               "A < 0 beyond 1 - clip_low": ((a < 0) & (r < 1 - o["clip_low"])).sum(),
+               "A < 0 beyond the dual clip": ((a < 0) & (r > o["dual_clip"])).sum()}
+    if not flags:  # the base case covers every branch of the clip (the others move the ratios elsewhere)
+        assert all(n > 0 for n in regions.values()), regions
+
+    expected_adv = torch.cat([expected[0]["adv"][:, 0], second["adv"][:, 0]])              # per response
+    assert [e.advantage for g in episodes for e in g] == pytest.approx(expected_adv.tolist(), abs=1e-6)
+    assert stats["loss"] == pytest.approx((expected[0]["loss"] + second["loss"]) / 2, rel=1e-4, abs=1e-6)
+    assert len(seen["dlogp"]) == len(seen["grads"]) == 2
+    for got, want in zip(seen["dlogp"], expected):
+        torch.testing.assert_close(got, want["dlogp"], rtol=1e-4, atol=1e-6)      # per token
+    for got, want in zip(seen["grads"], expected):
+        for key in ("lm_head.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight",
+                    "model.embed_tokens.weight"):
+            torch.testing.assert_close(got[key], want["grads"][key], rtol=1e-3, atol=1e-6, msg=key)
+
+
+def test_one_update_raises_the_rewarded_responses_and_lowers_the_others(tiny_checkpoint):
+    """The learning signal, deterministic: rl.py's models (rl.load_models: its AdamW, its reference) and one
+    rl.update_policy on one fixed group. Rewards 1.0, 0.1, 0.9 give advantages +, -, +: after the update each
+    response's log-probability (the Hugging Face model's own, summed over its tokens) moved that way."""
+    import dataclasses
+    args = rl.parse_args(["--init", str(tiny_checkpoint), "--data", "d.jsonl", "--out", "o", "--group-size", "3",
+                          "--micro-batch-size", "3", "--lr", "1e-3"])
+    models = rl.load_models(args, tiny_checkpoint, data.FrameSampling.from_args(args), mrsp.ParallelState())
+    records, prompts, groups = fixed_rollouts(models.policy)
+    prompt_fn = lambda record: prompts[record.problem_id]
+    models = dataclasses.replace(models, policy_prompt=prompt_fn, reference_prompt=prompt_fn)
+    episodes = [rl.score_group(records[0], groups[0], args)]
+    rl.set_advantages(episodes, args)
+    assert [e.reward for e in episodes[0]] == pytest.approx([1.0, 0.1, 0.9])
+    sequence_logprob = lambda s: hf_logprobs(models.policy.llm, prompts["p0"], s.token_ids).sum().item()
+    with torch.no_grad():
+        before = [sequence_logprob(s) for s in groups[0]]
+    rl.update_policy(models, episodes, args, mrsp.ParallelState(), rl.PhaseTimer(torch.device("cpu")))
+    with torch.no_grad():
+        after = [sequence_logprob(s) for s in groups[0]]
+    moved = [b - a for a, b in zip(before, after)]
+    assert moved[0] > 0.01 and moved[1] < -0.01 and moved[2] > 0.01, moved

@@ -18,6 +18,7 @@ import mrsp
 import rollout
 import train
 from dist import run_ranks
+from test_train_memory import saved_for_backward_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -199,20 +200,10 @@ def test_trainable_vision_tower_keeps_only_its_pixels_for_backward(tiny_model):
     assert sft.parse_args(["--init", "i", "--data", "d", "--out", "o"]).freeze_vision  # the default: frozen
     tiny_model.train()
     size = tiny_model.config.image_size
-    params = {p.data_ptr() for p in tiny_model.parameters()}
 
     def saved_bytes(num_frames: int) -> int:
         frames = torch.randint(0, 256, (num_frames, size, size, 3), dtype=torch.uint8)
-        seen = {}
-
-        def pack(t):
-            if t.data_ptr() not in params:
-                seen[(t.data_ptr(), t.shape)] = t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            tiny_model.encode_video(frames, chunk_size=8).sum().backward()
-        return sum(seen.values())
+        return saved_for_backward_bytes(tiny_model, lambda: tiny_model.encode_video(frames, chunk_size=8))
 
     pixels_per_frame = 3 * size * size * 4                       # the fp32 input each chunk keeps
     growth = (saved_bytes(64) - saved_bytes(16)) / 48            # bytes kept per extra frame

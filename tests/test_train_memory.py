@@ -66,8 +66,9 @@ def test_decoder_layers_are_sharded_after_forward_and_backward(tiny_checkpoint):
 
 # ---- rl.py --grad-checkpointing ----
 
-def saved_for_backward_bytes(model: M.VideoLM, batch: M.SequenceBatch) -> int:
-    """Bytes of the tensors autograd keeps for backward during one forward (parameters not counted)."""
+def saved_for_backward_bytes(model: torch.nn.Module, forward) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward while `forward()` runs (the model's
+    parameters not counted). Also used by test_precision.py."""
     params = {p.data_ptr() for p in model.parameters()}
     seen = {}
     def pack(t):
@@ -75,7 +76,7 @@ def saved_for_backward_bytes(model: M.VideoLM, batch: M.SequenceBatch) -> int:
             seen[(t.data_ptr(), t.shape)] = t.numel() * t.element_size()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.token_logprobs(batch)
+        forward()
     return sum(seen.values())
 
 
@@ -88,7 +89,8 @@ def test_rl_grad_checkpointing_keeps_a_fraction_of_the_activations(tiny_checkpoi
     saved = {}
     for flag in (False, True):
         policy = rl.load_policy(tiny_checkpoint, ps, grad_checkpointing=flag)
-        saved[flag] = saved_for_backward_bytes(policy, policy.build_sequence_batch(prompts, [[5, 6, 7]]))
+        batch = policy.build_sequence_batch(prompts, [[5, 6, 7]])
+        saved[flag] = saved_for_backward_bytes(policy, lambda: policy.token_logprobs(batch))
     assert saved[True] < saved[False] / 4, saved
 
 

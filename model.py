@@ -1001,9 +1001,11 @@ class VilaFamily:
             read_json(file)
         tokenizer = AutoTokenizer.from_pretrained(path / "llm")
         rows = llm.get_input_embeddings().num_embeddings
-        if len(tokenizer) != rows:  # VILA appends its media tokens and resizes the embedding to the tokenizer
+        # Every token needs a row. Rows past the tokenizer are padding (Qwen2 pads 151,665 tokens to 152,064
+        # rows; VILA resizes to the tokenizer after appending its media tokens): they are never looked up.
+        if len(tokenizer) > rows:
             raise CheckpointError(f"{path / 'llm'}: the tokenizer has {len(tokenizer):,} tokens, the LLM's input "
-                                  f"embedding {rows:,} rows (a VILA LLM has one row per token): the tokenizer files "
+                                  f"embedding {rows:,} rows, so some tokens have no embedding: the tokenizer files "
                                   "and the weights are of different models; re-download the folder")
         if not tokenizer.chat_template:
             raise CheckpointError(f"{path / 'llm'}: the tokenizer has no chat template (tokenizer_config.json "

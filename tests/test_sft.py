@@ -20,16 +20,17 @@ def test_sft_loss_is_the_token_mean_nll():
 
 
 def test_the_embedding_cache_flags_mean_the_same_in_sft_and_rl():
-    """--embed-cache / --embed-cache-dir in both scripts; in SFT the cache follows --freeze-vision unless set,
-    and asking for it with a trained vision tower is refused; rl.py (always frozen) has it on by default."""
+    """--embed-cache / --embed-cache-dir in both scripts; in SFT the cache follows --freeze-vision (on by
+    default) unless set, and asking for it with a trained vision tower is refused; rl.py (always frozen) has it
+    on by default."""
     import rl
     base = ["--init", "i", "--data", "d.jsonl", "--out", "o"]
-    assert not sft.parse_args(base).embed_cache
-    assert sft.parse_args(base + ["--freeze-vision"]).embed_cache
-    assert not sft.parse_args(base + ["--freeze-vision", "--no-embed-cache"]).embed_cache
-    assert sft.parse_args(base + ["--freeze-vision", "--embed-cache-dir", "e"]).embed_cache_dir == "e"
+    assert sft.parse_args(base).embed_cache
+    assert not sft.parse_args(base + ["--no-freeze-vision"]).embed_cache
+    assert not sft.parse_args(base + ["--no-embed-cache"]).embed_cache
+    assert sft.parse_args(base + ["--embed-cache-dir", "e"]).embed_cache_dir == "e"
     with pytest.raises(SystemExit):
-        sft.parse_args(base + ["--embed-cache"])
+        sft.parse_args(base + ["--no-freeze-vision", "--embed-cache"])
     assert rl.parse_args(base).embed_cache and rl.parse_args(base + ["--embed-cache-dir", "e"]).embed_cache_dir == "e"
     assert not rl.parse_args(base + ["--no-embed-cache"]).embed_cache
     with pytest.raises(SystemExit):

@@ -32,6 +32,7 @@ import torch.multiprocessing as mp
 import errors
 import model as M
 import mrsp
+import vila
 
 
 # ---- memory: per-rank peak of one sequence-parallel forward + backward ----
@@ -112,7 +113,7 @@ def cmd_memory(args):
             print(f"# {seq_len} tokens, sp={sp_size}: saved {row[2]:.0f} MiB, peak {row[3]:.0f} MiB per rank, "
                   f"{row[4]:.1f} s", flush=True)
     base = {seq_len: (saved, peak) for seq_len, sp_size, saved, peak, _ in rows if sp_size == 1}
-    llm = M.PRESETS[args.preset]["llm"]
+    llm = vila.PRESETS[args.preset]["llm"]
     print(f"\nPer rank (max over the SP group), forward + backward of log-probs; preset {args.preset} "
           f"({llm['num_hidden_layers']} layers, hidden {llm['hidden_size']}, {llm['num_attention_heads']} heads), "
           f"{args.response_len} scored tokens, fp32, CPU, 1 thread per rank\n")
@@ -187,7 +188,8 @@ def _grpo_memory_rank(rank: int, world_size: int, settings: dict, checkpoint: st
     with torch.no_grad():
         video_embeds = models.cache.get(video, f"n{settings['frames']}", frames_fn=lambda: frames,
                                         encode_fn=lambda f: mrsp.stage1_encode(models.policy, f, ps.sp_group))
-        prompt = models.policy.prompt_embeds(CAPACITY_TEXT_BEFORE, video_embeds, CAPACITY_TEXT_AFTER)   # [L, D]
+        prompt = models.policy.prompt(CAPACITY_TEXT_BEFORE, video_embeds, CAPACITY_TEXT_AFTER,
+                                      nominal_timestamps(settings["frames"]))
     train.reshard(models.policy)
     generator = torch.Generator().manual_seed(0)
     episodes = [rl.Episode(record, rollout.Sample(torch.randint(3, 300, (settings["response_len"],), generator=generator
@@ -270,17 +272,18 @@ def bench_engines(args):
         checkpoint = Path(args.checkpoint) if args.checkpoint else Path(tmp) / "tiny"
         if not args.checkpoint:  # a fresh tiny model; its tokenizer learns this repository's text
             corpus = [p.read_text() for p in Path(__file__).parent.glob("*.py")]
-            M.build_from_preset("tiny", M.train_tokenizer(corpus, M.PRESETS["tiny"]["vocab_size"])).save(checkpoint)
+            M.build_from_preset("tiny", M.train_tokenizer(corpus, vila.PRESETS["tiny"]["vocab_size"])).save(checkpoint)
         model = M.VideoLM.load(checkpoint).eval()
         size = model.config.image_size
         rng = np.random.default_rng(args.seed)
         with torch.no_grad():
-            prompts = [model.prompt_embeds("Watch the video.\n", model.encode_video(
+            prompts = [model.prompt("Watch the video.\n", model.encode_video(
                 rng.integers(0, 256, (args.num_frames, size, size, 3), dtype=np.uint8)),
-                "\nQuestion: What happens?\nResponse: ") for _ in range(max(args.prompts))]
+                "\nQuestion: What happens?\nResponse: ", nominal_timestamps(args.num_frames))
+                for _ in range(max(args.prompts))]
         rates = {}
         for name in args.engines:
-            engine = rollout.make_engine(name, model, checkpoint / "llm", max_model_len=args.max_model_len)
+            engine = rollout.make_engine(name, model, model.family.llm_folder(checkpoint), max_model_len=args.max_model_len)
             engine.generate(prompts[:1], n=1, max_new_tokens=4)  # warm-up
             for num_prompts in args.prompts:
                 for n in args.group_sizes:
@@ -333,13 +336,13 @@ def _step_rows(metrics: Path) -> list[dict]:
 
 
 def _prompt_tokens(model: M.VideoLM, records_file: Path, num_frames: int) -> float:
-    """Mean prompt length over the records: text + frames x (tokens per frame + separator). An .srt file
-    counts with every cue (training shows only those within the frames' span): an upper bound."""
+    """Mean prompt length in tokens over the records (the family counts: text + frame steps x tokens per
+    step). An .srt file counts with every cue (training shows only those within the frames' span): an
+    upper bound."""
     import data  # here, not at the top: data.py needs decord and PyAV, which prefill/capacity must run without
-    per_frame = model.config.tokens_per_frame + len(model.encode_text(model.config.frame_separator))
-    texts = [sum(len(model.encode_text(t)) for t in model.user_turn(r, data.subtitle_text(r)))
-             for r in data.load_records(records_file)]
-    return num_frames * per_frame + sum(texts) / len(texts)
+    lengths = [model.family.prompt_length(model, *model.user_turn(r, data.subtitle_text(r)), num_frames)
+               for r in data.load_records(records_file)]
+    return sum(lengths) / len(lengths)
 
 
 def default_step_sp_size(num_heads: int, devices: int) -> int:
@@ -358,15 +361,15 @@ def cmd_step(args):
         the log-prob and update passes, and the on-policy old log-probs taken from the update's forward.
     A step's time is the sum of rl.py's phase timers; the table shows the median over steps 2..N.
     """
-    heads = M.PRESETS[args.preset]["llm"]["num_attention_heads"]
+    heads = vila.PRESETS[args.preset]["llm"]["num_attention_heads"]
     sp_size = args.sp_size
     if sp_size is None:
         sp_size = default_step_sp_size(heads, torch.cuda.device_count() if torch.cuda.is_available() else 2)
-    mrsp.kv_head_repeats(heads, M.PRESETS[args.preset]["llm"]["num_key_value_heads"], sp_size)  # refuses now, not in rl.py
+    mrsp.kv_head_repeats(heads, vila.PRESETS[args.preset]["llm"]["num_key_value_heads"], sp_size)  # refuses now, not in rl.py
     configs = [c for c in STEP_CONFIGS if c != "stage 1+2" or sp_size > 1]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-step-"))
     work.mkdir(parents=True, exist_ok=True)
-    preset = M.PRESETS[args.preset]
+    preset = vila.PRESETS[args.preset]
     # ---- a synthetic dataset with enough frames per video, and a fresh checkpoint ----
     scenes = 8
     num_records = max(16, args.batch_size * args.steps)  # a new video in every step: stage 1 encodes once per step
@@ -402,7 +405,7 @@ def cmd_step(args):
     model = M.VideoLM.load(init)
     prompts = {frames: _prompt_tokens(model, records_file, frames) for frames in args.frames}
     llm, vision = preset["llm"], preset["vision"]
-    tpf = model.config.tokens_per_frame
+    tpf = model.config.tokens_per_step
     device = _device_name()
     median = lambda frames, c, key: _median([key(r) for r in results[frames, c]])
     step_s = lambda r: sum(r[k] for k in PHASES)
@@ -447,7 +450,7 @@ def cmd_step(args):
 # ---- shapes for prefill and capacity: a SigLIP-400M-like tower and a Qwen2-1.5B-like LLM ----
 
 SHAPES = {
-    "tiny": M.PRESETS["tiny"],
+    "tiny": vila.PRESETS["tiny"],
     # SigLIP-so400m at 392 px: 28x28 patches -> 196 tokens per frame, as many as LongVILA-7B's 384 px (27x27,
     # zero-padded to 28x28); kept at 392 so the numbers in BENCHMARKS.md stay comparable.
     "qwen2-1.5b": dict(
@@ -514,9 +517,10 @@ def build_videolm(shape: str, max_positions: int) -> M.VideoLM:
     return model
 
 
-def _prefill(llm, inputs_embeds: torch.Tensor) -> torch.Tensor:
+def _prefill(llm, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """A prefill as an engine runs it: every position through the decoder, the LM head on the last only."""
-    hidden = llm.get_decoder()(inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state   # [1, S, D]
+    hidden = llm.get_decoder()(inputs_embeds=inputs_embeds, position_ids=position_ids,
+                               use_cache=False).last_hidden_state                               # [1, S, D]
     return llm.get_output_embeddings()(hidden[:, -1])                                           # [1, V]
 
 
@@ -598,26 +602,33 @@ CAPACITY_TEXT_BEFORE = "Watch the video.\n"
 CAPACITY_TEXT_AFTER = "\nQuestion: What happens in the video?\nResponse: "
 
 
-def _video_prompt(model: M.VideoLM, num_frames: int) -> torch.Tensor:
-    """Prompt embeddings [L, D] of `num_frames` frames. The video embeddings are random tensors
-    [T * tokens_per_frame, D] standing in for the tower's output: the tower runs `chunk_size` frames at a
-    time, so its memory does not grow with T (one chunk of it is measured separately)."""
-    video_embeds = torch.randn(num_frames * model.config.tokens_per_frame, model.config.llm_hidden,
-                               dtype=_dtype(), device=model.device)                # [T * tpf, D]
-    return model.prompt_embeds(CAPACITY_TEXT_BEFORE, video_embeds, CAPACITY_TEXT_AFTER)   # [L, D]
+def nominal_timestamps(num_frames: int, fps: float = 2.0) -> np.ndarray:
+    """Frame times of `num_frames` frames sampled at `fps` (2, Qwen2.5-VL's default rate): what a prompt
+    of random frames tells M-RoPE's time axis."""
+    return (np.arange(num_frames) + 0.5) / fps
+
+
+def _video_prompt(model: M.VideoLM, num_frames: int) -> M.Prompt:
+    """The prompt of `num_frames` frames. The video embeddings are random tensors [steps * tokens_per_step,
+    D] standing in for the tower's output: the tower runs `chunk_size` frames at a time, so its memory
+    does not grow with T (one chunk of it is measured separately)."""
+    steps = -(-num_frames // model.config.frames_per_step)
+    video_embeds = torch.randn(steps * model.config.tokens_per_step, model.config.llm_hidden,
+                               dtype=_dtype(), device=model.device)                # [steps * tps, D]
+    return model.prompt(CAPACITY_TEXT_BEFORE, video_embeds, CAPACITY_TEXT_AFTER, nominal_timestamps(num_frames))
 
 
 def _try_prefill(model: M.VideoLM, num_frames: int, response_len: int) -> int:
     with torch.no_grad():
-        prompt = _video_prompt(model, num_frames)                                  # [L, D]
-        _prefill(model.llm, prompt[None])
+        prompt = _video_prompt(model, num_frames)
+        _prefill(model.llm, prompt.embeds[None], model.position_arg(prompt.positions[..., None, :]))
     return len(prompt)
 
 
 def _try_train_step(model: M.VideoLM, num_frames: int, response_len: int) -> int:
     """Forward + backward of the response's log-probs with the video prefix (one sequence)."""
     with torch.no_grad():
-        prompt = _video_prompt(model, num_frames)                                  # [L, D]
+        prompt = _video_prompt(model, num_frames)
     response = torch.randint(0, len(model.tokenizer), (response_len,)).tolist()
     try:
         batch = model.build_sequence_batch([prompt], [response])                   # [1, L + R, D]
@@ -832,7 +843,7 @@ def main():
     memory.add_argument("--sp-sizes", type=int, nargs="+", default=[1, 2], help="sequence-parallel sizes")
     memory.add_argument("--response-len", type=int, default=512,
                         help="scored tokens at the end of the sequence (--grpo-step: tokens per response)")
-    memory.add_argument("--preset", choices=sorted(M.PRESETS), default="tiny", help="model sizes")
+    memory.add_argument("--preset", choices=sorted(vila.PRESETS), default="tiny", help="model sizes")
     memory.add_argument("--grpo-step", action="store_true",
                         help="measure one whole GRPO step per rank instead (policy update + reference + cache) with "
                              "an LLM of the 7B's width; then --ranks, --layers, --vocab-size, --frames, --group-size "
@@ -862,7 +873,7 @@ def main():
     step = sub.add_parser("step", formatter_class=fmt,
                           help="seconds per GRPO step of rl.py: no cache vs MR-SP stage 1 vs stages 1+2 vs shared prefix")
     step.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32, 64], help="frames per video (--num-frames)")
-    step.add_argument("--preset", choices=sorted(M.PRESETS), default="tiny",
+    step.add_argument("--preset", choices=sorted(vila.PRESETS), default="tiny",
                       help="model sizes (small: 16 tokens per frame, so video tokens dominate)")
     step.add_argument("--steps", type=int, default=3, help="GRPO steps per run; step 1 is warm-up and not counted")
     step.add_argument("--batch-size", type=int, default=2, help="prompts per step")

@@ -274,18 +274,18 @@ class PromptTooLong(ValueError):
 
 
 def _prompt(model, record: Record, sampling: FrameSampling, subtitles: bool, cache: dict):
-    """Prompt embeddings [L, D] for one record. `cache` keeps the last video's embeddings: VideoMME
-    asks three questions about each video, one after another."""
+    """The model.Prompt of one record. `cache` keeps the last video's embeddings: VideoMME asks three
+    questions about each video, one after another."""
     if record.video not in cache:
         cache.clear()
         frames, timestamps = data.load_frames(record.video, model.config.image_size, sampling)
         with torch.no_grad():
-            cache[record.video] = (model.encode_video(frames), timestamps)   # [T * tpf, D]
+            cache[record.video] = (model.encode_video(frames), timestamps)   # [steps * tps, D]
     video_embeds, timestamps = cache[record.video]
     subs = data.subtitle_text(record, timestamps) if subtitles else None
     before, after = model.user_turn(record, subs)
     with torch.no_grad():
-        return model.prompt_embeds(before, video_embeds, after)                # [L, D]
+        return model.prompt(before, video_embeds, after, timestamps)
 
 
 def _prediction_row(record: Record, response: str | None, finish_reason: str | None = None,
@@ -305,7 +305,7 @@ def _answer_batch(model, engine, batch: list[Record], sampling, subtitles, cache
     max_len = getattr(engine, "max_model_len", None)
     for record in batch:
         try:
-            prompt = _prompt(model, record, sampling, subtitles, cache)                # [L, D]
+            prompt = _prompt(model, record, sampling, subtitles, cache)
             if max_len is not None and len(prompt) >= max_len:
                 raise PromptTooLong(f"the prompt has {len(prompt)} positions, the engine's max_model_len is "
                                     f"{max_len} (use fewer frames or a larger --max-model-len)")
@@ -423,7 +423,7 @@ def main(argv=None) -> int:
     model = VideoLM.load(args.checkpoint, dtype=getattr(torch, args.dtype), device=args.device).eval()
     sampling = checkpoint_sampling(model.release_config, args.num_frames, args.fps, args.max_frames)
     log.info("frames: %s", sampling.key())
-    engine = rollout.make_engine(args.engine, model, Path(args.checkpoint) / "llm",
+    engine = rollout.make_engine(args.engine, model, model.family.llm_folder(Path(args.checkpoint)),
                                  max_model_len=args.max_model_len, dtype=args.dtype)
     report = evaluate(model, engine, records, sampling, args.out, subtitles=args.subtitles,
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -282,7 +282,7 @@ def enable_ulysses(model: VideoLM, sp_group) -> None:
     from transformers import AttentionInterface  # imported on first use, as in model.py: it is slow
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     AttentionInterface.register(ULYSSES, ulysses_attention)
-    cfg = model.llm.config
+    cfg = model.llm_config
     kv_head_repeats(cfg.num_attention_heads, cfg.num_key_value_heads, group_size(sp_group))
     if cfg._attn_implementation == ULYSSES:  # enabled before: keep the inner attention, take the new group
         inner_config = _attention_modules(model)[0].ulysses.inner_config
@@ -291,7 +291,7 @@ def enable_ulysses(model: VideoLM, sp_group) -> None:
         inner, inner_config = M.inner_attention_setup(cfg, "Ulysses attention")
     for attn in _attention_modules(model):
         attn.ulysses = UlyssesSetup(sp_group, inner, ALL_ATTENTION_FUNCTIONS[inner], inner_config)
-    model.llm.set_attn_implementation(ULYSSES)
+    model.llm.get_decoder().set_attn_implementation(ULYSSES)  # the LLM's layers only, never a vision tower
 
 
 # ---- stage 2: sequence shards ----
@@ -301,8 +301,9 @@ def shard_sequence(batch: SequenceBatch, sp_rank: int, sp_size: int) -> Sequence
 
     Padding goes at the end: zero embeddings, IGNORE targets, positions continuing. A causal LM never
     lets a real token see a later one, so padding changes no real token's result. Position ids stay
-    global. Only the shard is copied, never the full sequence. Example: S=10, sp=3 -> shards of 4;
-    rank 1 gets positions 4..7, rank 2 gets 8, 9 and two padding positions 10, 11.
+    global, on every axis ([B, S] or M-RoPE's [3, B, S]: cut along the sequence, the last axis). Only the
+    shard is copied, never the full sequence. Example: S=10, sp=3 -> shards of 4; rank 1 gets positions
+    4..7, rank 2 gets 8, 9 and two padding positions 10, 11.
     A batch built with `build_sequence_batch(..., sp_rank, sp_size)` holds this slice of the embeddings
     already; only its targets and positions are cut.
     """
@@ -312,7 +313,7 @@ def shard_sequence(batch: SequenceBatch, sp_rank: int, sp_size: int) -> Sequence
             raise ValueError(f"the batch was built for SP rank {batch.sp_rank} of {batch.sp_size}, "
                              f"not rank {sp_rank} of {sp_size}")
         local = slice(sp_rank * (S // sp_size), (sp_rank + 1) * (S // sp_size))     # S is a multiple of sp
-        return SequenceBatch(batch.inputs_embeds, batch.targets[:, local], batch.position_ids[:, local])
+        return SequenceBatch(batch.inputs_embeds, batch.targets[:, local], batch.position_ids[..., local])
     n = -(-S // sp_size)                                                   # shard length: ceil(S / sp)
     start = sp_rank * n
     real = slice(min(start, S), min(start + n, S))                         # may be empty when S < sp
@@ -320,8 +321,8 @@ def shard_sequence(batch: SequenceBatch, sp_rank: int, sp_size: int) -> Sequence
     embeds = F.pad(batch.inputs_embeds[:, real], (0, 0, 0, pad))           # [B, n-pad, D] -> [B, n, D]
     targets = F.pad(batch.targets[:, real], (0, pad), value=IGNORE)        # [B, n-pad] -> [B, n]
     padded = torch.arange(start + n - pad, start + n, device=batch.position_ids.device)  # their global indices
-    extra = batch.position_ids[:, -1:] + (padded - S + 1)                  # [B, 1] + [pad] -> [B, pad]
-    positions = torch.cat([batch.position_ids[:, real], extra], dim=1)     # [B, n]
+    extra = batch.position_ids[..., -1:] + (padded - S + 1)                # [..., B, 1] + [pad] -> [..., B, pad]
+    positions = torch.cat([batch.position_ids[..., real], extra], dim=-1)  # [..., B, n]
     return SequenceBatch(embeds, targets, positions)
 
 
@@ -337,7 +338,7 @@ def sp_token_logprobs(model: VideoLM, batch: SequenceBatch | PackedBatch, sp_gro
     (see `gather_sequence` for the contract); sum parameter gradients over the SP group afterwards.
     """
     sp_rank, sp_size = group_rank(sp_group), group_size(sp_group)
-    enabled = model.llm.config._attn_implementation == ULYSSES
+    enabled = model.llm_config._attn_implementation == ULYSSES
     ulysses_group = _attention_modules(model)[0].ulysses.sp_group if enabled else None
     if (enabled or sp_size > 1) and ulysses_group is not sp_group:
         raise RuntimeError("sequence-parallel log-probs need Ulysses attention over this sp_group: "
@@ -375,32 +376,33 @@ def sum_over_ranks(x: torch.Tensor, group) -> torch.Tensor:
 
 @torch.no_grad()
 def stage1_encode(model: VideoLM, frames, sp_group, chunk_size: int = 32) -> torch.Tensor:
-    """MR-SP stage 1: frames [T, H, W, 3] -> video embeddings [T * tokens_per_frame, D] on every SP rank.
+    """MR-SP stage 1: frames [T, H, W, 3] -> video embeddings [steps * tokens_per_step, D] on every SP rank.
 
-    Every rank passes the same frames; each encodes its contiguous share (`split_evenly`) and an
-    all-gather rebuilds the whole embedding in frame order. Shares may differ by one frame and may be
-    empty (T < sp): they are padded to the largest share for the all-gather and trimmed after.
-    Runs without autograd: the vision tower and projector are frozen in RL (LongVILA-R1), which is also
-    what makes the embeddings cacheable.
+    A step is what the vision tower encodes on its own: a frame (VILA) or a pair of frames (Qwen2.5-VL,
+    whose attention never crosses pairs). Every rank passes the same frames; each encodes its contiguous
+    share of the steps (`split_evenly`) and an all-gather rebuilds the whole embedding in order. Shares
+    may differ by one step and may be empty (steps < sp): they are padded to the largest share for the
+    all-gather and trimmed after. Runs without autograd: the vision tower and projector are frozen in RL
+    (LongVILA-R1), which is also what makes the embeddings cacheable.
     """
     sp_rank, sp_size = group_rank(sp_group), group_size(sp_group)
     if len(frames) == 0:
         raise ValueError("no frames to encode")
-    counts = [len(share) for share in split_evenly(len(frames), sp_size)]
-    start = sum(counts[:sp_rank])
-    tpf, D = model.config.tokens_per_frame, model.config.llm_hidden
+    fps, tps, D = model.config.frames_per_step, model.config.tokens_per_step, model.config.llm_hidden
+    counts = [len(share) for share in split_evenly(-(-len(frames) // fps), sp_size)]     # steps per rank
+    start = sum(counts[:sp_rank]) * fps
     # One dtype on every rank for the all-gather, whatever autocast did to the encoder's output.
     dtype = model.llm.get_input_embeddings().weight.dtype
-    if counts[sp_rank]:
-        local = model.encode_video(frames[start:start + counts[sp_rank]], chunk_size).to(dtype)  # [n_r * tpf, D]
+    if counts[sp_rank]:  # the last share may end in half a step: encode_frames completes it
+        local = model.encode_video(frames[start:start + counts[sp_rank] * fps], chunk_size).to(dtype)  # [n_r * tps, D]
     else:
         local = torch.zeros(0, D, dtype=dtype, device=model.device)                    # [0, D]
     if sp_size == 1:
         return local
-    padded = F.pad(local, (0, 0, 0, max(counts) * tpf - len(local)))   # [n_r * tpf, D] -> [max_n * tpf, D]
+    padded = F.pad(local, (0, 0, 0, max(counts) * tps - len(local)))   # [n_r * tps, D] -> [max_n * tps, D]
     pieces = [torch.empty_like(padded) for _ in range(sp_size)]
-    dist.all_gather(pieces, padded, group=sp_group)                    # sp x [max_n * tpf, D]
-    return torch.cat([p[:n * tpf] for p, n in zip(pieces, counts)])   # [T * tpf, D]
+    dist.all_gather(pieces, padded, group=sp_group)                    # sp x [max_n * tps, D]
+    return torch.cat([p[:n * tps] for p, n in zip(pieces, counts)])   # [steps * tps, D]
 
 
 # ---- the video-embedding cache ----
@@ -443,7 +445,7 @@ class VideoEmbeddingCache:
 
     On disk: one safetensors file per key, named sha256(key), with the full key and the shape in its
     metadata, written to a temporary name and renamed. A file that is unreadable (truncated, garbage),
-    holds another key, or has a shape that is not [frames * tokens_per_frame, D] is recomputed and
+    holds another key, or has a shape that is not [steps * tokens_per_step, D] is recomputed and
     rewritten, never used (the release this follows could substitute another video's embeddings).
 
     Within an SP group all ranks call `get` with the same arguments in the same order (a miss runs the
@@ -475,7 +477,7 @@ class VideoEmbeddingCache:
         return json.dumps([path, st.st_size, st.st_mtime_ns, sampling_key, self.vision_id, str(self.dtype)])
 
     def get(self, video_path, sampling, frames_fn, encode_fn) -> torch.Tensor:
-        """Video embeddings [T * tokens_per_frame, D] on the model's device, in the stored dtype: from
+        """Video embeddings [steps * tokens_per_step, D] on the model's device, in the stored dtype: from
         memory, else disk, else encode_fn(frames_fn())."""
         key = self.key(video_path, sampling)
         if key in self.held:
@@ -533,11 +535,11 @@ class VideoEmbeddingCache:
             return self._reject(path, f"unreadable ({e})")
         if meta.get("key") != key:
             return self._reject(path, "written for another video, sampling or vision tower")
-        tpf, D = self.model.config.tokens_per_frame, self.model.config.llm_hidden
+        tps, D = self.model.config.tokens_per_step, self.model.config.llm_hidden
         shape = list(embeds.shape)
         if json.loads(meta.get("shape", "null")) != shape or len(shape) != 2 or shape[1] != D \
-                or shape[0] == 0 or shape[0] % tpf:
-            return self._reject(path, f"shape {shape}, expected [frames * {tpf}, {D}] as recorded")
+                or shape[0] == 0 or shape[0] % tps:
+            return self._reject(path, f"shape {shape}, expected [steps * {tps}, {D}] as recorded")
         return self._to_storage(embeds)
 
     def _reject(self, path: Path, why: str) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import data
 import errors
 import grading
@@ -151,7 +152,8 @@ def load_reference(path, policy: M.VideoLM, ps: mrsp.ParallelState, bf16: bool =
     reference = with_own_llm(policy, path, dtype, ps.device)
     if dtype != torch.float32:
         head = reference.llm.get_output_embeddings()
-        head.weight = torch.nn.Parameter(M.read_tensor(Path(path) / "llm", "lm_head.weight").to(ps.device, torch.float32))
+        stored = checkpoint.read_tensor(policy.family.llm_folder(Path(path)), "lm_head.weight")   # [V, D]
+        head.weight = torch.nn.Parameter(stored.to(ps.device, torch.float32))
     reference.llm.requires_grad_(False)
     reference.llm.eval()
     enable_attention(reference, ps, shared_prefix)
@@ -162,7 +164,7 @@ def load_reference(path, policy: M.VideoLM, ps: mrsp.ParallelState, bf16: bool =
 @dataclass
 class Models:
     """What the update works on: the policy and its optimizer, the frozen reference of the KL term (None
-    with --kl-coef 0), a prompt builder for each (record -> prompt embeddings [L, D]: `train.VideoPrompts`,
+    with --kl-coef 0), a prompt builder for each (record -> model.Prompt: `train.VideoPrompts`,
     both through the one embedding cache) and that cache (None with --no-embed-cache)."""
     policy: M.VideoLM
     reference: M.VideoLM | None
@@ -194,53 +196,54 @@ PROMPT_SCAN = 64    # records whose prompts are measured at start-up
 TEXT_SLACK = 512    # positions a derived --max-model-len leaves for later records with longer text
 
 
-def prompt_positions(model: M.VideoLM, record: data.Record, sampling: data.FrameSampling) -> tuple[int, int]:
-    """(frame steps, text positions) of `record`'s chat prompt, without decoding a frame; the prompt is
-    text + steps x (tokens per frame + separator) positions (a step is a frame, or a TSP-pooled group). The frame count is the sampling's bound
-    with --num-frames (no file opened) and the container's count with --fps; an .srt counts every cue."""
+def prompt_length(model: M.VideoLM, record: data.Record, sampling: data.FrameSampling) -> tuple[int, int]:
+    """(frames, tokens) of `record`'s chat prompt, without decoding a frame (the family counts the tokens:
+    text + frame steps x tokens per step, VILA's separators included). The frame count is the sampling's
+    bound with --num-frames (no file opened) and the container's count with --fps; an .srt counts every cue."""
     frames = (min(sampling.num_frames, sampling.max_frames) if sampling.fps is None
               else len(data.frame_timestamps(record.video, sampling)))
-    before, after = model.family.chat_text(model.tokenizer, *model.user_turn(record, data.subtitle_text(record)))
-    return frames // model.config.temporal_pool, len(model.encode_text(before)) + len(model.encode_text(after))
+    before, after = model.user_turn(record, data.subtitle_text(record))
+    return frames, model.family.prompt_length(model, before, after, frames)
 
 
 def engine_max_model_len(model: M.VideoLM, records: list[data.Record], sampling: data.FrameSampling, args) -> int:
     """The engine's max_model_len, settled before the first step: the longest prompt among the first
     PROMPT_SCAN records plus --max-new-tokens must fit in --max-model-len, or the run is refused now with
     the numbers (not mid-step, after the models and the engine have loaded). Without --max-model-len it
-    is that sum plus TEXT_SLACK. A 7B prompt of 256 frames is 256 x (256 + 1) ~ 66k positions.
+    is that sum plus TEXT_SLACK. Lengths count tokens (the KV cache's unit), not positions, which M-RoPE
+    spaces differently. A 7B VILA prompt of 256 frames is 256 x (256 + 1) ~ 66k tokens.
 
-    Example (tiny model, 4 tokens per frame + 1 separator, 8 frames, 80 text positions, 64 new tokens):
+    Example (tiny VILA model, 4 tokens per frame + 1 separator, 8 frames, 80 text tokens, 64 new tokens):
     needs 8 x 5 + 80 + 64 = 184; --max-model-len 150 raises, no flag gives 184 + 512 = 696.
     """
-    tpf, sep = model.config.tokens_per_frame, len(model.encode_text(model.config.frame_separator))
     longest = None
     for record in records[:PROMPT_SCAN]:
         try:
-            frames, text = prompt_positions(model, record, sampling)
+            frames, tokens = prompt_length(model, record, sampling)
         except data.VideoError:
             continue  # the step replaces an unreadable record; it makes no prompt
-        if longest is None or frames * (tpf + sep) + text > longest[0]:
-            longest = (frames * (tpf + sep) + text, frames, text, record.problem_id)
+        if longest is None or tokens > longest[0]:
+            longest = (tokens, frames, record.problem_id)
     if longest is None:
         raise data.VideoError(f"none of the first {PROMPT_SCAN} records of {args.data} has a readable video")
-    positions, frames, text, problem_id = longest
-    needed = positions + args.max_new_tokens
-    limit = model.llm.config.max_position_embeddings
+    tokens, frames, problem_id = longest
+    needed = tokens + args.max_new_tokens
+    limit = model.llm_config.max_position_embeddings
+    where = model.family.llm_folder(model.source) / "config.json"
     if needed > limit:
         raise errors.UsageError(
-            f"{args.data}: the prompt of record {problem_id!r} is {positions} positions; with --max-new-tokens "
+            f"{args.data}: the prompt of record {problem_id!r} is {tokens} tokens; with --max-new-tokens "
             f"{args.max_new_tokens} it needs {needed}, past the LLM's max_position_embeddings {limit} "
-            f"({model.source}/llm/config.json), which vLLM refuses. Lower --num-frames / --max-frames / --fps")
+            f"({where}), which vLLM refuses. Lower --num-frames / --max-frames / --fps")
     if args.max_model_len is None:
         return min(needed + TEXT_SLACK, limit)
     if args.max_model_len > limit:
         raise errors.UsageError(f"--max-model-len {args.max_model_len} is past the LLM's max_position_embeddings "
-                                f"{limit} ({model.source}/llm/config.json), which vLLM refuses: use at most {limit}")
+                                f"{limit} ({where}), which vLLM refuses: use at most {limit}")
     if needed > args.max_model_len:
         raise errors.UsageError(
-            f"{args.data}: the prompt of record {problem_id!r} is {positions} positions ({frames} frames x "
-            f"({tpf} tokens + {sep} separator) + {text} text); with --max-new-tokens {args.max_new_tokens} "
+            f"{args.data}: the prompt of record {problem_id!r} is {tokens} tokens ({frames} frames and its "
+            f"text); with --max-new-tokens {args.max_new_tokens} "
             f"it needs --max-model-len of at least {needed}, got {args.max_model_len}. Raise --max-model-len "
             f"(or leave it out to derive it), or lower --num-frames / --max-frames / --fps or --max-new-tokens")
     return args.max_model_len
@@ -267,7 +270,7 @@ def start_engine(args, policy: M.VideoLM, start: Path, max_model_len: int, ps: m
     decoding = (with_own_llm(policy, start, torch.bfloat16 if args.bf16 else torch.float32, ps.device)
                 if separate else policy)
     return rollout.make_engine(
-        args.engine, decoding, start / "llm",
+        args.engine, decoding, policy.family.llm_folder(start),
         max_model_len=max_model_len, seed=args.seed, dtype="bfloat16" if args.bf16 else "float32",
         gpu_memory_utilization=args.gpu_memory_utilization, enable_sleep_mode=args.engine_sleep,
         distributed_executor_backend="external_launcher" if ps.world_size > 1 else None)

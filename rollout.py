@@ -1,20 +1,22 @@
 """Rollout engines: sample a group of responses for each prompt, given the prompt as input embeddings.
 
-A prompt here is not text: it is the [L, D] embedding sequence that `VideoLM.prompt_embeds` builds (text
-embeddings with the cached video embeddings spliced in), so the video is encoded once (MR-SP stage 1) and
+A prompt here is not text: it is the model.Prompt that `VideoLM.prompt` builds (text embeddings with the
+cached video embeddings spliced in, and their positions), so the video is encoded once (MR-SP stage 1) and
 the engine never sees a frame. Two engines share one small interface:
 
     engine = make_engine("vllm", model, "runs/init/llm")       # or "torch"
-    groups = engine.generate([prompt_embeds], n=5, max_new_tokens=256, temperature=1.0, top_p=0.99, seed=step)
+    groups = engine.generate([prompt], n=5, max_new_tokens=256, temperature=1.0, top_p=0.99, seed=step)
     groups[0][0].token_ids, groups[0][0].logprobs, groups[0][0].finish_reason, groups[0][0].text
     engine.sync_weights(model.llm.named_parameters())           # after each optimizer step
     engine.close()                                              # before the process groups go (train.shutdown)
 
 - `TorchEngine` is the readable reference: plain torch + transformers with a KV cache. It decodes with the
   trainer's own `VideoLM`, so it always sees the current weights and needs no sync.
-- `VLLMEngine` runs `vllm.LLM` on the checkpoint's `llm/` folder with `enable_prompt_embeds`. One request
-  per prompt with `n` samples, so each prompt is prefilled once per group. The trainer pushes its weights
-  into it after every update (`sync_weights`).
+- `VLLMEngine` runs `vllm.LLM` on the checkpoint's LLM folder (VILA: `llm/`) with `enable_prompt_embeds`.
+  One request per prompt with `n` samples, so each prompt is prefilled once per group. The trainer pushes
+  its weights into it after every update (`sync_weights`). A Qwen2.5-VL prompt cannot go in as embeddings
+  (vLLM would give them one-axis positions): it goes as token ids with the cached video embeddings as the
+  video (`Prompt.engine_input`), so vLLM computes the same M-RoPE positions; see `VLLMEngine`.
 
 Conventions both engines keep, so rewards and log-prob checks do not depend on the engine:
 - `token_ids` are exactly the tokens the trainer will score: the stop token (eos or `</answer>`) is kept.
@@ -38,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpoint
 import model as M
 
 
@@ -88,12 +91,12 @@ def check_generate_args(prompts, n: int, max_new_tokens: int, temperature: float
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     for i, p in enumerate(prompts):
-        if p.dim() != 2:
-            raise ValueError(f"prompt {i}: expected input embeddings [L, D], got shape {tuple(p.shape)}")
+        if not isinstance(p, M.Prompt) or p.embeds.dim() != 2:
+            raise ValueError(f"prompt {i}: expected a model.Prompt with embeddings [L, D], got {type(p).__name__}")
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty (L = 0): there is nothing to condition on")
         if len(p) >= max_model_len:
-            raise ValueError(f"prompt {i} has {len(p)} positions, max_model_len is {max_model_len}: no room for a "
+            raise ValueError(f"prompt {i} has {len(p)} tokens, max_model_len is {max_model_len}: no room for a "
                              "response (use fewer frames or a larger max_model_len)")
 
 
@@ -141,7 +144,8 @@ class TorchEngine:
     Prompts go in chunks that bound memory (`max_batch_tokens`, below); a chunk's prompts are left-padded
     to its longest: padding on the left keeps every row's last prompt position at the same index, so the
     next-token logits of all rows come out of the same column. The attention mask hides the padding and
-    `position_ids` count real positions only, so a padded row computes what it would alone. Each prompt
+    each row keeps its prompt's own positions (M-RoPE's three axes for Qwen2.5-VL), so a padded row
+    computes what it would alone; new tokens continue from the prompt's `next_position`. Each prompt
     is prefilled once; the cache is then repeated n times (prompt i's samples are rows i*n ... i*n + n-1)
     and all rows of the chunk decode together. A finished row keeps running (its extra tokens are
     discarded) so the batch stays rectangular.
@@ -199,10 +203,10 @@ class TorchEngine:
         return out + [range(start, len(prompt_lens))] if prompt_lens else out
 
     @torch.no_grad()
-    def generate(self, prompts: list[torch.Tensor], n: int, max_new_tokens: int, temperature: float = 1.0,
+    def generate(self, prompts: list[M.Prompt], n: int, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int = 0, progress: bool = False) -> list[list[Sample]]:
-        """Input embeddings [L_i, D] per prompt -> n Samples per prompt. Reproducible for the same seed, batch
-        and `max_batch_tokens`."""
+        """Prompts [L_i tokens] -> n Samples per prompt. Reproducible for the same seed, batch and
+        `max_batch_tokens`."""
         check_generate_args(prompts, n, max_new_tokens, temperature, top_p, self.max_model_len)
         llm = self.model.llm
         was_training = llm.training
@@ -219,34 +223,39 @@ class TorchEngine:
             llm.train(was_training)
         return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]
 
-    def _prefill(self, prompts: list[torch.Tensor], n: int):
+    def _prefill(self, prompts: list[M.Prompt], n: int):
         """Run the left-padded prompts once, in the engine's dtype; repeat the result n times, one row per
         sample (P*n rows).
 
-        -> next-token logits [P*n, V], the KV cache, attention mask [P*n, L], last positions [P*n, 1].
+        -> next-token logits [P*n, V], the KV cache, attention mask [P*n, L], the position of each row's
+        first new token [..., P*n, 1] ([P*n, 1], or [3, P*n, 1] for M-RoPE).
         """
         llm, device = self.model.llm, self.model.device
         dtype = llm.get_input_embeddings().weight.dtype
-        P, L, D = len(prompts), max(len(p) for p in prompts), prompts[0].shape[-1]
+        P, L, D = len(prompts), max(len(p) for p in prompts), prompts[0].embeds.shape[-1]
+        axes = prompts[0].positions.shape[:-1]                                    # () or (3,)
         embeds = torch.zeros(P, L, D, dtype=dtype, device=device)                  # [P, L, D]
         attention_mask = torch.zeros(P, L, dtype=torch.long, device=device)       # [P, L]
+        position_ids = torch.zeros(*axes, P, L, dtype=torch.long, device=device)  # [..., P, L], 0 on the padding
         for i, p in enumerate(prompts):
-            embeds[i, L - len(p):] = p.to(device=device, dtype=dtype)
+            embeds[i, L - len(p):] = p.embeds.to(device=device, dtype=dtype)
             attention_mask[i, L - len(p):] = 1
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)          # [P, L], 0 on the padding
-        out = llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                  use_cache=True, logits_to_keep=1)                               # logits [P, 1, V]
+            position_ids[..., i, L - len(p):] = p.positions.to(device)
+        out = llm(inputs_embeds=embeds, attention_mask=attention_mask,
+                  position_ids=self.model.position_arg(position_ids), use_cache=True, logits_to_keep=1)  # [P, 1, V]
         cache = out.past_key_values
         cache.batch_repeat_interleave(n)                                          # P rows -> P*n rows
+        following = torch.tensor([p.next_position for p in prompts], device=device)   # [P]
+        following = following.expand(*axes, P)[..., None]                        # [..., P, 1], every axis alike
         return (out.logits[:, -1].repeat_interleave(n, dim=0),                   # [P*n, V]
                 cache,
                 attention_mask.repeat_interleave(n, dim=0),                       # [P*n, L]
-                position_ids[:, -1:].repeat_interleave(n, dim=0))                 # [P*n, 1]
+                following.repeat_interleave(n, dim=-2))                           # [..., P*n, 1]
 
     def _decode(self, prompts, n, max_new_tokens, temperature, top_p, generator, progress):
         """One chunk -> generated ids [P*n, steps], their log-probs [P*n, steps], response lengths [P*n]."""
         llm, device = self.model.llm, self.model.device
-        logits, cache, attention_mask, position = self._prefill(prompts, n)
+        logits, cache, attention_mask, position = self._prefill(prompts, n)      # position: the next token's
         # each row may generate until max_new_tokens or until prompt + response fills max_model_len
         prompt_lens = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(n)  # [P*n]
         budget = (self.max_model_len - prompt_lens).clamp(max=max_new_tokens)   # [P*n]
@@ -264,9 +273,9 @@ class TorchEngine:
             if (step + 1) % self.STOP_CHECK_EVERY == 0 and not alive.any():
                 break
             attention_mask = F.pad(attention_mask, (0, 1), value=1)              # [P*n, L + step + 1]
-            position = position + 1
             out = llm(inputs_embeds=llm.get_input_embeddings()(token)[:, None], attention_mask=attention_mask,
-                      position_ids=position, past_key_values=cache, use_cache=True)
+                      position_ids=self.model.position_arg(position), past_key_values=cache, use_cache=True)
+            position = position + 1
             logits = out.logits[:, -1]                                             # [P*n, V]
         return new_ids.cpu(), new_logprobs.cpu(), lengths.cpu()
 
@@ -315,8 +324,29 @@ def vllm_reload_weights(llm, named_tensors: Iterable[tuple[str, torch.Tensor]]) 
     llm.reset_prefix_cache()
 
 
+def check_vllm_video_support() -> None:
+    """vLLM's Qwen2.5-VL module imports torchvision. PyPI's torchvision wheels are CUDA builds, which
+    fail to import against a CPU-only torch: on such a machine the vLLM engine cannot run Qwen2.5-VL."""
+    import importlib
+    try:
+        importlib.import_module("torchvision")
+    except Exception as e:  # ImportError, or a CUDA build's own error against a CPU torch
+        raise ImportError(
+            f"the vllm engine runs Qwen2.5-VL through vLLM's Qwen2.5-VL model, which needs torchvision ({e}). "
+            "Install the torchvision build that matches your torch (on a GPU: pip install torchvision), or use "
+            "--engine torch (the same log-probs, slower)") from e
+
+
+def video_requests(prompts) -> list[dict]:
+    """vLLM requests for prompts: `Prompt.engine_input` where the family gives one (Qwen2.5-VL: token ids
+    and the video as embeddings, so vLLM derives M-RoPE positions), else the prompt embeddings."""
+    return [p.engine_input if p.engine_input is not None else {"prompt_embeds": p.embeds.detach().cpu()}
+            for p in prompts]
+
+
 class VLLMEngine:
-    """vllm.LLM on a checkpoint's `llm/` folder, fed with prompt embeddings.
+    """vllm.LLM on a checkpoint's LLM folder (`family.llm_folder`), fed with prompt embeddings, or for a
+    family with M-RoPE positions (Qwen2.5-VL) with token ids and video embeddings (`video_requests`).
 
     The engine reports processed log-probs (`logprobs_mode="processed_logprobs"`): after temperature and
     top-p, i.e. of the distribution actually sampled from. vLLM's default, raw log-probs, ignore the
@@ -324,20 +354,31 @@ class VLLMEngine:
     """
 
     def __init__(self, llm_path, max_model_len: int = 8192, dtype: str = "float32", seed: int = 0,
-                 gpu_memory_utilization: float = 0.5, enable_sleep_mode: bool = False, **llm_kwargs):
+                 gpu_memory_utilization: float = 0.5, enable_sleep_mode: bool = False, family=None, **llm_kwargs):
+        """`family` (model.VideoLM.family; None: VILA's plain LLM) decides how prompts go in and how the
+        trainer's weight names map to the folder's (`engine_weight_name`)."""
+        self.video_inputs = family is not None and family.position_axes > 1
+        if self.video_inputs:
+            check_vllm_video_support()
+            # The video arrives as embeddings only (the cached stage-1 output): no raw frames or images.
+            llm_kwargs.update(enable_mm_embeds=True, limit_mm_per_prompt={"image": 0, "video": 0})
+        else:
+            llm_kwargs.update(enable_prompt_embeds=True)
+        self.weight_name = family.engine_weight_name if family is not None else (lambda name: name)
         vllm = import_vllm()
         from transformers import GenerationConfig
         llm_path = Path(llm_path)
         if not (llm_path / "config.json").exists():
-            raise M.CheckpointError(f"{llm_path} has no config.json: pass a checkpoint's llm/ folder")
-        M.check_weights(llm_path)  # vLLM's own messages about a cut-short file name no file
+            raise checkpoint.CheckpointError(f"{llm_path} has no config.json: pass a checkpoint's LLM folder "
+                                             "(VILA: llm/; Qwen2.5-VL: the checkpoint itself)")
+        checkpoint.check_weights(llm_path)  # vLLM's own messages about a cut-short file name no file
         # In this process, not an engine process of its own: sync_weights streams the trainer's tensors
         # straight into the engine's weights, where another process would need each pickled through host
         # memory. (Under torchrun vLLM's external_launcher executor runs in process anyway.)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         # torch.compile of the model costs a CPU many seconds at start-up and buys little there
         llm_kwargs.setdefault("enforce_eager", not torch.cuda.is_available())
-        self.llm = vllm.LLM(model=str(llm_path), enable_prompt_embeds=True, dtype=dtype,
+        self.llm = vllm.LLM(model=str(llm_path), dtype=dtype,
                             max_model_len=max_model_len, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
                             enable_sleep_mode=enable_sleep_mode, logprobs_mode="processed_logprobs", **llm_kwargs)
         self.max_model_len = max_model_len
@@ -350,11 +391,12 @@ class VLLMEngine:
         except OSError:  # no generation_config.json: the tokenizer's eos only
             generation_config = None
         self.stop = stop_tokens(self.tokenizer, generation_config)
-        self.weight_names = checkpoint_weight_names(llm_path)
+        # the LLM's tensors: a Qwen2.5-VL folder holds the vision tower's too, which never train in RL
+        self.weight_names = {n for n in checkpoint_weight_names(llm_path) if not n.startswith("visual.")}
 
-    def generate(self, prompts: list[torch.Tensor], n: int, max_new_tokens: int, temperature: float = 1.0,
+    def generate(self, prompts: list[M.Prompt], n: int, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int = 0, progress: bool = False) -> list[list[Sample]]:
-        """Input embeddings [L_i, D] per prompt -> n Samples per prompt; one vLLM request (n samples) per prompt."""
+        """Prompts -> n Samples per prompt; one vLLM request (n samples) per prompt (`video_requests`)."""
         from vllm import SamplingParams
         check_generate_args(prompts, n, max_new_tokens, temperature, top_p, self.max_model_len)
         if not prompts:
@@ -362,8 +404,7 @@ class VLLMEngine:
         params = [SamplingParams(n=n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                  seed=request_seed, logprobs=0, stop_token_ids=self.stop.all, detokenize=False)
                   for request_seed in request_seeds(seed, len(prompts))]
-        requests = [{"prompt_embeds": p.detach().cpu()} for p in prompts]
-        outputs = self.llm.generate(requests, params, use_tqdm=progress)
+        outputs = self.llm.generate(video_requests(prompts), params, use_tqdm=progress)
         return [[self._to_sample(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
 
     def _to_sample(self, completion) -> Sample:
@@ -391,6 +432,7 @@ class VLLMEngine:
 
         def checked():
             for name, tensor in named_tensors:
+                name = self.weight_name(name)
                 if name not in self.weight_names:
                     unknown.append(name)
                     return
@@ -401,6 +443,8 @@ class VLLMEngine:
         if self.asleep:
             self.llm.wake_up(tags=["weights"])
         vllm_reload_weights(self.llm, checked())
+        if self.video_inputs:  # the encoder cache may hold outputs of the old weights
+            self.llm.llm_engine.reset_encoder_cache()
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
@@ -428,15 +472,16 @@ class VLLMEngine:
 
 
 def make_engine(name: str, model, llm_path, max_model_len: int = 8192, **vllm_kwargs):
-    """The engine called `name`: "vllm" runs on `llm_path`, "torch" on `model` itself.
+    """The engine called `name`: "vllm" runs on `llm_path` (`model.family.llm_folder(checkpoint)`), in
+    the way `model.family` needs; "torch" on `model` itself.
 
     `vllm_kwargs` (dtype, seed, gpu_memory_utilization, enable_sleep_mode, ...) concern the vLLM engine only;
     the torch engine ignores them, so a script can pass its flags whichever engine it runs.
 
-    Example: engine = make_engine(args.engine, model, Path(args.init) / "llm", max_model_len=4096)
+    Example: engine = make_engine(args.engine, model, model.family.llm_folder(Path(args.init)), max_model_len=4096)
     """
     if name == "torch":
         return TorchEngine(model, max_model_len=max_model_len)
     if name == "vllm":
-        return VLLMEngine(llm_path, max_model_len=max_model_len, **vllm_kwargs)
+        return VLLMEngine(llm_path, max_model_len=max_model_len, family=model.family, **vllm_kwargs)
     raise ValueError(f"unknown engine {name!r}: use 'vllm' or 'torch'")

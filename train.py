@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
+import checkpoint
 import data
 import errors
 import model as M
@@ -49,7 +50,8 @@ def shard_model(model: M.VideoLM, ps: mrsp.ParallelState, bf16: bool = False):
 
     The FSDP units, and when each frees its gathered weights again:
 
-        llm.model (the decoder)   ONE root over every decoder layer: the layers share its all-gather
+        the LLM's decoder         ONE root over every decoder layer (VILA: llm.model; Qwen2.5-VL:
+                                  llm.model.language_model): the layers share its all-gather
                                   streams and buffers, so layer i+1's all-gather overlaps layer i's
                                   compute and backward prefetches the next layer. Its own weights (the
                                   final norm) stay gathered until backward.
@@ -369,7 +371,7 @@ def save_checkpoint(out_dir, step: int, model, optimizer, ps: mrsp.ParallelState
     if ps.world_size > 1:
         rngs = [None] * ps.world_size
         dist.all_gather_object(rngs, rng_state())
-    with M.atomic_directory(Path(out_dir) / f"checkpoint-{step}") if ps.rank == 0 else nullcontext() as tmp:
+    with checkpoint.atomic_directory(Path(out_dir) / f"checkpoint-{step}") if ps.rank == 0 else nullcontext() as tmp:
         tmp = Path(broadcast_from_rank0(str(tmp) if ps.rank == 0 else None, ps))
         save_optimizer(tmp / "optimizer", model, optimizer, ps)
         if ps.rank == 0:
@@ -543,8 +545,8 @@ def add_run_args(ap, save_every: int):
 # ---- the prompts and log-probs of a batch ----
 
 class VideoPrompts:
-    """Prompt embeddings for records: frames decoded, video encoded (through the MR-SP embedding cache
-    when the vision tower is frozen), text spliced around the video."""
+    """Prompts (model.Prompt) for records: frames decoded, video encoded (through the MR-SP embedding
+    cache when the vision tower is frozen), text spliced around the video, positions given."""
 
     def __init__(self, model: M.VideoLM, sampling: data.FrameSampling, ps: mrsp.ParallelState,
                  cache: "mrsp.VideoEmbeddingCache | None"):
@@ -553,6 +555,7 @@ class VideoPrompts:
         self.unreadable: dict[tuple, str] = {}
         self.skipped = 0  # records replaced so far
         self._srt_text: dict[tuple, str | None] = {}
+        self._times: dict[tuple, np.ndarray] = {}
 
     def video_embeds(self, record: data.Record) -> torch.Tensor:
         frames_fn = lambda: self._read_agreed(
@@ -589,12 +592,22 @@ class VideoPrompts:
             raise error or data.VideoError("another rank of the sequence-parallel group could not read this record's files")
         return value
 
-    def __call__(self, record: data.Record) -> torch.Tensor:
+    def timestamps(self, record: data.Record) -> np.ndarray | None:
+        """The sampled frames' times in seconds, where the family's positions use them (Qwen2.5-VL's M-RoPE
+        time axis), read from the container (a cached video is not decoded again) and kept; else None."""
+        if not self.model.family.needs_timestamps:
+            return None
+        key = (record.video, self.sampling.key())
+        if key not in self._times:
+            self._times[key] = self._read_agreed(lambda: data.frame_timestamps(record.video, self.sampling))
+        return self._times[key]
+
+    def __call__(self, record: data.Record) -> M.Prompt:
         before, after = self.model.user_turn(record, self.subtitles(record))
-        return self.model.prompt_embeds(before, self.video_embeds(record), after)   # [L, D]
+        return self.model.prompt(before, self.video_embeds(record), after, self.timestamps(record))
 
     def for_batch(self, recs: list[data.Record], records: list[data.Record]):
-        """(records, prompt embeddings [L_i, D] each) for one step's batch.
+        """(records, their Prompts) for one step's batch.
 
         A record whose video or subtitle file cannot be read is reported once and replaced by the next
         readable record of `records` (counted in `self.skipped`); its files are remembered in

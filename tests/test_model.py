@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import model as M
+import vila
 
 
 def random_frames(n, size=32, seed=0):
@@ -32,10 +33,10 @@ def test_wrong_frame_size_is_a_clear_error(tiny_model):
 
 
 @torch.no_grad()
-def test_prompt_embeds_put_a_separator_after_every_frame_inside_the_chat_turn(tiny_model):
+def test_vila_prompt_puts_a_separator_after_every_frame_inside_the_chat_turn(tiny_model):
     video = tiny_model.encode_video(random_frames(3))                  # [12, D]
-    prompt = tiny_model.prompt_embeds("", video, "Question: red?")
-    chat_before, chat_after = M.VilaFamily.chat_text(tiny_model.tokenizer, "", "Question: red?")
+    prompt = tiny_model.prompt("", video, "Question: red?").embeds
+    chat_before, chat_after = vila.VilaFamily.chat_text(tiny_model.tokenizer, "", "Question: red?")
     assert chat_before.endswith("<|im_start|>user\n")                  # the video opens the user's turn
     assert chat_after == "Question: red?<|im_end|>\n<|im_start|>assistant\n"
     nb, na = len(tiny_model.encode_text(chat_before)), len(tiny_model.encode_text(chat_after))
@@ -51,9 +52,10 @@ def test_prompt_embeds_put_a_separator_after_every_frame_inside_the_chat_turn(ti
 @torch.no_grad()
 def test_response_logprobs_equal_a_full_log_softmax(tiny_model):
     video = tiny_model.encode_video(random_frames(2))
-    prompt = tiny_model.prompt_embeds("Watch the video.\n", video, "\nResponse: ")
+    prompt = tiny_model.prompt("Watch the video.\n", video, "\nResponse: ")
     responses = [[5, 9, 11, 3], [7, 8]]
-    batch = tiny_model.build_sequence_batch([prompt, prompt[:-2]], responses)
+    shorter = M.Prompt(prompt.embeds[:-2], prompt.positions[:-2])
+    batch = tiny_model.build_sequence_batch([prompt, shorter], responses)
     fast = tiny_model.token_logprobs(batch, temperature=0.7, block_rows=3)
 
     # the slow way: logits over every position, log-softmax, pick the next token
@@ -71,7 +73,7 @@ def test_response_logprobs_equal_a_full_log_softmax(tiny_model):
 @torch.no_grad()
 def test_padding_does_not_change_a_sequence(tiny_model):
     video = tiny_model.encode_video(random_frames(2))
-    prompt = tiny_model.prompt_embeds("Watch the video.\n", video, "\nResponse: ")
+    prompt = tiny_model.prompt("Watch the video.\n", video, "\nResponse: ")
     alone = tiny_model.token_logprobs(tiny_model.build_sequence_batch([prompt], [[4, 5]]))
     padded = tiny_model.token_logprobs(tiny_model.build_sequence_batch([prompt, prompt], [[4, 5], [4, 5, 6, 7, 8]]))
     S = alone.shape[1]
@@ -82,7 +84,7 @@ def test_padding_does_not_change_a_sequence(tiny_model):
 def test_save_load_round_trip_gives_identical_logprobs(tiny_model, tmp_path):
     frames = random_frames(2)
     def logprobs(m):
-        prompt = m.prompt_embeds("Watch the video.\n", m.encode_video(frames), "\nResponse: ")
+        prompt = m.prompt("Watch the video.\n", m.encode_video(frames), "\nResponse: ")
         return m.token_logprobs(m.build_sequence_batch([prompt], [[4, 5, 6]]))
     tiny_model.save(tmp_path / "ck")
     loaded = M.VideoLM.load(tmp_path / "ck").eval()

@@ -26,8 +26,8 @@ def example_batch(model: M.VideoLM) -> M.SequenceBatch:
     with torch.no_grad():
         video_embeds = model.encode_video(example_frames(7))
     before = "Watch the video.\n"
-    prompts = [model.prompt_embeds(before, video_embeds, "Question: How many scenes are red?"),
-               model.prompt_embeds(before, video_embeds, "\nWhich colour comes first?")]
+    prompts = [model.prompt(before, video_embeds, "Question: How many scenes are red?"),
+               model.prompt(before, video_embeds, "\nWhich colour comes first?")]
     responses = [model.encode_text("<think>Scene 1 is red. Scene 2 is blue.</think><answer>A</answer>"),
                  model.encode_text("<answer>B</answer>")]
     return model.build_sequence_batch(prompts, responses)

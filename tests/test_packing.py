@@ -21,7 +21,7 @@ def example_groups(model: M.VideoLM, G: int):
     """Two prompts (a 5-frame and a 3-frame video) with G responses each."""
     with torch.no_grad():
         videos = [model.encode_video(example_frames(n)) for n in (5, 3)]
-    prompts = [model.prompt_embeds("Watch the video.\n", v, "\nWhich colour comes first?") for v in videos]
+    prompts = [model.prompt("Watch the video.\n", v, "\nWhich colour comes first?") for v in videos]
     responses = [GROUPS[G], [list(reversed(r)) for r in GROUPS[G]]]
     return prompts, responses
 
@@ -71,7 +71,7 @@ def test_packed_group_equals_per_sequence_in_one_process(tiny_model, G):
 
 
 def test_packed_rows_hold_the_prompt_once_with_positions_continuing_from_it(tiny_model):
-    prompt = torch.randn(3, tiny_model.config.llm_hidden)
+    prompt = M.Prompt(torch.randn(3, tiny_model.config.llm_hidden), torch.arange(3))
     batch = tiny_model.build_packed_batch([prompt], [[[7, 8], [9]]])
     assert batch.inputs_embeds.shape[1] == 3 + 2 + 1                           # P + G*R, not G*(P + R)
     assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 3]]

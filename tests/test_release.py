@@ -18,6 +18,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, Sigl
 
 import data
 import model as M
+import vila
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=1)
 LLM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
@@ -165,7 +166,7 @@ def test_video_embeddings_follow_the_release_formulas(tmp_path, tiny_tokenizer, 
                                                          (384, "mlp_downsample", 196),
                                                          (448, "mlp_downsample_3x3_fix", 121)])
 def test_tokens_per_frame_of_the_released_models(image_size, projector, tokens):
-    config = M.VideoLMConfig(image_size, 14, 1152, 3584, projector=projector)
+    config = vila.VilaConfig(image_size, 14, 1152, 3584, projector=projector)
     assert config.tokens_per_frame == tokens
 
 
@@ -177,7 +178,7 @@ def test_the_tsp_encoder_averages_consecutive_frames_then_adds_the_separator(tmp
     D = LLM["hidden_size"]
     # 4 frames of 4 tokens; every value of frame f, token j is 10 f + j
     video = (10 * torch.arange(4.0)[:, None] + torch.arange(4.0)[None, :])[:, :, None].expand(4, 4, D)
-    rows = M.VilaFamily.video_rows(model, video.reshape(16, D))
+    rows = vila.VilaFamily.video_rows(model, video.reshape(16, D))
     sep = model.embed_ids(model.encode_text("\n"))[0]
     assert rows.shape == (2 * (4 + 1), D)                               # 2 pooled steps of 4 tokens + "\n"
     torch.testing.assert_close(rows[0:4, 0], torch.tensor([5.0, 6, 7, 8]))       # mean of frames 0, 1
@@ -185,21 +186,21 @@ def test_the_tsp_encoder_averages_consecutive_frames_then_adds_the_separator(tmp
     torch.testing.assert_close(rows[4], sep)
     torch.testing.assert_close(rows[9], sep)
     with pytest.raises(ValueError, match="3 frames do not make whole groups of 2"):
-        M.VilaFamily.video_rows(model, video.reshape(16, D)[:12])
+        vila.VilaFamily.video_rows(model, video.reshape(16, D)[:12])
 
 
 @torch.no_grad()
 def test_the_prompt_is_chatml_with_the_video_first_and_the_thinking_prompt(replica):
     model = M.VideoLM.load(replica)
     record = data.Record("q", "v.mp4", "What colour is the first scene?", ["red", "green"], "multiple_choice", "", "A")
-    before, after = M.VilaFamily.chat_text(model.tokenizer, *data.build_prompt(record))
+    before, after = vila.VilaFamily.chat_text(model.tokenizer, *data.build_prompt(record))
     assert before == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
     assert after.startswith("You are a helpful assistant. The user asks a question, and then you solves it.")
     assert after.endswith(" Question: What colour is the first scene?\nA. red\nB. green<|im_end|>\n"
                           "<|im_start|>assistant\n")
     video = model.encode_video(random_frames(2, 32))
     text_before, text_after = data.build_prompt(record)
-    prompt = model.prompt_embeds(text_before, video, text_after)
+    prompt = model.prompt(text_before, video, text_after).embeds
     nb = len(model.encode_text(before))
     assert len(prompt) == nb + 2 * (16 + 1) + len(model.encode_text(after))
     torch.testing.assert_close(prompt[nb:nb + 16], video[:16])
@@ -251,7 +252,7 @@ def test_save_writes_the_release_layout_back_and_loads_to_identical_logprobs(tmp
 
     frames = random_frames(2, 28)
     def logprobs(m):
-        prompt = m.prompt_embeds("", m.encode_video(frames), "Question: red?")
+        prompt = m.prompt("", m.encode_video(frames), "Question: red?")
         return m.token_logprobs(m.build_sequence_batch([prompt], [m.encode_text("<think>red</think>")]))
     reloaded = M.VideoLM.load(ours).eval()
     assert reloaded.config == model.config
@@ -263,7 +264,7 @@ def test_llm_folder_runs_in_vllm_and_greedy_equals_the_trainers_argmax(replica):
     import rollout
     model = M.VideoLM.load(replica).eval()
     with torch.no_grad():
-        prompt = model.prompt_embeds("", model.encode_video(random_frames(3, 32)), "Question: How many scenes?")
+        prompt = model.prompt("", model.encode_video(random_frames(3, 32)), "Question: How many scenes?")
     engine = rollout.VLLMEngine(replica / "llm", max_model_len=256, seed=0)
     got = engine.generate([prompt], n=1, max_new_tokens=8, temperature=0)[0][0].token_ids
     expected = rollout.TorchEngine(model, max_model_len=256).generate([prompt], n=1, max_new_tokens=8,
@@ -318,7 +319,7 @@ BAD = {
     "aspect ratio": (lambda f: edit_json(f / "config.json", image_aspect_ratio="pad"),
                      r"config.json: image_aspect_ratio 'pad' is not supported"),
     "not vila": (lambda f: edit_json(f / "config.json", model_type="llava_qwen", architectures=["X"]),
-                 r"config.json: model_type 'llava_qwen'.* is not a VILA checkpoint"),
+                 r"config.json: model_type 'llava_qwen'.* is not a family this project reads: VILA .*Qwen2.5-VL"),
     "our old layout": (lambda f: (f / "config.json").write_text(json.dumps(
         {"image_size": 32, "patch_size": 8, "vision_hidden": 64, "llm_hidden": 128, "projector": "mlp_downsample"})),
         r"config.json is in the layout this project wrote before.*model.py init"),

@@ -20,6 +20,7 @@ import mrsp
 import rl
 import rollout
 import train
+import vila
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -387,8 +388,10 @@ def test_engine_length_is_checked_or_derived_at_start_up(tiny_model):
     records = [mc_record(), data.Record("q2", "v.mp4", "How many red scenes are there, in all?", [], "numerical", "", "2")]
     sampling = data.FrameSampling(num_frames=256)  # the paper's 7B setting; no video is opened to count them
     sep = len(tiny_model.encode_text(tiny_model.config.frame_separator))
-    lengths = [frames * (tiny_model.config.tokens_per_frame + sep) + text
-               for frames, text in (rl.prompt_positions(tiny_model, r, sampling) for r in records)]
+    text = lambda r: sum(len(tiny_model.encode_text(t)) for t in vila.VilaFamily.chat_text(
+        tiny_model.tokenizer, *tiny_model.user_turn(r)))
+    lengths = [256 * (tiny_model.config.tokens_per_frame + sep) + text(r) for r in records]
+    assert [rl.prompt_length(tiny_model, r, sampling) for r in records] == [(256, n) for n in lengths]
     needed = max(lengths) + 64
     assert min(lengths) > 256 * 5
     args = lambda *flag: rl.parse_args(["--init", "i", "--data", "d.jsonl", "--out", "o", "--max-new-tokens", "64", *flag])

@@ -35,7 +35,7 @@ def model(tiny_tokenizer):
 def prompts(model):
     """Two video prompts of different lengths: 3 and 6 frames of 4 tokens + a separator each, plus text."""
     with torch.no_grad():
-        return [model.prompt_embeds("Watch the video.\n", model.encode_video(random_frames(frames, seed=frames)),
+        return [model.prompt("Watch the video.\n", model.encode_video(random_frames(frames, seed=frames)),
                                     "\nQuestion: How many scenes are red?\nResponse: ")
                 for frames in (3, 6)]
 
@@ -59,7 +59,7 @@ def engine(request):
 @torch.no_grad()
 def argmax_loop(model, prompt, max_new_tokens, stop_ids):
     """The plainest greedy decoder: rerun the whole sequence for every new token, no cache."""
-    x, ids = prompt[None], []                                                   # [1, L, D]
+    x, ids = prompt.embeds[None], []                                            # [1, L, D]
     for _ in range(max_new_tokens):
         token = model.llm(inputs_embeds=x).logits[0, -1].argmax().item()
         ids.append(token)
@@ -263,7 +263,7 @@ def test_length_at_max_new_tokens_and_at_max_model_len(engine, model, prompts):
         else:  # stopped early on a stop token, which a random model may sample
             assert len(sample.token_ids) <= 3 and sample.token_ids[-1] in engine.stop.all
 
-    long_prompt = torch.randn(MAX_MODEL_LEN - 2, model.llm.config.hidden_size) * 0.02  # room for 2 tokens
+    long_prompt = text_prompt(torch.randn(MAX_MODEL_LEN - 2, model.llm.config.hidden_size) * 0.02)  # room for 2 tokens
     expected = argmax_loop(model, long_prompt, 2, engine.stop.all)
     sample = engine.generate([long_prompt, prompts[0]], n=1, max_new_tokens=10, temperature=0)[0][0]
     assert sample.token_ids == expected
@@ -273,13 +273,18 @@ def test_length_at_max_new_tokens_and_at_max_model_len(engine, model, prompts):
 
 # ---- bad input ----
 
+def text_prompt(embeds: torch.Tensor) -> M.Prompt:
+    """A prompt of embeddings [L, D] at positions 0..L-1."""
+    return M.Prompt(embeds, torch.arange(len(embeds)))
+
+
 def bad_calls(prompts):
-    D = prompts[0].shape[1]
+    D = prompts[0].embeds.shape[1] if isinstance(prompts[0], M.Prompt) else 1
     ok = dict(prompts=prompts, n=1, max_new_tokens=4, temperature=1.0)
     return {
-        "empty prompt": (ok | dict(prompts=[prompts[0], torch.zeros(0, D)]), "empty"),
-        "prompt too long": (ok | dict(prompts=[torch.zeros(MAX_MODEL_LEN, D)]), "no room for a response"),
-        "token ids, not embeddings": (ok | dict(prompts=[torch.tensor([1, 2, 3])]), r"\[L, D\]"),
+        "empty prompt": (ok | dict(prompts=[prompts[0], text_prompt(torch.zeros(0, D))]), "empty"),
+        "prompt too long": (ok | dict(prompts=[text_prompt(torch.zeros(MAX_MODEL_LEN, D))]), "no room for a response"),
+        "embeddings, not a Prompt": (ok | dict(prompts=[torch.zeros(3, D)]), r"expected a model.Prompt"),
         "n = 0": (ok | dict(n=0), "n .* at least 1"),
         "max_new_tokens = 0": (ok | dict(max_new_tokens=0), "max_new_tokens must be at least 1"),
         "greedy with n > 1": (ok | dict(n=2, temperature=0), "identical samples"),

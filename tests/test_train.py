@@ -49,10 +49,11 @@ def test_training_prompts_show_the_srt_cues_within_the_sampled_frames(tiny_model
     with torch.no_grad():
         first, second = prompts(record), prompts(record)              # the second from the cache
         before, after = data.build_prompt(record, subtitles="during")
-        expected = tiny_model.prompt_embeds(before, prompts.video_embeds(record), after)
+        expected = tiny_model.prompt(before, prompts.video_embeds(record), after)
     assert cache.vision_runs == 1
-    torch.testing.assert_close(first, expected)
-    torch.testing.assert_close(second, expected)
+    for got in (first, second):
+        torch.testing.assert_close(got.embeds, expected.embeds)
+        assert torch.equal(got.positions, expected.positions)
 
 
 def test_unreadable_videos_are_replaced_by_the_next_readable_record(tiny_model, tmp_path):
@@ -128,15 +129,17 @@ def test_the_checkpoints_question_prompt_reaches_training_rollout_and_eval(tmp_p
         assert after.startswith("Question: " if name == "plain" else "You are a helpful assistant.")
         with torch.no_grad():
             video = model.encode_video(data.load_frames(records[0].video, model.config.image_size, sampling)[0])
-            expected = model.prompt_embeds(before, video, after)
+            expected = model.prompt(before, video, after)
             built = train.VideoPrompts(model, sampling, mrsp.ParallelState(), None)(records[0])
-            torch.testing.assert_close(built, expected)                              # SFT and RL
-            torch.testing.assert_close(evaluation._prompt(model, records[0], sampling, False, {}), expected)
-        lengths[name] = rl.prompt_positions(model, records[0], sampling)[1]  # text positions
+            torch.testing.assert_close(built.embeds, expected.embeds)                  # SFT and RL
+            torch.testing.assert_close(evaluation._prompt(model, records[0], sampling, False, {}).embeds,
+                                       expected.embeds)
+        lengths[name] = rl.prompt_length(model, records[0], sampling)[1]  # tokens
+        assert lengths[name] == len(expected)
         reference = rl.with_own_llm(model, out, torch.float32, model.device)   # the KL's reference model
         with torch.no_grad():
-            torch.testing.assert_close(train.VideoPrompts(reference, sampling, mrsp.ParallelState(), None)(records[0]),
-                                       expected)
+            torch.testing.assert_close(train.VideoPrompts(reference, sampling, mrsp.ParallelState(), None)(records[0]).embeds,
+                                       expected.embeds)
     assert lengths["plain"] < lengths["thinking"] - 60                       # the thinking prompt's fixed text
 
 

@@ -361,24 +361,25 @@ def cmd_step(args):
         the log-prob and update passes, and the on-policy old log-probs taken from the update's forward.
     A step's time is the sum of rl.py's phase timers; the table shows the median over steps 2..N.
     """
-    heads = vila.PRESETS[args.preset]["llm"]["num_attention_heads"]
+    preset = M.family_of(args.family).presets[args.preset]
+    heads = preset["llm"]["num_attention_heads"]
     sp_size = args.sp_size
     if sp_size is None:
         sp_size = default_step_sp_size(heads, torch.cuda.device_count() if torch.cuda.is_available() else 2)
-    mrsp.kv_head_repeats(heads, vila.PRESETS[args.preset]["llm"]["num_key_value_heads"], sp_size)  # refuses now, not in rl.py
+    mrsp.kv_head_repeats(heads, preset["llm"]["num_key_value_heads"], sp_size)  # refuses now, not in rl.py
     configs = [c for c in STEP_CONFIGS if c != "stage 1+2" or sp_size > 1]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-step-"))
     work.mkdir(parents=True, exist_ok=True)
-    preset = vila.PRESETS[args.preset]
     # ---- a synthetic dataset with enough frames per video, and a fresh checkpoint ----
     scenes = 8
     num_records = max(16, args.batch_size * args.steps)  # a new video in every step: stage 1 encodes once per step
     _run([sys.executable, "data.py", "synth", "--out", work / "data", "--answers", "open", "--n", num_records,
           "--min-scenes", scenes, "--max-scenes", scenes, "--frames-per-scene", math.ceil(max(args.frames) / scenes),
-          "--size", preset["image_size"], "--test-frac", 0, "--seed", args.seed], work / "synth.log")
+          "--size", preset.get("image_size") or preset["frame_size"], "--test-frac", 0, "--seed", args.seed],
+         work / "synth.log")
     records_file, init = work / "data" / "train.jsonl", work / "init"
-    _run([sys.executable, "model.py", "init", "--preset", args.preset, "--data", records_file, "--out", init],
-         work / "init.log")
+    _run([sys.executable, "model.py", "init", "--family", args.family, "--preset", args.preset, "--data", records_file,
+          "--out", init], work / "init.log")
     # ---- rl.py per frame count and configuration ----
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", sp_size, "rl.py"]
     sharded = (torchrun, ["--sp-size", sp_size]) if sp_size > 1 else ([sys.executable, "rl.py"], [])
@@ -404,18 +405,14 @@ def cmd_step(args):
     # ---- tables ----
     model = M.VideoLM.load(init)
     prompts = {frames: _prompt_tokens(model, records_file, frames) for frames in args.frames}
-    llm, vision = preset["llm"], preset["vision"]
-    tpf = model.config.tokens_per_step
     device = _device_name()
     median = lambda frames, c, key: _median([key(r) for r in results[frames, c]])
     step_s = lambda r: sum(r[k] for k in PHASES)
     passes_s = lambda r: r["time_logprobs"] + r["time_update"]
     print(f"\ncommand: `{_command_line()}`\ndevice: {device}; rl.py with --engine torch, "
           f"{'bf16' if torch.cuda.is_available() else 'fp32'}; work folder {work}\n"
-          f"model: preset {args.preset}: vision {vision['num_hidden_layers']} layers x {vision['hidden_size']}, "
-          f"image {preset['image_size']} px, patch {preset['patch_size']}, {tpf} tokens per frame + separator; "
-          f"LLM {llm['num_hidden_layers']} layers, hidden {llm['hidden_size']}, {llm['num_attention_heads']} heads "
-          f"({llm['num_key_value_heads']} KV)\n"
+          f"model: preset {args.preset}: {model.family.describe(model)}; LLM {model.llm_config.num_hidden_layers} "
+          f"layers, hidden {model.llm_config.hidden_size}, {heads} heads ({model.llm_config.num_key_value_heads} KV)\n"
           f"step: {args.batch_size} prompts x {args.group_size} responses, up to {args.max_new_tokens} new tokens, "
           f"KL to a reference; median over steps 2..{args.steps}"
           + ("" if "stage 1+2" in configs else "; stage 1+2 skipped and shared prefix on one process: sp size 1")
@@ -873,6 +870,8 @@ def main():
     step = sub.add_parser("step", formatter_class=fmt,
                           help="seconds per GRPO step of rl.py: no cache vs MR-SP stage 1 vs stages 1+2 vs shared prefix")
     step.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32, 64], help="frames per video (--num-frames)")
+    step.add_argument("--family", choices=sorted(M.FAMILIES), default="vila",
+                      help="model family of the fresh checkpoint (model.py init --family)")
     step.add_argument("--preset", choices=sorted(vila.PRESETS), default="tiny",
                       help="model sizes (small: 16 tokens per frame, so video tokens dominate)")
     step.add_argument("--steps", type=int, default=3, help="GRPO steps per run; step 1 is warm-up and not counted")

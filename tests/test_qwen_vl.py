@@ -198,10 +198,10 @@ def sp_job(folder: str) -> dict:
     model.freeze_vision()
     out = {"stage1": mrsp.stage1_encode(model, frames(7), ps.sp_group)}   # 4 pairs, the last one half
     video = model.encode_video(frames(5, seed=2))
-    prompt = model.prompt("", video, "Question: How many scenes are red?", np.arange(5) * 0.5)
+    prompt = lambda: model.prompt("", video, "Question: How many scenes are red?", np.arange(5) * 0.5)
     mrsp.enable_ulysses(model, ps.sp_group)
-    for name, build in (("sequence", lambda: model.build_sequence_batch([prompt, prompt], [[7, 8, 9], [11]])),
-                        ("packed", lambda: model.build_packed_batch([prompt], [[[7, 8, 9], [11]]],
+    for name, build in (("sequence", lambda: model.build_sequence_batch([prompt(), prompt()], [[7, 8, 9], [11]])),
+                        ("packed", lambda: model.build_packed_batch([prompt()], [[[7, 8, 9], [11]]],
                                                                     ps.sp_rank, ps.sp_size))):
         model.zero_grad(set_to_none=True)
         logprobs = mrsp.sp_token_logprobs(model, build(), ps.sp_group)
@@ -221,12 +221,12 @@ def test_sequence_parallel_equals_one_process(hub_folder):
     with torch.no_grad():
         torch.testing.assert_close(ranks[0]["stage1"], model.encode_video(frames(7)), rtol=1e-5, atol=1e-5)
         video = model.encode_video(frames(5, seed=2))
-    prompt = model.prompt("", video, "Question: How many scenes are red?", np.arange(5) * 0.5)
+    prompt = lambda: model.prompt("", video, "Question: How many scenes are red?", np.arange(5) * 0.5)
     M.enable_shared_prefix(model)
-    for name, batch in (("sequence", model.build_sequence_batch([prompt, prompt], [[7, 8, 9], [11]])),
-                        ("packed", model.build_packed_batch([prompt], [[[7, 8, 9], [11]]]))):
+    for name, build in (("sequence", lambda: model.build_sequence_batch([prompt(), prompt()], [[7, 8, 9], [11]])),
+                        ("packed", lambda: model.build_packed_batch([prompt()], [[[7, 8, 9], [11]]]))):
         model.zero_grad(set_to_none=True)
-        logprobs = model.token_logprobs(batch)
+        logprobs = model.token_logprobs(build())
         weights = torch.rand(logprobs.shape, generator=torch.Generator().manual_seed(0))
         (weights * logprobs).sum().backward()
         for rank in ranks:
@@ -362,4 +362,62 @@ def test_sft_rl_eval_on_the_tiny_preset(tmp_path):
     run("eval.py", "--checkpoint", str(tmp_path / "rl" / "final"), "--data", str(data_dir / "test.jsonl"),
         "--out", str(tmp_path / "eval"), "--num-frames", "4", "--engine", "torch", "--max-new-tokens", "8")
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
-    assert report["num_records"] == len((data_dir / "test.jsonl").read_text().splitlines())
+    assert report["n"] == len((data_dir / "test.jsonl").read_text().splitlines()) and report["n_answered"] == report["n"]
+
+
+def vllm_runs_qwen() -> bool:
+    try:
+        rollout.check_vllm_video_support()
+        import vllm  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(vllm_runs_qwen(), reason="this machine can run vLLM's Qwen2.5-VL: the refusal does not apply")
+def test_the_vllm_engine_refuses_qwen_without_torchvision(hub_folder, ours):
+    with pytest.raises(ImportError, match="needs torchvision.*--engine torch"):
+        rollout.make_engine("vllm", ours, ours.family.llm_folder(hub_folder))
+
+
+@pytest.mark.skipif(not vllm_runs_qwen(), reason="vLLM's Qwen2.5-VL needs torchvision (a GPU machine): "
+                                                  "see BENCHMARKS.md, GPU checks")
+def test_vllm_engine_logprobs_equal_the_trainers_before_and_after_a_sync(hub_folder, ours):
+    """The GPU check: vLLM fed token ids + cached video embeddings samples tokens whose log-probs the trainer
+    (M-RoPE positions computed here) reproduces; after a weight sync (encoder cache reset) too."""
+    engine = rollout.make_engine("vllm", ours, ours.family.llm_folder(hub_folder), max_model_len=1024, seed=0)
+    with torch.no_grad():
+        prompts = [sequence_inputs(ours, frames(n, seed=n), [5])[0] for n in (3, 6)]
+
+    def gap():
+        groups = engine.generate(prompts, n=2, max_new_tokens=8, temperature=1.0, seed=1)
+        episodes = [(p, s) for p, g in zip(prompts, groups) for s in g]
+        with torch.no_grad():
+            batch = ours.build_sequence_batch([p for p, _ in episodes], [s.token_ids for _, s in episodes])
+            scored = ours.token_logprobs(batch)[batch.loss_mask]
+        return (scored - torch.tensor([lp for _, s in episodes for lp in s.logprobs])).abs().max().item()
+
+    assert gap() < 1e-4
+    with torch.no_grad():
+        for p in ours.llm.parameters():
+            p.mul_(1.01)
+    engine.sync_weights(ours.llm.state_dict().items())
+    assert gap() < 1e-4
+
+
+def test_a_hub_config_with_top_level_text_keys_loads_the_same(hub_folder, ours, tmp_path):
+    """The Hub's Qwen2.5-VL-7B-Instruct config.json has the LLM's keys at the top level and
+    rope_scaling {"type": "mrope", "mrope_section": ...} (transformers 4.x wrote it so)."""
+    folder = tmp_path / "hub4"
+    shutil.copytree(hub_folder, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    text = cfg.pop("text_config")
+    rope = text.pop("rope_parameters")
+    cfg.update(text, rope_theta=rope["rope_theta"], rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    flat = M.VideoLM.load(folder).eval()
+    with torch.no_grad():
+        prompt, _, _ = sequence_inputs(flat, frames(3), [5])
+        got = flat.token_logprobs(flat.build_sequence_batch([prompt], [[5, 6]]))
+        expected = ours.token_logprobs(ours.build_sequence_batch([sequence_inputs(ours, frames(3), [5])[0]], [[5, 6]]))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

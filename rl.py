@@ -229,7 +229,7 @@ def engine_max_model_len(model: M.VideoLM, records: list[data.Record], sampling:
     tokens, frames, problem_id = longest
     needed = tokens + args.max_new_tokens
     limit = model.llm_config.max_position_embeddings
-    where = model.family.llm_folder(model.source) / "config.json"
+    where = model.family.llm_folder(model.source) / "config.json" if model.source else "the LLM's config.json"
     if needed > limit:
         raise errors.UsageError(
             f"{args.data}: the prompt of record {problem_id!r} is {tokens} tokens; with --max-new-tokens "

@@ -200,7 +200,8 @@ def sp_job(folder: str) -> dict:
     video = model.encode_video(frames(5, seed=2))
     prompt = lambda: model.prompt("", video, "Question: How many scenes are red?", np.arange(5) * 0.5)
     mrsp.enable_ulysses(model, ps.sp_group)
-    for name, build in (("sequence", lambda: model.build_sequence_batch([prompt(), prompt()], [[7, 8, 9], [11]])),
+    for name, build in (("sequence", lambda: model.build_sequence_batch([prompt(), prompt()], [[7, 8, 9], [11]],
+                                                                        ps.sp_rank, ps.sp_size)),   # as rl.py builds
                         ("packed", lambda: model.build_packed_batch([prompt()], [[[7, 8, 9], [11]]],
                                                                     ps.sp_rank, ps.sp_size))):
         model.zero_grad(set_to_none=True)

@@ -422,3 +422,38 @@ def test_a_hub_config_with_top_level_text_keys_loads_the_same(hub_folder, ours, 
         got = flat.token_logprobs(flat.build_sequence_batch([prompt], [[5, 6]]))
         expected = ours.token_logprobs(ours.build_sequence_batch([sequence_inputs(ours, frames(3), [5])[0]], [[5, 6]]))
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def fsdp_job(folder: str) -> dict:
+    import rl
+    import train
+    ps = mrsp.init_distributed(sp_size=2)
+    policy = rl.load_policy(folder, ps, bf16=True, shared_prefix=True)
+    reference = rl.load_reference(folder, policy, ps, bf16=True, shared_prefix=True)
+    generator = torch.Generator().manual_seed(0)
+    video = torch.randn(2 * 16, 128, generator=generator)                  # two pairs of 4 x 4 rows
+    prompt = policy.prompt("", video, "Question?", np.arange(4) * 0.5)
+    groups = [[torch.randint(3, 300, (n,), generator=generator).tolist() for n in (5, 3)]]
+    logprobs = lambda model: train.sequence_logprobs(
+        model, model.build_packed_batch([prompt], groups, ps.sp_rank, ps.sp_size), ps)
+    with torch.no_grad():
+        ref = logprobs(reference)
+    train.reshard(reference)
+    lp = logprobs(policy)
+    lp.sum().backward()
+    return {"policy": lp.detach(), "reference": ref, "structure": train.fsdp_structure(policy),
+            "grads": {p.grad.dtype for p in policy.parameters() if p.grad is not None}}
+
+
+def test_fsdp_bf16_shards_the_text_model_and_the_reference_computes_as_the_policy(hub_folder):
+    """Under torchrun with --bf16 (2 gloo ranks, sp = 2, packed): the text model is the FSDP root over its
+    layers, the LM head a root in fp32, and the reference's log-probs equal the policy's exactly (KL 0)."""
+    for rank in run_ranks(fsdp_job, 2, str(hub_folder), timeout=300):
+        assert torch.equal(rank["policy"], rank["reference"]) and (rank["policy"] != 0).any()
+        assert rank["grads"] == {torch.float32}
+        units = {row["unit"]: row for row in rank["structure"]}
+        decoder = "llm.model.language_model"
+        assert set(units) == {decoder, f"{decoder}.embed_tokens", "llm.lm_head",
+                              f"{decoder}.layers.0", f"{decoder}.layers.1"}
+        assert {u for u, row in units.items() if row["root"]} == {decoder, "llm.lm_head"}
+        assert units["llm.lm_head"]["compute_dtype"] == "float32"

@@ -6,8 +6,6 @@ request; bad checkpoints."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ import model as M
 import mrsp
 import qwen_vl
 import rollout
-from conftest import CORPUS, ROOT
+from conftest import CORPUS
 from dist import allreduce_gradients, run_ranks
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]  # Qwen2.5-VL's preprocessor_config.json
@@ -345,23 +343,26 @@ def test_the_embedding_cache_holds_qwen_entries(ours, hub_folder):
 
 
 def test_sft_rl_eval_on_the_tiny_preset(tmp_path):
-    """The main job's stages on a tiny Qwen2.5-VL made by `model.py init --family qwen2_5_vl`."""
-    run = lambda *cmd: subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True, capture_output=True, text=True,
-                                      env={**os.environ, "OMP_NUM_THREADS": "2"})
+    """The main job's stages on a tiny Qwen2.5-VL made by `model.py init --family qwen2_5_vl` (in this
+    process: each script's main, as its command line runs it)."""
+    import data
+    import eval as evaluation
+    import rl
+    import sft
     data_dir = tmp_path / "data"
-    run("data.py", "synth", "--out", str(data_dir), "--n", "6", "--seed", "1", "--max-scenes", "3", "--test-frac", "0.34")
-    run("model.py", "init", "--family", "qwen2_5_vl", "--out", str(tmp_path / "init"), "--data", str(data_dir / "train.jsonl"))
+    data.main(["synth", "--out", str(data_dir), "--n", "6", "--seed", "1", "--max-scenes", "3", "--test-frac", "0.34"])
+    M.main(["init", "--family", "qwen2_5_vl", "--out", str(tmp_path / "init"), "--data", str(data_dir / "train.jsonl")])
     init = M.VideoLM.load(tmp_path / "init")
     assert init.family.name == "qwen2_5_vl" and init.config.image_size == 56
-    run("sft.py", "--init", str(tmp_path / "init"), "--data", str(data_dir / "train.jsonl"), "--out", str(tmp_path / "sft"),
-        "--steps", "3", "--batch-size", "2", "--num-frames", "4", "--save-every", "0")
-    run("rl.py", "--init", str(tmp_path / "sft" / "final"), "--data", str(data_dir / "train.jsonl"), "--out",
-        str(tmp_path / "rl"), "--steps", "2", "--batch-size", "2", "--group-size", "2", "--num-frames", "4",
-        "--max-new-tokens", "8", "--engine", "torch", "--save-every", "0", "--kl-coef", "0.01")
+    sft.main(["--init", str(tmp_path / "init"), "--data", str(data_dir / "train.jsonl"), "--out", str(tmp_path / "sft"),
+              "--steps", "3", "--batch-size", "2", "--num-frames", "4", "--save-every", "0"])
+    rl.main(["--init", str(tmp_path / "sft" / "final"), "--data", str(data_dir / "train.jsonl"), "--out",
+             str(tmp_path / "rl"), "--steps", "2", "--batch-size", "2", "--group-size", "2", "--num-frames", "4",
+             "--max-new-tokens", "8", "--engine", "torch", "--save-every", "0", "--kl-coef", "0.01"])
     rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["kl"] == 0.0   # the reference computes as the policy
-    run("eval.py", "--checkpoint", str(tmp_path / "rl" / "final"), "--data", str(data_dir / "test.jsonl"),
-        "--out", str(tmp_path / "eval"), "--num-frames", "4", "--engine", "torch", "--max-new-tokens", "8")
+    evaluation.main(["--checkpoint", str(tmp_path / "rl" / "final"), "--data", str(data_dir / "test.jsonl"),
+                     "--out", str(tmp_path / "eval"), "--num-frames", "4", "--engine", "torch", "--max-new-tokens", "8"])
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["n"] == len((data_dir / "test.jsonl").read_text().splitlines()) and report["n_answered"] == report["n"]
 
@@ -369,7 +370,7 @@ def test_sft_rl_eval_on_the_tiny_preset(tmp_path):
 def vllm_runs_qwen() -> bool:
     try:
         rollout.check_vllm_video_support()
-        import vllm  # noqa: F401
+        rollout.import_vllm()
         return True
     except ImportError:
         return False

@@ -28,6 +28,7 @@ tokenizer with its chat template, preprocessor_config.json. Two keys of this pro
 """
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,8 @@ VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|imag
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # Qwen2.5-VL's preprocessor_config.json image_mean
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]  # and image_std
 DEFAULT_FRAME_SIZE = 448  # 16 x 16 merged tokens per frame pair, as LongVILA-R1's 448-px SigLIP frames
+# processor files a checkpoint may carry beside its weights; written back as they were read
+PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "chat_template.json")
 
 # ChatML with Qwen2.5-VL's vision placeholders: content is a string, or a list of {"type": "text", "text"}
 # and {"type": "video"} / {"type": "image"} parts, rendered as the Hub's template renders them.
@@ -318,6 +321,9 @@ class QwenVLFamily:
             do_normalize=True, image_mean=list(cfg.image_mean), image_std=list(cfg.image_std),
             patch_size=cfg.patch_size, temporal_patch_size=cfg.temporal_patch_size, merge_size=cfg.merge_size,
             processor_class="Qwen2_5_VLProcessor"), indent=2))
+        for name in PROCESSOR_FILES if model.source is not None else ():  # the release's own, as they were
+            if (model.source / name).is_file():
+                shutil.copy2(model.source / name, folder / name)
         written = read_json(folder / "config.json")
         ours = {k: model.release_config[k] for k in ("question_prompt",) if k in model.release_config}
         if cfg.image_size != DEFAULT_FRAME_SIZE:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def packed_inputs(hidden: int, seed: int = 0):
     """One GRPO group: a prompt of 11 random embeddings and 3 responses of 5, 3 and 7 tokens."""
     generator = torch.Generator().manual_seed(seed)
-    prompts = [torch.randn(11, hidden, generator=generator)]
+    prompts = [M.Prompt(torch.randn(11, hidden, generator=generator), torch.arange(11))]
     groups = [[torch.randint(3, 300, (n,), generator=generator).tolist() for n in (5, 3, 7)]]
     return prompts, groups
 
@@ -174,7 +174,8 @@ def test_torch_engine_prefills_and_decodes_in_bounded_chunks(tiny_model):
     assert engine.chunks([40, 10], n=2, max_new_tokens=5) == [range(0, 1), range(1, 2)]  # alone past the budget
 
     generator = torch.Generator().manual_seed(1)
-    prompts = [torch.randn(L, tiny_model.config.llm_hidden, generator=generator) for L in (9, 14, 6, 11)]
+    prompts = [M.Prompt(torch.randn(L, tiny_model.config.llm_hidden, generator=generator), torch.arange(L))
+               for L in (9, 14, 6, 11)]
     kw = dict(n=1, max_new_tokens=6, temperature=0.0)   # greedy: the same tokens in any batching
     engine.max_batch_tokens = 10**9
     whole = engine.generate(prompts, **kw)

@@ -17,10 +17,12 @@ Two families, one file each, behind one small interface (below):
 A family (vila.VilaFamily, qwen_vl.QwenVLFamily) provides:
 
     name, position_axes (1 or 3), needs_timestamps, special_tokens, chat_template, presets
-    encode_frames(model, frames)            uint8 [t, H, W, 3] -> [ceil(t / fps) * tps, D]
+    encode_frames(model, frames)            uint8 [t, H, W, 3] -> [ceil(t / frames_per_step) * tokens_per_step, D]
     prompt(model, before, video, after, timestamps) -> (embeds [L, D], positions [L] or [3, L], engine input)
+    chat_text(tokenizer, before, after)     the chat template's text on either side of the video
     prompt_length(model, before, after, num_frames) -> L without building it
-    load(...), write(...), is_complete(path), llm_folder(path), engine_weight_name(name), build(...)
+    load(...), write(...), is_complete(path), llm_folder(path), engine_weight_name(name), build(...),
+    describe(model)
 
 Positions are the LLM's, not token indices: [B, S] for one axis, [3, B, S] for M-RoPE; a response's
 tokens continue from its prompt's `next_position` on every axis.
@@ -57,6 +59,7 @@ IGNORE = -100  # target id of positions that carry no loss (prompt, video, paddi
 
 SPECIAL_TEXT_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
 CHATML_TEXT = "system\nYou are a helpful assistant.\nuser\nassistant\n"  # its words, for a tokenizer corpus
+
 
 def default_attn_implementation(dtype=torch.bfloat16) -> str:
     """flash_attention_2 for bf16/fp16 weights on a GPU with flash-attn installed, sdpa otherwise.

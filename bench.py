@@ -142,8 +142,8 @@ def _wide_videolm(layers: int, vocab_size: int, seed: int, dtype=torch.bfloat16)
     llm_config = Qwen2Config(vocab_size=vocab_size, num_hidden_layers=layers, tie_word_embeddings=False,
                              max_position_embeddings=32768, **WIDE_7B)
     llm = AutoModelForCausalLM.from_config(llm_config, attn_implementation="sdpa", dtype=dtype)
-    config = M.VideoLMConfig(448, 14, 64, WIDE_7B["hidden_size"])
-    projector = M.MultimodalProjector(config.projector, config.vision_hidden, config.llm_hidden)
+    config = vila.VilaConfig(448, 14, 64, WIDE_7B["hidden_size"])
+    projector = vila.MultimodalProjector(config.projector, config.vision_hidden, config.llm_hidden)
     return M.VideoLM(config, vision.to(torch.bfloat16), projector.to(torch.bfloat16), llm, tokenizer)
 
 
@@ -491,9 +491,9 @@ def build_llm(shape: str, max_positions: int):
                                                 attn_implementation=M.default_attn_implementation(_dtype()))
 
 
-def shape_config(shape: str) -> M.VideoLMConfig:
+def shape_config(shape: str) -> vila.VilaConfig:
     s = SHAPES[shape]
-    return M.VideoLMConfig(s["image_size"], s["patch_size"], s["vision"]["hidden_size"], s["llm"]["hidden_size"])
+    return vila.VilaConfig(s["image_size"], s["patch_size"], s["vision"]["hidden_size"], s["llm"]["hidden_size"])
 
 
 def build_videolm(shape: str, max_positions: int) -> M.VideoLM:
@@ -506,7 +506,7 @@ def build_videolm(shape: str, max_positions: int) -> M.VideoLM:
         vision = SiglipVisionModel(SiglipVisionConfig(image_size=s["image_size"], patch_size=s["patch_size"],
                                                       vision_use_head=False, **s["vision"])).to(_dtype())
         config = shape_config(shape)
-        projector = M.MultimodalProjector(config.projector, config.vision_hidden, config.llm_hidden,
+        projector = vila.MultimodalProjector(config.projector, config.vision_hidden, config.llm_hidden,
                                           config.block_order).to(_dtype())
     tokenizer = M.train_tokenizer([CAPACITY_TEXT_BEFORE, CAPACITY_TEXT_AFTER, "\n"] * 4, vocab_size=300)
     model = M.VideoLM(config, vision, projector, llm, tokenizer)

@@ -8,7 +8,8 @@ What is here, in the order a training script uses it:
   - the prompts of a batch: frames decoded, the video encoded once through the MR-SP embedding cache,
     text spliced around it (`VideoPrompts`), and sequence-parallel log-probs (`sequence_logprobs`)
   - checkpoints and resume (`save_checkpoint`, `latest_checkpoint`, `load_trainer_state`)
-  - metrics (`MetricsLog`, `reduce_metrics`), the learning-rate schedule (`lr_at`), curve plots
+  - metrics (`MetricsLog`, `reduce_metrics`) and experiment tracking (`Tracker`, --report-to), the
+    learning-rate schedule (`lr_at`), curve plots
   - the command-line flags every training script shares (`add_run_args`)
 
 Data flows one way: data.py, model.py and mrsp.py below; sft.py and rl.py above. Nothing here is

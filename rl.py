@@ -684,7 +684,7 @@ def main(argv=None):
     start_step = (train.load_trainer_state(resume_from, models.policy, models.optimizer, ps)["step"]
                   if resume_from else 0)
     engine = start_engine(args, models.policy, start, max_model_len, ps)
-    log = train.MetricsLog(out, enabled=ps.rank == 0, resume_step=start_step)
+    log = train.MetricsLog(out, enabled=ps.rank == 0, resume_step=start_step, report_to=args.report_to)
 
     from tqdm import tqdm
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=ps.rank != 0, desc="grpo")
@@ -729,6 +729,7 @@ def main(argv=None):
         train.plot_metrics(log.path, ["reward", "accuracy", "accuracy_*", "no_signal_share", "format", "kl",
                                       "response_len"], out / "rl_curves.png", f"GRPO: {args.data}")
         print(f"wrote {out / 'final'} and {out / 'rl_curves.png'}")
+    log.close()
     train.shutdown(ps, engine)  # the engine first: an in-process vLLM engine holds groups of its own
 
 

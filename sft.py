@@ -106,7 +106,7 @@ def main(argv=None):
     mix = [data.FrameSampling(num_frames=n, max_frames=args.max_frames) for n in args.mix_num_frames or []]
     cache = train.embedding_cache(model, args, ps) if args.embed_cache else None
     prompts = train.VideoPrompts(model, sampling, ps, cache)
-    log = train.MetricsLog(out, enabled=ps.rank == 0, resume_step=start_step)
+    log = train.MetricsLog(out, enabled=ps.rank == 0, resume_step=start_step, report_to=args.report_to)
 
     # ---- train ----
     from tqdm import tqdm
@@ -156,6 +156,7 @@ def main(argv=None):
         model.save(out / "final", weights)
         train.plot_metrics(log.path, ["loss", "grad_norm", "lr"], out / "sft_curves.png", f"SFT: {args.data}")
         print(f"wrote {out / 'final'}")
+    log.close()
     train.shutdown(ps)
 
 

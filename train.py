@@ -8,16 +8,19 @@ What is here, in the order a training script uses it:
   - the prompts of a batch: frames decoded, the video encoded once through the MR-SP embedding cache,
     text spliced around it (`VideoPrompts`), and sequence-parallel log-probs (`sequence_logprobs`)
   - checkpoints and resume (`save_checkpoint`, `latest_checkpoint`, `load_trainer_state`)
-  - metrics (`MetricsLog`, `reduce_metrics`), the learning-rate schedule (`lr_at`), curve plots
+  - metrics (`MetricsLog`, `reduce_metrics`) and experiment tracking (`Tracker`, --report-to), the
+    learning-rate schedule (`lr_at`), curve plots
   - the command-line flags every training script shares (`add_run_args`)
 
 Data flows one way: data.py, model.py and mrsp.py below; sft.py and rl.py above. Nothing here is
 specific to one stage: the SFT loss lives in sft.py, the GRPO loss in rl.py.
 """
 import argparse
+import importlib
 import json
 import logging
 import math
+import netrc
 import os
 import random
 import re
@@ -210,7 +213,7 @@ def compute_dtype(ps: mrsp.ParallelState, bf16: bool) -> torch.dtype:
 
 # Flags that do not change a run's results: a resumed run may set them otherwise.
 RESUMABLE = ("out", "resume", "overwrite", "save_every", "grad_checkpointing", "embed_cache_gb",
-             "embed_cache_offload", "embed_cache_dir", "gpu_memory_utilization", "engine_sleep")
+             "embed_cache_offload", "embed_cache_dir", "gpu_memory_utilization", "engine_sleep", "report_to")
 
 
 def check_settings(path, settings: dict, ignore=(), holds: str = "results",
@@ -291,7 +294,8 @@ def check_run_folder(out: Path, args, settings: dict, resumable=()) -> Path | No
 
 def remove_run(out: Path) -> None:
     """Delete what a training run writes into `out` (for --overwrite), and nothing else there."""
-    for pattern in ("metrics.jsonl", "settings.json", "*_curves.png", "final", "final.*", "checkpoint-*"):
+    for pattern in ("metrics.jsonl", "settings.json", "*_curves.png", "final", "final.*", "checkpoint-*",
+                    "tensorboard", "wandb"):
         for path in out.glob(pattern):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
@@ -303,6 +307,7 @@ def start_run(args, resumable=()) -> tuple[mrsp.ParallelState, Path, Path | None
     `resumable`: the script's flags that may change on --resume besides RESUMABLE (rl.py's --steps:
     its learning rate has no schedule that the step count would stretch)."""
     out = Path(args.out)
+    check_tracker(args.report_to)
     settings = run_settings(args)
     resume_from = check_run_folder(out, args, settings, resumable)
     ps = mrsp.init_distributed(args.sp_size)  # once its groups stand, every rank has checked the folder
@@ -437,15 +442,19 @@ def load_trainer_state(path, model, optimizer, ps) -> dict:
 # ---- metrics, schedule, plot ----
 
 class MetricsLog:
-    """OUT/metrics.jsonl, one JSON object per optimizer step. On resume, rows past the resumed step
-    (written after the last checkpoint by the run that died) are dropped so the file reads as one run."""
+    """OUT/metrics.jsonl, one JSON object per optimizer step, each row also sent to the tracker that
+    --report-to names (`Tracker`). On resume, rows past the resumed step (written after the last
+    checkpoint by the run that died) are dropped so the file reads as one run. `close()` at the end."""
 
-    def __init__(self, out_dir, enabled: bool, resume_step: int = 0):
+    def __init__(self, out_dir, enabled: bool, resume_step: int = 0, report_to: str = "none"):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.enabled = enabled
+        self.tracker = None
         if enabled:
             rows = self.read(self.path) if resume_step else []
             self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step))
+            if report_to != "none":
+                self.tracker = Tracker(report_to, out_dir, resume_step)
 
     @staticmethod
     def read(path) -> list[dict]:
@@ -461,6 +470,85 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(row)
+
+    def close(self):
+        if self.tracker is not None:
+            self.tracker.close()
+
+
+TRACKERS = ("tensorboard", "wandb")  # what --report-to can send a run's metrics to; each is its package's name
+
+
+def check_tracker(report_to: str) -> None:
+    """Refuse --report-to X at start-up, before anything is loaded, when X's package is not installed."""
+    if report_to == "none":
+        return
+    try:
+        importlib.import_module(report_to)
+    except ImportError as e:
+        raise errors.UsageError(f"--report-to {report_to}: the {report_to} package is not installed ({e}); "
+                                f"install it with `pip install {report_to}`, or pass --report-to none") from None
+
+
+class Tracker:
+    """A run's metric rows in an experiment tracker, beside metrics.jsonl (rank 0 only):
+
+        tensorboard   event files in OUT/tensorboard/ (tensorboard --logdir OUT/tensorboard)
+        wandb         a Weights & Biases run in OUT/wandb/, named after OUT; offline (upload it later
+                      with `wandb sync OUT/wandb/offline-run-*`) unless an API key is found (WANDB_API_KEY,
+                      or ~/.netrc as `wandb login` writes it) or WANDB_MODE says otherwise
+
+    Every row's numbers are logged at the row's "step", under the row's keys. The run's settings
+    (OUT/settings.json, written by `start_run`) are its config: TensorBoard's hparams, wandb's config.
+    A resumed TensorBoard run drops what the dead run logged past the resumed step (`purge_step`), as
+    MetricsLog does; a resumed wandb run is a new wandb run of the same name.
+    """
+
+    def __init__(self, report_to: str, out_dir, resume_step: int = 0):
+        out = Path(out_dir)
+        config = json.loads((out / "settings.json").read_text())
+        self.report_to = report_to
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard.summary import hparams
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            # hparams takes numbers, strings and booleans (None is left out): lists go as their text
+            config = {k: v if v is None or isinstance(v, (int, float, str, bool)) else json.dumps(v)
+                      for k, v in config.items()}
+            for summary in hparams(config, metric_dict={}):  # experiment, session start, session end
+                self.writer.file_writer.add_summary(summary)
+        else:
+            import wandb
+            self.run = wandb.init(dir=str(out), name=out.name, config=config,
+                                  mode=os.environ.get("WANDB_MODE") or ("online" if _wandb_key_found() else "offline"))
+
+    def log(self, row: dict):
+        step = row["step"]
+        scalars = {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        if self.report_to == "tensorboard":
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()  # on disk now, as metrics.jsonl is: a killed run keeps what it logged
+        else:
+            self.run.log(scalars, step=step)
+
+    def close(self):
+        if self.report_to == "tensorboard":
+            self.writer.close()
+        else:
+            self.run.finish()
+
+
+def _wandb_key_found() -> bool:
+    """Whether wandb can upload without asking: WANDB_API_KEY, or the ~/.netrc entry `wandb login` writes."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int, min_ratio: float = 0.1) -> float:
@@ -540,6 +628,10 @@ def add_run_args(ap, save_every: int):
                         help="replace the run in --out (a folder that holds a run is refused without "
                              "--resume or --overwrite)")
     ap.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and initial RNG")
+    ap.add_argument("--report-to", choices=["none", *TRACKERS], default="none",
+                    help="also log every metrics.jsonl row, and the run's settings as its config, to TensorBoard "
+                         "(OUT/tensorboard/) or Weights & Biases (OUT/wandb/, offline without an API key); "
+                         "needs `pip install tensorboard` or `pip install wandb`")
 
 
 # ---- the prompts and log-probs of a batch ----

@@ -186,12 +186,17 @@ def test_short_rl_run_raises_reward_on_easy_task(easy_task, tmp_path):
                    cwd=ROOT, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
     rows = rows_of(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, 13))
-    # step 1's reward is the SFT policy's (rewards are measured before the update); the last steps' after RL
-    # At lr 1e-3 one step's 16 samples can all lose the format (reward 0) and the next step recover: a
-    # fresh-clone CI run went 0.11, 0.0, 0.66, 0.84, 0.81 over steps 8-12. The median of the last 4 steps
-    # passes over one such step; a run that does not learn stays near its first steps' 0.3-0.4.
-    first, last = [r["reward"] for r in rows[:2]], sorted(r["reward"] for r in rows[-4:])
-    assert (last[1] + last[2]) / 2 > sum(first) / 2 + 0.25, [round(r["reward"], 3) for r in rows]
+    # Steps 1-2's rewards are the SFT policy's (rewards are measured before the update), the later ones after RL.
+    # OMP_NUM_THREADS and the seeds fix nearly everything, but not the last bits: runs of this test pinned to
+    # one core, or beside a busy process, differ in grad_norm by up to 5e-5 (relative) from step 6 or 7 on,
+    # with the same rewards so far. At lr 1e-3 the tiny policy can lose the format for a step or two and
+    # recover, and where that happens moves with any such difference: a CI run went 0.11, 0.0, 0.66, 0.84,
+    # 0.81 over steps 8-12; the run here goes 0.94, 0.48, 0.06 over steps 10-12, which the median of the last
+    # 4 steps passed by 0.025. The median of the last 8 steps passes over up to 3 such steps (0.76 here,
+    # against a bar of 0.62); a run that does not learn stays near its first 0.3-0.4 (advantages negated:
+    # 0.0 from step 4 on).
+    first, last = [r["reward"] for r in rows[:2]], sorted(r["reward"] for r in rows[-8:])
+    assert (last[3] + last[4]) / 2 > sum(first) / 2 + 0.25, [round(r["reward"], 3) for r in rows]
     assert sum(r["vision_runs"] for r in rows) == 12  # each of the 12 training videos encoded once, then cached
     assert rows[-1]["embed_cache_misses"] == rows[-1]["embed_cache_entries"] == 12 < rows[-1]["embed_cache_hits"]
     assert rows[-1]["embed_cache_bytes"] > 0

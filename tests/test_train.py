@@ -2,6 +2,7 @@
 prompts of a batch (cached video, .srt cues, unreadable videos replaced, SP ranks agreeing), and the run
 folder (one run per --out, what --resume checks, the trainer state as JSON)."""
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import data
+import errors
 import model as M
 import mrsp
 import train
@@ -186,6 +188,59 @@ def test_resume_without_a_checkpoint_stops_unless_the_folder_holds_no_run(easy_t
     (tmp_path / "checkpoint-1" / "trainer_state.pt").write_bytes(b"pickle")
     with pytest.raises(ValueError, match="pickled trainer_state.pt, which is not loaded"):
         sft.main(run[:-2] + ["2", "--resume"])
+
+
+# ---- experiment tracking: --report-to ----
+
+def tensorboard_events(folder: Path):
+    """What TensorBoard itself reads back from the event files in `folder`: its EventAccumulator, every
+    scalar kept (its default keeps a sample of 10,000 per tag), and the hparams of the run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata as hparams_metadata
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0}).Reload()
+    content = events.SummaryMetadata(hparams_metadata.SESSION_START_INFO_TAG).plugin_data.content
+    hparams = hparams_metadata.parse_session_start_info_plugin_data(content).hparams
+    return events, {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in hparams.items()}
+
+
+@pytest.mark.parametrize("script", ["sft", "rl"])
+def test_report_to_tensorboard_logs_every_metrics_row_at_its_step(script, easy_task, tmp_path):
+    """Every number of every metrics.jsonl row comes back from TensorBoard's own reader at the row's step
+    (stored as float32), and the run's settings.json as the run's hparams."""
+    import rl
+    import sft
+    common = ["--data", str(easy_task["data"]), "--out", str(tmp_path), "--steps", "2", "--batch-size", "2",
+              "--num-frames", "4", "--save-every", "0", "--report-to", "tensorboard"]
+    if script == "sft":
+        sft.main(common + ["--init", str(easy_task["root"] / "init")])
+    else:
+        rl.main(common + ["--init", str(easy_task["init"]), "--engine", "torch", "--group-size", "2",
+                          "--max-new-tokens", "16"])
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events, hparams = tensorboard_events(tmp_path / "tensorboard")
+
+    metrics = {k for r in rows for k in r if k != "step"}
+    assert len(metrics) > 5 and set(events.Tags()["scalars"]) == metrics
+    for key in metrics:
+        logged = [(e.step, e.value) for e in events.Scalars(key)]
+        assert logged == [(r["step"], np.float32(r[key])) for r in rows if key in r], key
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    as_hparam = lambda v: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else (
+        v if isinstance(v, (str, bool)) else json.dumps(v))
+    assert hparams == {k: as_hparam(v) for k, v in settings.items() if v is not None}
+
+
+@pytest.mark.parametrize("package", ["tensorboard", "wandb"])
+def test_report_to_a_tracker_not_installed_stops_before_anything_is_written(package, monkeypatch, tmp_path):
+    """The package missing (None in sys.modules: `import` fails as if it were not installed): a one-line
+    usage error with the command that installs it, before the run folder is made."""
+    import sft
+    monkeypatch.setitem(sys.modules, package, None)
+    with pytest.raises(errors.UsageError, match=rf"--report-to {package}: the {package} package is not installed.*"
+                                                rf"`pip install {package}`"):
+        sft.main(["--init", str(tmp_path / "no-model"), "--data", str(tmp_path / "no.jsonl"),
+                  "--out", str(tmp_path / "run"), "--report-to", package])
+    assert not (tmp_path / "run").exists()
 
 
 def test_rng_state_round_trips_through_json():

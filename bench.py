@@ -152,7 +152,7 @@ def _local_bytes(tensors) -> int:
     return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors if torch.is_tensor(t))
 
 
-def _grpo_memory_rank(rank: int, world_size: int, settings: dict, checkpoint: str, video: str, port: int, results):
+def _grpo_memory_rank(rank: int, world_size: int, settings: dict, checkpoint: str, video_path: str, port: int, results):
     """One rank of one GRPO update of rl.py, run by rl.py's own functions with its defaults: the
     models loaded by `rl.load_models` (the policy's fp32 weights, the reference computing as the policy, AdamW, the
     embedding cache), the video encoded through the cache, then `rl.update_policy` on one group of random
@@ -168,13 +168,14 @@ def _grpo_memory_rank(rank: int, world_size: int, settings: dict, checkpoint: st
     import rl
     import rollout
     import train
+    import video
     ps = mrsp.init_distributed(sp_size=world_size)
     start = time.perf_counter()
     G = settings["group_size"]
-    args = rl.parse_args(["--init", checkpoint, "--data", video, "--out", video,
+    args = rl.parse_args(["--init", checkpoint, "--data", video_path, "--out", video_path,
                           "--bf16" if settings["bf16"] else "--no-bf16", "--group-size", str(G),
                           "--sp-size", str(world_size), "--num-frames", str(settings["frames"])])
-    models = rl.load_models(args, Path(checkpoint), data.FrameSampling.from_args(args), ps)
+    models = rl.load_models(args, Path(checkpoint), video.FrameSampling.from_args(args), ps)
     grad_bytes = []
     models.optimizer.register_step_pre_hook(
         lambda *_: grad_bytes.append(_local_bytes([p.grad for p in models.params if p.grad is not None])))
@@ -183,9 +184,9 @@ def _grpo_memory_rank(rank: int, world_size: int, settings: dict, checkpoint: st
 
     # ---- 2. encode (through the cache), the group's episodes ----
     frames = np.random.default_rng(0).integers(0, 256, (settings["frames"], 448, 448, 3), dtype=np.uint8)
-    record = data.Record("bench", video, "What happens?", [], "free_form", "", "x")
+    record = data.Record("bench", video_path, "What happens?", [], "free_form", "", "x")
     with torch.no_grad():
-        video_embeds = models.cache.get(video, f"n{settings['frames']}", frames_fn=lambda: frames,
+        video_embeds = models.cache.get(video_path, f"n{settings['frames']}", frames_fn=lambda: frames,
                                         encode_fn=lambda f: mrsp.stage1_encode(models.policy, f, ps.sp_group))
         prompt = models.policy.prompt_embeds(CAPACITY_TEXT_BEFORE, video_embeds, CAPACITY_TEXT_AFTER)   # [L, D]
     train.reshard(models.policy)
@@ -758,13 +759,13 @@ def write_long_video(path: Path, codec: str, seconds: float, fps: float, size: i
 def _time_read(reader_class, path: Path, image_size: int, num_frames: int, repeats: int) -> dict:
     """Fastest of `repeats` reads with one reader: seconds to open (index the packets) and to decode the
     sampled frames, and how many frames the decoder produced (PyAV counts them; decord does not say)."""
-    import data
+    import video
     best = None
     for _ in range(repeats):
         start = time.perf_counter()
         reader = reader_class(str(path), image_size)
         opened = time.perf_counter()
-        indices, _ = data.sample_indices(reader.num_frames, reader.avg_fps, data.FrameSampling(num_frames=num_frames))
+        indices, _ = video.sample_indices(reader.num_frames, reader.avg_fps, video.FrameSampling(num_frames=num_frames))
         frames = reader.frames(indices)
         done = time.perf_counter()
         reader.close()
@@ -786,7 +787,7 @@ def _decode_every_frame(path: Path) -> tuple[float, int]:
 def cmd_decode(args):
     """Print a markdown table: seconds to read `--frames` frames spread over an hour-long video, per codec
     and reader (decord where it can decode the codec, and PyAV), with PyAV's count of decoded frames."""
-    import data  # here, not at the top: data.py needs decord and PyAV, which prefill/capacity must run without
+    import video  # here, not at the top: video.py needs decord and PyAV, which prefill/capacity must run without
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-decode-"))
     work.mkdir(parents=True, exist_ok=True)
     rows, every = [], {}
@@ -799,10 +800,10 @@ def cmd_decode(args):
                   flush=True)
         every[codec] = _decode_every_frame(path)
         for num_frames in args.frames:
-            for reader_class in data.VIDEO_READERS:
+            for reader_class in video.VIDEO_READERS:
                 try:
                     result = _time_read(reader_class, path, args.image_size, num_frames, args.repeats)
-                except data._ReadError as e:
+                except video._ReadError as e:
                     result = {"error": str(e)}
                 rows.append((codec, num_frames, reader_class.name, result))
                 print(f"# {codec}, {num_frames} frames, {reader_class.name}: {result}", flush=True)

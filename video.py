@@ -269,10 +269,16 @@ class DecordReader:
         except (RuntimeError, decord.DECORDError, IndexError):
             return float("nan")
 
-    def frames(self, indices: np.ndarray) -> np.ndarray:
-        """Frames uint8 [T, H, W, 3] RGB at these indices (any order, repeats allowed)."""
+    def frames(self, indices: np.ndarray, chunk: int = 32) -> np.ndarray:
+        """Frames uint8 [T, H, W, 3] RGB at these indices (any order, repeats allowed). Read `chunk` at a
+        time into one array: decord's own batch would be a second copy of all T frames at the peak."""
         try:
-            return self.vr.get_batch(indices.tolist()).asnumpy()
+            first = self.vr.get_batch(indices[:chunk].tolist()).asnumpy()
+            out = np.empty((len(indices), *first.shape[1:]), dtype=first.dtype)   # [T, H, W, 3]
+            out[:chunk] = first
+            for start in range(chunk, len(indices), chunk):
+                out[start:start + chunk] = self.vr.get_batch(indices[start:start + chunk].tolist()).asnumpy()
+            return out
         except (RuntimeError, decord.DECORDError) as batch_error:
             try:  # a width hit by the padding bug below fails in get_batch only: read frame by frame
                 return np.stack([_strip_row_padding(self.vr[int(i)].asnumpy()) for i in indices])
@@ -349,7 +355,7 @@ class PyAVReader:
 
     def frames(self, indices: np.ndarray) -> np.ndarray:
         """Frames uint8 [T, H, W, 3] RGB at these indices (any order, repeats allowed)."""
-        wanted, position = {}, None  # position: pts of the last frame decoded (None: not decoding yet)
+        out, position = None, None  # position: pts of the last frame decoded (None: not decoding yet)
         for i in sorted(set(indices.tolist())):
             target = self.pts[i]
             keyframe = self._keyframe_before(target)
@@ -357,8 +363,11 @@ class PyAVReader:
                 decoding = self._seek(keyframe)
             frame = self._decode_to(decoding, target, i)
             position = frame.pts
-            wanted[i] = self._rgb(frame)
-        return np.stack([wanted[i] for i in indices.tolist()])
+            rgb = self._rgb(frame)                                                   # [H, W, 3]
+            if out is None:
+                out = np.empty((len(indices), *rgb.shape), dtype=rgb.dtype)         # [T, H, W, 3]
+            out[indices == i] = rgb  # every place frame i is asked for
+        return out
 
     def _keyframe_before(self, pts: int) -> int:
         """The pts of the last keyframe shown at or before `pts` (the first frame's if none is marked)."""

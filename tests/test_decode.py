@@ -357,10 +357,16 @@ def test_eval_report_counts_videos_by_reader(tiny_model, videos, tmp_path):
 # ---- bench.py decode, in small ----
 
 def test_bench_decode_prints_the_table(tmp_path):
-    done = subprocess.run([sys.executable, "bench.py", "decode", "--seconds", "20", "--frames", "4", "--repeats", "1",
-                           "--image-size", "32", "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True,
+    # 20 s at 2 fps, a keyframe every 2 s: 4 s encoded, tiled 5 times
+    done = subprocess.run([sys.executable, "bench.py", "decode", "--sizes", "64x48", "--codecs", "h264", "av1",
+                           "--video-fps", "2", "--seconds", "20", "--segment-s", "4", "--frames", "4", "--image-sizes",
+                           "32", "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "SVT_LOG": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "| h264 | 4 | decord |" in done.stdout and "| h264 | 4 | pyav |" in done.stdout
-    assert "| av1 | 4 | decord | cannot decode: ERROR cannot find video stream" in done.stdout
+    # 4 frames of 40 lie 10 apart, a keyframe every 4: PyAV is chosen
+    assert "| 64x48 | h264 | 2 | 2 s | 4 | 32 | decord |" in done.stdout
+    assert "| 64x48 | h264 | 2 | 2 s | 4 | 32 | pyav (chosen) |" in done.stdout
+    assert "| 64x48 | av1 | 2 | 2 s | 4 | 32 | decord | cannot decode: ERROR cannot find video stream" in done.stdout
     assert "of 40 |" in done.stdout  # PyAV's count of decoded frames, of the 20 s x 2 fps
+    tiled = av.open(str(tmp_path / "h264-20s-64x48-2fps-key2s.mp4"))
+    assert tiled.streams.video[0].frames == 40 and sum(p.is_keyframe for p in tiled.demux(video=0)) == 10

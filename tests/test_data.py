@@ -1,4 +1,4 @@
-"""Tests for data.py: real mp4 files written with data.write_mp4 and read back with decord.
+"""Tests for data.py and for video.py's frame sampling: real mp4 files written with data.write_mp4 and read back.
 
 The test videos count: frame i is solid gray at level 8 * i, so a frame read one index off is 8 levels
 away, far outside the few levels H.264 moves a flat gray.

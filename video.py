@@ -608,9 +608,11 @@ class FramePrefetcher:
         reads of any others."""
         if self.pool is None:
             return
+        wanted = {(os.path.abspath(path), sampling.key()): (path, sampling) for path, sampling in reads}
+        for key in self.pending.keys() - wanted.keys():
+            self.pending[key].cancel()  # a queued read no longer wanted never starts (a running one ends)
         self.pending = {key: self.pending.get(key) or self.pool.submit(load_frames, path, self.image_size, sampling)
-                        for path, sampling in reads
-                        for key in [(os.path.abspath(path), sampling.key())]}
+                        for key, (path, sampling) in wanted.items()}
 
     def load_frames(self, path, sampling: FrameSampling) -> tuple[np.ndarray, np.ndarray]:
         """The sampled frames and timestamps of a video, as `video.load_frames` gives them."""

@@ -365,7 +365,8 @@ def evaluate(model, engine, records: list[Record], sampling: FrameSampling, out_
     with open(pred_path, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc="eval") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            reader.prefetch((r.video, sampling) for r in todo[start:start + 2 * batch_size])  # this batch, the next
+            reader.prefetch((r.video, sampling) for r in todo[start:start + 2 * batch_size]  # this batch, the next
+                            if r.video not in cache)  # the last video's embeddings are kept: not read again
             for row in _answer_batch(model, engine, batch, sampling, subtitles, cache, strict,
                                      generate_kw, reader):
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -4,13 +4,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import data
 import mrsp
 import rl
 import train
 import video
-from test_decode import cut_webm
+from test_decode import ScriptedEngine, cut_webm
 from video import FramePrefetcher, FrameSampling, VideoError
 
 
@@ -95,3 +96,29 @@ def test_rl_with_two_decode_workers_logs_the_rows_of_inline_reading(tiny_checkpo
                 assert ahead[key] == inline[key], (inline["step"], key)
     assert {k: v for k, v in logged[2][-1].items() if k.startswith("videos_")} == \
         {k: v for k, v in logged[0][-1].items() if k.startswith("videos_")}
+
+
+class PromptsEngine(ScriptedEngine):
+    """Answers "A" and keeps every prompt it was given."""
+    def __init__(self):
+        self.prompts = []
+
+    def generate(self, prompts, n, **kw):
+        self.prompts += [p.clone() for p in prompts]
+        return super().generate(prompts, n, **kw)
+
+
+def test_eval_with_two_decode_workers_asks_what_inline_reading_asks(tiny_model, clips, tmp_path):
+    import eval as evaluation
+    paths, broken = clips
+    videos = [paths[0], paths[0], broken, paths[1], paths[2], paths[1]]  # VideoMME asks several questions a video
+    records = [data.Record(f"q{k}", str(v), "?", ["a", "b"], "multiple_choice", "", "A") for k, v in enumerate(videos)]
+    engines, reports = {}, {}
+    for workers in (0, 2):
+        engines[workers] = PromptsEngine()
+        reports[workers] = evaluation.evaluate(tiny_model, engines[workers], records, FrameSampling(num_frames=4),
+                                               tmp_path / f"w{workers}", batch_size=2, decode_workers=workers)
+    assert reports[2]["errors"] == reports[0]["errors"] and reports[0]["errors"]["count"] == 1  # the broken video
+    assert len(engines[2].prompts) == len(engines[0].prompts) == 5
+    for ahead, inline in zip(engines[2].prompts, engines[0].prompts):
+        torch.testing.assert_close(ahead, inline, rtol=0, atol=0)  # the same prompt embeddings, video included

@@ -544,8 +544,9 @@ def add_run_args(ap, save_every: int):
 # ---- the prompts and log-probs of a batch ----
 
 class VideoPrompts:
-    """Prompt embeddings for records: frames decoded, video encoded (through the MR-SP embedding cache
-    when the vision tower is frozen), text spliced around the video."""
+    """Prompt embeddings for records: frames decoded (read ahead in `decode_workers` threads after
+    `prefetch`), video encoded (through the MR-SP embedding cache when the vision tower is frozen), text
+    spliced around the video."""
 
     def __init__(self, model: M.VideoLM, sampling: video.FrameSampling, ps: mrsp.ParallelState,
                  cache: "mrsp.VideoEmbeddingCache | None", decode_workers: int = 0):

@@ -9,9 +9,11 @@
     python bench.py prefill                                  # prefill tokens/s and MFU (Qwen2-1.5B shape on a GPU)
     python bench.py capacity                                 # most frames that fit: prefill and training step
     python bench.py decode                                   # sampled frames from an hour-long video: decord vs PyAV
+    python bench.py decode --sizes 640x360 1280x720 1920x1080 --codecs h264 vp9 av1 --frames 16 256 1024
 """
 import argparse
 import gc
+import itertools
 import json
 import math
 import os
@@ -153,7 +155,7 @@ def _local_bytes(tensors) -> int:
     return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors if torch.is_tensor(t))
 
 
-def _grpo_memory_rank(rank: int, world_size: int, settings: dict, checkpoint: str, video: str, port: int, results):
+def _grpo_memory_rank(rank: int, world_size: int, settings: dict, checkpoint: str, video_path: str, port: int, results):
     """One rank of one GRPO update of rl.py, run by rl.py's own functions with its defaults: the
     models loaded by `rl.load_models` (the policy's fp32 weights, the reference computing as the policy, AdamW, the
     embedding cache), the video encoded through the cache, then `rl.update_policy` on one group of random
@@ -169,13 +171,14 @@ def _grpo_memory_rank(rank: int, world_size: int, settings: dict, checkpoint: st
     import rl
     import rollout
     import train
+    import video
     ps = mrsp.init_distributed(sp_size=world_size)
     start = time.perf_counter()
     G = settings["group_size"]
-    args = rl.parse_args(["--init", checkpoint, "--data", video, "--out", video,
+    args = rl.parse_args(["--init", checkpoint, "--data", video_path, "--out", video_path,
                           "--bf16" if settings["bf16"] else "--no-bf16", "--group-size", str(G),
                           "--sp-size", str(world_size), "--num-frames", str(settings["frames"])])
-    models = rl.load_models(args, Path(checkpoint), data.FrameSampling.from_args(args), ps)
+    models = rl.load_models(args, Path(checkpoint), video.FrameSampling.from_args(args), ps)
     grad_bytes = []
     models.optimizer.register_step_pre_hook(
         lambda *_: grad_bytes.append(_local_bytes([p.grad for p in models.params if p.grad is not None])))
@@ -184,9 +187,9 @@ def _grpo_memory_rank(rank: int, world_size: int, settings: dict, checkpoint: st
 
     # ---- 2. encode (through the cache), the group's episodes ----
     frames = np.random.default_rng(0).integers(0, 256, (settings["frames"], 448, 448, 3), dtype=np.uint8)
-    record = data.Record("bench", video, "What happens?", [], "free_form", "", "x")
+    record = data.Record("bench", video_path, "What happens?", [], "free_form", "", "x")
     with torch.no_grad():
-        video_embeds = models.cache.get(video, f"n{settings['frames']}", frames_fn=lambda: frames,
+        video_embeds = models.cache.get(video_path, f"n{settings['frames']}", frames_fn=lambda: frames,
                                         encode_fn=lambda f: mrsp.stage1_encode(models.policy, f, ps.sp_group))
         prompt = models.policy.prompt(CAPACITY_TEXT_BEFORE, video_embeds, CAPACITY_TEXT_AFTER,
                                       nominal_timestamps(settings["frames"]))
@@ -739,95 +742,135 @@ def cmd_capacity(args):
 
 # ---- decode: sampled frames from an hour-long video, decord vs PyAV ----
 
-DECODE_CODECS = {  # codec -> (PyAV encoder, options that give a keyframe every `keyint` frames)
-    "h264": ("libx264", lambda keyint: {"g": str(keyint), "keyint_min": str(keyint), "preset": "veryfast"}),
-    "av1": ("libsvtav1", lambda keyint: {"g": str(keyint), "preset": "10"}),
+DECODE_CODECS = {  # codec -> (PyAV encoder, its fastest settings with a keyframe every `keyint` frames)
+    "h264": ("libx264", lambda keyint: {"g": str(keyint), "keyint_min": str(keyint), "sc_threshold": "0",
+                                        "preset": "ultrafast"}),
+    "vp9": ("libvpx-vp9", lambda keyint: {"g": str(keyint), "deadline": "realtime", "cpu-used": "8"}),
+    "av1": ("libsvtav1", lambda keyint: {"g": str(keyint), "preset": "12"}),
 }
 
 
-def write_long_video(path: Path, codec: str, seconds: float, fps: float, size: int, keyint_s: float) -> None:
-    """An hour-long test video, written cheaply: size x size frames at `fps`, a keyframe every `keyint_s`
-    seconds (YouTube's encodes use 2-5 s). The picture moves every frame (gradients sliding by a pixel, a
-    level that counts), so every frame between keyframes is a real predicted frame."""
+def _encode_segment(path: Path, codec: str, seconds: float, fps: int, width: int, height: int,
+                    keyint_s: float) -> None:
+    """A few seconds of video, encoded for real: a picture of stripes that slides a pixel per frame (low
+    motion, as a lecture or a game stream; every frame between keyframes is a real predicted frame)."""
     import av
-    import numpy as np
     encoder, options = DECODE_CODECS[codec]
-    y, x = np.mgrid[0:size, 0:size]
+    y, x = np.mgrid[0:height, 0:width]
+    picture = np.stack([(x // 4) % 256, (y // 4) % 256, (x + y) // 8 % 256], axis=-1).astype(np.uint8)
     with av.open(str(path), "w") as container:
-        stream = container.add_stream(encoder, rate=int(fps))
-        stream.width = stream.height = size
-        stream.pix_fmt, stream.options = "yuv420p", options(round(keyint_s * fps))
-        for t in range(int(seconds * fps)):
-            frame = np.stack([(x + y + t) % 256, (2 * x - t) % 256, np.full_like(x, 7 * t % 256)], axis=-1)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame.astype(np.uint8), format="rgb24")))
+        stream = container.add_stream(encoder, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = options(round(keyint_s * fps))
+        for t in range(round(seconds * fps)):
+            frame = av.VideoFrame.from_ndarray(np.roll(picture, t, axis=1), format="rgb24")
+            container.mux(stream.encode(frame))
         container.mux(stream.encode())
 
 
-def _time_read(reader_class, path: Path, image_size: int, num_frames: int, repeats: int) -> dict:
-    """Fastest of `repeats` reads with one reader: seconds to open (index the packets) and to decode the
-    sampled frames, and how many frames the decoder produced (PyAV counts them; decord does not say)."""
-    import data
-    best = None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        reader = reader_class(str(path), image_size)
-        opened = time.perf_counter()
-        indices, _ = data.sample_indices(reader.num_frames, reader.avg_fps, data.FrameSampling(num_frames=num_frames))
-        frames = reader.frames(indices)
-        done = time.perf_counter()
-        reader.close()
-        row = {"open": opened - start, "decode": done - opened, "total": done - start, "frames": len(frames),
-               "decoded": getattr(reader, "decoded", None), "video_frames": reader.num_frames}
-        best = row if best is None or row["total"] < best["total"] else best
-    return best
-
-
-def _decode_every_frame(path: Path) -> tuple[float, int]:
-    """Seconds to decode every frame with PyAV (no conversion): what sampling without seeking would cost."""
+def _tile(segment: Path, path: Path, copies: int) -> None:
+    """`copies` of a segment's packets one after another, timestamps shifted, without re-encoding: a long
+    file written in seconds whose every frame is still a real encoded frame to decode. The segment holds
+    whole GOPs (its length is a multiple of the keyframe interval), so each copy starts on a keyframe."""
     import av
+    with av.open(str(segment)) as source, av.open(str(path), "w") as container:
+        stream = source.streams.video[0]
+        out = container.add_stream_from_template(stream, opaque=True)  # no encoder lookup: AV1 decodes by dav1d
+        packets = [p for p in source.demux(stream) if p.size]
+        span = max(p.pts + (p.duration or 0) for p in packets) - min(p.pts for p in packets)
+        for k in range(copies):
+            for p in packets:
+                copy = av.Packet(bytes(p))
+                copy.pts, copy.dts, copy.duration = p.pts + k * span, p.dts + k * span, p.duration
+                copy.is_keyframe, copy.time_base, copy.stream = p.is_keyframe, stream.time_base, out
+                container.mux(copy)
+
+
+def write_long_video(path: Path, codec: str, seconds: float, fps: int, width: int, height: int, keyint_s: float,
+                     segment_s: float = 60.0) -> None:
+    """A `seconds`-long test video: a `segment_s` piece encoded (the expensive part, at the encoder's
+    fastest preset), then tiled to the length."""
+    segment_s = min(segment_s, seconds)
+    segment = path.with_suffix(".segment.mp4")
+    _encode_segment(segment, codec, segment_s, fps, width, height, keyint_s)
+    _tile(segment, path, math.ceil(seconds / segment_s))
+    segment.unlink()
+
+
+def _rss_bytes(field: str) -> int:
+    """VmRSS or VmHWM (the peak) of this process, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _time_read(reader_class, path: Path, image_size: int, num_frames: int) -> dict:
+    """One cold read with one reader: seconds to open (index the packets) and to decode the sampled frames,
+    the frames PyAV's decoder produced (decord does not say), and the read's peak memory above what the
+    process held before it (the peak is reset through /proc/self/clear_refs), the frames returned included."""
+    import ctypes
+
+    import video
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back, so that this read's pages count as new
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = _rss_bytes("VmRSS")
     start = time.perf_counter()
-    with av.open(str(path)) as container:
-        count = sum(1 for _ in container.decode(video=0))
-    return time.perf_counter() - start, count
+    reader = reader_class(str(path), image_size)
+    opened = time.perf_counter()
+    indices, _ = video.sample_indices(reader.num_frames, reader.avg_fps, video.FrameSampling(num_frames=num_frames))
+    frames = reader.frames(indices)
+    done = time.perf_counter()
+    reader.close()
+    return {"open": opened - start, "decode": done - opened, "total": done - start, "frames": len(frames),
+            "decoded": getattr(reader, "decoded", None), "video_frames": reader.num_frames,
+            "peak": _rss_bytes("VmHWM") - before, "output": frames.nbytes}
 
 
 def cmd_decode(args):
-    """Print a markdown table: seconds to read `--frames` frames spread over an hour-long video, per codec
-    and reader (decord where it can decode the codec, and PyAV), with PyAV's count of decoded frames."""
-    import data  # here, not at the top: data.py needs decord and PyAV, which prefill/capacity must run without
+    """Print a markdown table: one cold read of `--frames` frames spread over a long video, per source
+    (size, codec, rate, keyframe interval), tower size and reader, and which reader `choose_reader` picks."""
+    import video  # here, not at the top: video.py needs decord and PyAV, which prefill/capacity must run without
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-decode-"))
     work.mkdir(parents=True, exist_ok=True)
-    rows, every = [], {}
-    for codec in args.codecs:
-        path = work / f"{codec}-{int(args.seconds)}s-{args.size}px-{args.video_fps:g}fps-key{args.keyint_s:g}s.mp4"
+    rows = []
+    for size, codec, fps, keyint_s in itertools.product(args.sizes, args.codecs, args.video_fps, args.keyint_s):
+        width, height = (int(v) for v in size.split("x"))
+        path = work / f"{codec}-{int(args.seconds)}s-{size}-{fps}fps-key{keyint_s:g}s.mp4"
         if not path.exists():
             start = time.perf_counter()
-            write_long_video(path, codec, args.seconds, args.video_fps, args.size, args.keyint_s)
-            print(f"# wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.0f} s",
+            write_long_video(path, codec, args.seconds, fps, width, height, keyint_s, args.segment_s)
+            print(f"# wrote {path} ({path.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - start:.0f} s",
                   flush=True)
-        every[codec] = _decode_every_frame(path)
-        for num_frames in args.frames:
-            for reader_class in data.VIDEO_READERS:
+        if not rows:  # the first read of a process loads libraries and starts threads: not timed
+            for reader_class in video.VIDEO_READERS:
                 try:
-                    result = _time_read(reader_class, path, args.image_size, num_frames, args.repeats)
-                except data._ReadError as e:
+                    _time_read(reader_class, path, 32, 1)
+                except video._ReadError:
+                    pass
+        for num_frames, image_size in itertools.product(args.frames, args.image_sizes):
+            chosen = video.choose_reader(video.probe(str(path)), video.FrameSampling(num_frames=num_frames))[0].name
+            for reader_class in video.VIDEO_READERS:
+                try:
+                    result = _time_read(reader_class, path, image_size, num_frames)
+                except video._ReadError as e:
                     result = {"error": str(e)}
-                rows.append((codec, num_frames, reader_class.name, result))
-                print(f"# {codec}, {num_frames} frames, {reader_class.name}: {result}", flush=True)
-    print(f"\n{args.seconds:g} s videos, {args.size}x{args.size} at {args.video_fps:g} fps, a keyframe every "
-          f"{args.keyint_s:g} s; frames resized to {args.image_size}x{args.image_size}; fastest of {args.repeats}; "
+                rows.append((size, codec, fps, keyint_s, num_frames, image_size, reader_class.name, chosen, result))
+                print(f"# {rows[-1]}", flush=True)
+    print(f"\n{args.seconds:g} s videos ({args.segment_s:g} s encoded, then tiled); one cold read each; "
           f"{_device_name()}; `{_command_line()}`\n")
-    print("| codec | frames sampled | reader | open + index (s) | decode (s) | total (s) | frames decoded |")
-    print("|---|---:|---|---:|---:|---:|---:|")
-    for codec, num_frames, reader, r in rows:
+    print("| source | codec | fps | keyframe every | frames | tower px | reader | open (s) | decode (s) | total (s) "
+          "| frames decoded | peak MiB (frames returned) |")
+    print("|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    for size, codec, fps, keyint_s, num_frames, image_size, reader, chosen, r in rows:
+        cells = f"| {size} | {codec} | {fps} | {keyint_s:g} s | {num_frames} | {image_size} | {reader}{' (chosen)' * (reader == chosen)} |"
         if "error" in r:
-            print(f"| {codec} | {num_frames} | {reader} | cannot decode: {r['error'][:60]} | | | |")
+            print(f"{cells} cannot decode: {r['error'][:50]} | | | | |")
             continue
         decoded = "-" if r["decoded"] is None else f"{r['decoded']:,} of {r['video_frames']:,}"
-        print(f"| {codec} | {num_frames} | {reader} | {r['open']:.2f} | {r['decode']:.2f} | {r['total']:.2f} "
-              f"| {decoded} |")
-    for codec, (seconds, count) in every.items():
-        print(f"\nPyAV decoding every frame of the {codec} video ({count:,} frames, no resize): {seconds:.2f} s")
+        print(f"{cells} {r['open']:.2f} | {r['decode']:.2f} | {r['total']:.2f} | {decoded} "
+              f"| {r['peak'] / 2**20:,.0f} ({r['output'] / 2**20:,.0f}) |")
 
 
 def main():
@@ -910,16 +953,18 @@ def main():
                           help="which searches to run (one per call keeps a call short on a GPU)")
     capacity.set_defaults(fn=cmd_capacity)
     decode = sub.add_parser("decode", formatter_class=fmt,
-                            help="seconds to read sampled frames from an hour-long video: decord vs PyAV")
-    decode.add_argument("--codecs", nargs="+", choices=sorted(DECODE_CODECS), default=["h264", "av1"],
+                            help="seconds and peak memory to read sampled frames from a long video: decord vs PyAV")
+    decode.add_argument("--sizes", nargs="+", default=["1280x720"], help="source sizes, WIDTHxHEIGHT")
+    decode.add_argument("--codecs", nargs="+", choices=sorted(DECODE_CODECS), default=["h264"],
                         help="codecs of the test videos (decord cannot decode AV1)")
+    decode.add_argument("--video-fps", type=int, nargs="+", default=[30], help="frame rates of the test videos")
+    decode.add_argument("--keyint-s", type=float, nargs="+", default=[2.0], help="seconds between keyframes")
     decode.add_argument("--frames", type=int, nargs="+", default=[16, 256], help="frames sampled (--num-frames)")
+    decode.add_argument("--image-sizes", type=int, nargs="+", default=[448],
+                        help="frames are resized to these square sizes (the vision tower's)")
     decode.add_argument("--seconds", type=float, default=3600.0, help="length of the test videos")
-    decode.add_argument("--video-fps", type=float, default=2.0, help="frame rate of the test videos")
-    decode.add_argument("--size", type=int, default=64, help="width and height of the test videos (pixels)")
-    decode.add_argument("--keyint-s", type=float, default=4.0, help="seconds between keyframes")
-    decode.add_argument("--image-size", type=int, default=448, help="frames are resized to this square size")
-    decode.add_argument("--repeats", type=int, default=3, help="reads per setting; the table shows the fastest")
+    decode.add_argument("--segment-s", type=float, default=60.0,
+                        help="seconds actually encoded; the file repeats them to --seconds (a multiple of --keyint-s)")
     decode.add_argument("--workdir", default=None,
                         help="folder for the test videos, kept for reruns (default: a new temp folder)")
     decode.set_defaults(fn=cmd_decode)

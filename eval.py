@@ -44,7 +44,9 @@ import data
 import errors
 import grading
 import train
-from data import FrameSampling, Record, VideoError
+import video
+from data import Record
+from video import FrameSampling, VideoError
 
 log = logging.getLogger("eval")
 
@@ -273,12 +275,13 @@ class PromptTooLong(ValueError):
     """A question whose prompt (video included) leaves the engine no room for a response."""
 
 
-def _prompt(model, record: Record, sampling: FrameSampling, subtitles: bool, cache: dict):
+def _prompt(model, record: Record, sampling: FrameSampling, subtitles: bool, cache: dict,
+            reader: video.FramePrefetcher):
     """The model.Prompt of one record. `cache` keeps the last video's embeddings: VideoMME asks three
-    questions about each video, one after another."""
+    questions about each video, one after another. `reader` reads the frames (or has them read ahead)."""
     if record.video not in cache:
         cache.clear()
-        frames, timestamps = data.load_frames(record.video, model.config.image_size, sampling)
+        frames, timestamps = reader.load_frames(record.video, sampling)
         with torch.no_grad():
             cache[record.video] = (model.encode_video(frames), timestamps)   # [steps * tps, D]
     video_embeds, timestamps = cache[record.video]
@@ -295,17 +298,17 @@ def _prediction_row(record: Record, response: str | None, finish_reason: str | N
             "prediction": prediction, "correct": correct, "how": how,
             "format_ok": error is None and grading.is_well_formed(response), "labels": record.labels,
             "finish_reason": finish_reason, "error": error, "response": response,
-            "decoder": None if error else data.decoder_of(record.video)}
+            "decoder": None if error else video.decoder_of(record.video)}
 
 
 def _answer_batch(model, engine, batch: list[Record], sampling, subtitles, cache, strict,
-                  generate_kw) -> list[dict]:
+                  generate_kw, reader: video.FramePrefetcher) -> list[dict]:
     """Prediction rows for a batch of records: one generate call for every record whose inputs load."""
     rows, prompts, asked = [], [], []
     max_len = getattr(engine, "max_model_len", None)
     for record in batch:
         try:
-            prompt = _prompt(model, record, sampling, subtitles, cache)
+            prompt = _prompt(model, record, sampling, subtitles, cache, reader)
             if max_len is not None and len(prompt) >= max_len:
                 raise PromptTooLong(f"the prompt has {len(prompt)} positions, the engine's max_model_len is "
                                     f"{max_len} (use fewer frames or a larger --max-model-len)")
@@ -326,13 +329,14 @@ def evaluate(model, engine, records: list[Record], sampling: FrameSampling, out_
              subtitles: bool = False, max_new_tokens: int = 512, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, batch_size: int = 8, record_errors=(),
              strict: bool = False, resume: bool = True,
-             settings: dict | None = None) -> dict:
+             settings: dict | None = None, decode_workers: int = 0) -> dict:
     """Answer every record with `engine`, score, write OUT/predictions.jsonl and OUT/report.json,
     and return the report.
 
     `record_errors` are the malformed lines from data.load_records_report (counted as wrong).
-    `settings` adds entries to the report's settings (e.g. the checkpoint). With `resume`, questions
-    already in predictions.jsonl are not asked again, so a call after training must use a fresh
+    `settings` adds entries to the report's settings (e.g. the checkpoint). `decode_workers` threads read
+    the next batch's videos while the engine answers the current one (0: read each when needed). With
+    `resume`, questions already in predictions.jsonl are not asked again, so a call after training must use a fresh
     `out_dir` or resume=False. Greedy decoding (temperature 0) makes a resumed run's answers those of
     an uninterrupted one; with sampling they are other samples (the seed stream follows the batches).
 
@@ -356,12 +360,14 @@ def evaluate(model, engine, records: list[Record], sampling: FrameSampling, out_
     if done:
         log.info("resuming: %d of %d questions already answered in %s", len(records) - len(todo),
                  len(records), pred_path)
-    cache = {}
+    cache, reader = {}, video.FramePrefetcher(model.config.image_size, decode_workers)
     with open(pred_path, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc="eval") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
+            reader.prefetch((r.video, sampling) for r in todo[start:start + 2 * batch_size]  # this batch, the next
+                            if r.video not in cache)  # the last video's embeddings are kept: not read again
             for row in _answer_batch(model, engine, batch, sampling, subtitles, cache, strict,
-                                     generate_kw):
+                                     generate_kw, reader):
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             bar.update(len(batch))
@@ -384,7 +390,8 @@ def _eval_parser() -> argparse.ArgumentParser:
     data.add_data_args(p, "the questions")
     p.add_argument("--out", required=True,
                    help="report folder: predictions.jsonl, report.json; an unfinished run there resumes")
-    data.add_sampling_args(p, num_frames=None)  # None: the checkpoint's own setting
+    video.add_sampling_args(p, num_frames=None)  # None: the checkpoint's own setting
+    video.add_prefetch_args(p)
     p.add_argument("--subtitles", action=argparse.BooleanOptionalAction, default=False,
                    help="show each record's subtitles (the .srt cues within the sampled frames' span)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="longest response")
@@ -428,7 +435,7 @@ def main(argv=None) -> int:
     report = evaluate(model, engine, records, sampling, args.out, subtitles=args.subtitles,
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                       seed=args.seed, batch_size=args.batch_size, record_errors=record_errors,
-                      strict=args.strict,
+                      strict=args.strict, decode_workers=args.decode_workers,
                       settings={"checkpoint": os.path.abspath(args.checkpoint),
                                 "data": os.path.abspath(args.data), "engine": args.engine,
                                 "max_model_len": args.max_model_len, "dtype": args.dtype})

@@ -659,12 +659,13 @@ def train_tokenizer(texts, vocab_size: int, family: str = "vila"):
 def tokenizer_corpus(record_files, question_prompt: str | None = None) -> list[str]:
     """Every text the model will read or write for these records: prompts and target responses."""
     import data
+    import video
     texts = []
     for f in record_files:
         for r in data.load_records(f):
             try:
                 subtitles = data.subtitle_text(r)  # every cue of an .srt file
-            except data.VideoError:               # a missing .srt: training skips the record too
+            except video.VideoError:               # a missing .srt: training skips the record too
                 subtitles = None
             before, after = data.build_prompt(r, subtitles=subtitles, template=question_prompt)
             texts += [before, after, data.format_response(r.reasoning, r.answer)]

@@ -425,7 +425,7 @@ class VideoEmbeddingCache:
         cache = VideoEmbeddingCache(model, cache_dir="runs/embeds", sp_group=ps.sp_group,
                                     max_bytes=8 * 2**30, dtype=torch.bfloat16, storage="cpu")
         video_embeds = cache.get(path, sampling,
-                                 frames_fn=lambda: data.load_frames(path, image_size, sampling)[0],
+                                 frames_fn=lambda: video.load_frames(path, image_size, sampling)[0],
                                  encode_fn=lambda frames: stage1_encode(model, frames, ps.sp_group))
 
     Frames are loaded and encoded only on a miss. The key is (absolute path, file size, mtime_ns,
@@ -475,6 +475,14 @@ class VideoEmbeddingCache:
         st = os.stat(path)
         sampling_key = sampling if isinstance(sampling, str) else sampling.key()
         return json.dumps([path, st.st_size, st.st_mtime_ns, sampling_key, self.vision_id, str(self.dtype)])
+
+    def holds(self, video_path, sampling) -> bool:
+        """Whether `get` would find this video's embeddings (in memory or on disk) without reading it."""
+        try:
+            key = self.key(video_path, sampling)
+        except OSError:  # a missing file: nothing cached; reading it reports why
+            return False
+        return key in self.held or (self.cache_dir is not None and self.path(key).exists())
 
     def get(self, video_path, sampling, frames_fn, encode_fn) -> torch.Tensor:
         """Video embeddings [steps * tokens_per_step, D] on the model's device, in the stored dtype: from

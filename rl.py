@@ -41,6 +41,7 @@ import model as M
 import mrsp
 import rollout
 import train
+import video
 
 
 # ---- flags ----
@@ -50,7 +51,8 @@ def parse_args(argv=None):
     ap.add_argument("--init", required=True, help="checkpoint to start from (usually the SFT run's final/)")
     data.add_data_args(ap, "training records")
     ap.add_argument("--out", required=True, help="output folder")
-    data.add_sampling_args(ap)
+    video.add_sampling_args(ap)
+    video.add_prefetch_args(ap)
     ap.add_argument("--steps", type=int, default=30, help="GRPO steps (one rollout batch each)")
     ap.add_argument("--batch-size", type=int, default=8,
                     help="prompts (records) per step per data-parallel rank; each gets --group-size responses, "
@@ -175,7 +177,7 @@ class Models:
     cache: "mrsp.VideoEmbeddingCache | None" = None
 
 
-def load_models(args, start: Path, sampling: data.FrameSampling, ps: mrsp.ParallelState) -> Models:
+def load_models(args, start: Path, sampling: video.FrameSampling, ps: mrsp.ParallelState) -> Models:
     """The policy from checkpoint `start`, the reference from --init (when --kl-coef > 0), AdamW over the
     policy's trainable weights, and the prompt builders of both."""
     policy = load_policy(start, ps, args.bf16, grad_checkpointing=args.grad_checkpointing,
@@ -186,8 +188,8 @@ def load_models(args, start: Path, sampling: data.FrameSampling, ps: mrsp.Parall
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     cache = train.embedding_cache(policy, args, ps) if args.embed_cache else None
     reference_prompt = train.VideoPrompts(reference, sampling, ps, cache) if reference is not None else None
-    return Models(policy, reference, params, optimizer, train.VideoPrompts(policy, sampling, ps, cache),
-                  reference_prompt, cache)
+    policy_prompt = train.VideoPrompts(policy, sampling, ps, cache, args.decode_workers)
+    return Models(policy, reference, params, optimizer, policy_prompt, reference_prompt, cache)
 
 
 # ---- start-up check: the engine's length ----
@@ -196,17 +198,17 @@ PROMPT_SCAN = 64    # records whose prompts are measured at start-up
 TEXT_SLACK = 512    # positions a derived --max-model-len leaves for later records with longer text
 
 
-def prompt_length(model: M.VideoLM, record: data.Record, sampling: data.FrameSampling) -> tuple[int, int]:
+def prompt_length(model: M.VideoLM, record: data.Record, sampling: video.FrameSampling) -> tuple[int, int]:
     """(frames, tokens) of `record`'s chat prompt, without decoding a frame (the family counts the tokens:
     text + frame steps x tokens per step, VILA's separators included). The frame count is the sampling's
     bound with --num-frames (no file opened) and the container's count with --fps; an .srt counts every cue."""
     frames = (min(sampling.num_frames, sampling.max_frames) if sampling.fps is None
-              else len(data.frame_timestamps(record.video, sampling)))
+              else len(video.frame_timestamps(record.video, sampling)))
     before, after = model.user_turn(record, data.subtitle_text(record))
     return frames, model.family.prompt_length(model, before, after, frames)
 
 
-def engine_max_model_len(model: M.VideoLM, records: list[data.Record], sampling: data.FrameSampling, args) -> int:
+def engine_max_model_len(model: M.VideoLM, records: list[data.Record], sampling: video.FrameSampling, args) -> int:
     """The engine's max_model_len, settled before the first step: the longest prompt among the first
     PROMPT_SCAN records plus --max-new-tokens must fit in --max-model-len, or the run is refused now with
     the numbers (not mid-step, after the models and the engine have loaded). Without --max-model-len it
@@ -220,12 +222,12 @@ def engine_max_model_len(model: M.VideoLM, records: list[data.Record], sampling:
     for record in records[:PROMPT_SCAN]:
         try:
             frames, tokens = prompt_length(model, record, sampling)
-        except data.VideoError:
+        except video.VideoError:
             continue  # the step replaces an unreadable record; it makes no prompt
         if longest is None or tokens > longest[0]:
             longest = (tokens, frames, record.problem_id)
     if longest is None:
-        raise data.VideoError(f"none of the first {PROMPT_SCAN} records of {args.data} has a readable video")
+        raise video.VideoError(f"none of the first {PROMPT_SCAN} records of {args.data} has a readable video")
     tokens, frames, problem_id = longest
     needed = tokens + args.max_new_tokens
     limit = model.llm_config.max_position_embeddings
@@ -606,10 +608,11 @@ def sync_engine(engine, model, ps):
 
 
 def counters(models: Models) -> dict:
-    """Running totals that a step's metrics report as differences: vision-tower runs, replaced records."""
+    """Running totals that a step's metrics report as differences: vision-tower runs, replaced records,
+    seconds the step waited for video frames."""
     builders = [b for b in (models.policy_prompt, models.reference_prompt) if b is not None]
     return {"vision_runs": train.count_vision_runs(models.cache, *builders),
-            "skipped_records": models.policy_prompt.skipped}
+            "skipped_records": models.policy_prompt.skipped, "video_wait_s": models.policy_prompt.reader.waited}
 
 
 def type_counts(episodes: list[Episode], label: str, types: list[str]) -> dict:
@@ -678,7 +681,7 @@ def main(argv=None):
     # ---- data, models, engine ----
     records = train.load_training_records(args, ps)
     types = sorted({r.labels[args.type_label] for r in records if args.type_label in r.labels})  # accuracy_<type>
-    sampling = data.FrameSampling.from_args(args)
+    sampling = video.FrameSampling.from_args(args)
     models = load_models(args, start, sampling, ps)
     max_model_len = engine_max_model_len(models.policy, records, sampling, args)  # refuses too long prompts now
     start_step = (train.load_trainer_state(resume_from, models.policy, models.optimizer, ps)["step"]
@@ -692,6 +695,8 @@ def main(argv=None):
         timer, before = PhaseTimer(ps.device), counters(models)
         # ---- 1. sample ----
         recs = train.records_for_step(records, step, args.batch_size, ps, args.seed)
+        models.policy_prompt.prefetch(*[(train.records_for_step(records, s, args.batch_size, ps, args.seed), sampling)
+                                        for s in range(step, min(step + 2, args.steps))])  # read while the step runs
 
         # ---- 2. MR-SP stage 1: encode each video once (cached); an unreadable one is replaced ----
         with torch.no_grad():

@@ -22,6 +22,7 @@ import errors
 import model as M
 import mrsp
 import train
+import video
 
 # ---- SFT ----
 
@@ -34,7 +35,7 @@ def response_ids(model: M.VideoLM, record: data.Record) -> list[int]:
     return model.encode_text(data.format_response(record.reasoning, record.answer)) + [model.tokenizer.eos_token_id]
 
 
-def mix_sampling(mix: list[data.FrameSampling], seed: int, micro_step: int) -> data.FrameSampling:
+def mix_sampling(mix: list[video.FrameSampling], seed: int, micro_step: int) -> video.FrameSampling:
     """The frame sampling of one micro-batch under --mix-num-frames: drawn from (seed, micro_step) alone,
     so every rank draws the same one and a resumed run draws what the first run drew."""
     return mix[random.Random(seed * 1_000_003 + micro_step).randrange(len(mix))]
@@ -45,7 +46,8 @@ def parse_args(argv=None):
     ap.add_argument("--init", required=True, help="checkpoint to start from (python model.py init ...)")
     data.add_data_args(ap, "training records with a `reasoning`")
     ap.add_argument("--out", required=True, help="output folder")
-    data.add_sampling_args(ap)
+    video.add_sampling_args(ap)
+    video.add_prefetch_args(ap)
     ap.add_argument("--mix-num-frames", type=int, nargs="+", default=None, metavar="N",
                     help="train on several frame counts instead of --num-frames: each micro-batch draws one of "
                          "these (the same on every rank, from --seed and the step), so the model sees more "
@@ -102,10 +104,10 @@ def main(argv=None):
             print(f"resumed from {resume_from} at step {start_step}")
 
     records = train.load_training_records(args, ps)
-    sampling = data.FrameSampling.from_args(args)
-    mix = [data.FrameSampling(num_frames=n, max_frames=args.max_frames) for n in args.mix_num_frames or []]
+    sampling = video.FrameSampling.from_args(args)
+    mix = [video.FrameSampling(num_frames=n, max_frames=args.max_frames) for n in args.mix_num_frames or []]
     cache = train.embedding_cache(model, args, ps) if args.embed_cache else None
-    prompts = train.VideoPrompts(model, sampling, ps, cache)
+    prompts = train.VideoPrompts(model, sampling, ps, cache, args.decode_workers)
     log = train.MetricsLog(out, enabled=ps.rank == 0, resume_step=start_step, report_to=args.report_to)
 
     # ---- train ----
@@ -115,6 +117,7 @@ def main(argv=None):
     for step in bar:
         t0 = time.time()
         vision_runs_before, skipped_before = train.count_vision_runs(cache, prompts), prompts.skipped
+        waited_before = prompts.reader.waited
         lr = train.lr_at(step, args.steps, args.lr, args.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -123,6 +126,10 @@ def main(argv=None):
             recs = train.records_for_step(records, step * args.grad_accum + micro, args.batch_size, ps, args.seed)
             if mix:
                 prompts.sampling = mix_sampling(mix, args.seed, step * args.grad_accum + micro)
+            now = step * args.grad_accum + micro  # this micro-batch's videos, then the next one's, read while it trains
+            prompts.prefetch(*[(train.records_for_step(records, m, args.batch_size, ps, args.seed),
+                                mix_sampling(mix, args.seed, m) if mix else sampling)
+                               for m in range(now, min(now + 2, args.steps * args.grad_accum))])
             with train.autocast(ps, args.bf16):
                 recs, embeds = prompts.for_batch(recs, records)
                 batch = model.build_sequence_batch(embeds, [response_ids(model, r) for r in recs])
@@ -139,6 +146,7 @@ def main(argv=None):
                "response_tokens": tokens, "time_s": time.time() - t0}
         row["vision_runs"] = train.count_vision_runs(cache, prompts) - vision_runs_before
         row["skipped_records"] = prompts.skipped - skipped_before
+        row["video_wait_s"] = prompts.reader.waited - waited_before
         if mix:
             row["num_frames"] = prompts.sampling.num_frames  # the last micro-batch's
         row.update(train.cache_metrics(cache), **train.reader_counts())

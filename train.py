@@ -42,6 +42,7 @@ import data
 import errors
 import model as M
 import mrsp
+import video
 
 logger = logging.getLogger("train")
 
@@ -637,12 +638,14 @@ def add_run_args(ap, save_every: int):
 # ---- the prompts and log-probs of a batch ----
 
 class VideoPrompts:
-    """Prompts (model.Prompt) for records: frames decoded, video encoded (through the MR-SP embedding
-    cache when the vision tower is frozen), text spliced around the video, positions given."""
+    """Prompts (model.Prompt) for records: frames decoded (read ahead in `decode_workers` threads after
+    `prefetch`), video encoded (through the MR-SP embedding cache when the vision tower is frozen), text
+    spliced around the video, positions given."""
 
-    def __init__(self, model: M.VideoLM, sampling: data.FrameSampling, ps: mrsp.ParallelState,
-                 cache: "mrsp.VideoEmbeddingCache | None"):
+    def __init__(self, model: M.VideoLM, sampling: video.FrameSampling, ps: mrsp.ParallelState,
+                 cache: "mrsp.VideoEmbeddingCache | None", decode_workers: int = 0):
         self.model, self.sampling, self.ps, self.cache = model, sampling, ps, cache
+        self.reader = video.FramePrefetcher(model.config.image_size, decode_workers)
         self.uncached_runs = 0
         self.unreadable: dict[tuple, str] = {}
         self.skipped = 0  # records replaced so far
@@ -650,8 +653,7 @@ class VideoPrompts:
         self._times: dict[tuple, np.ndarray] = {}
 
     def video_embeds(self, record: data.Record) -> torch.Tensor:
-        frames_fn = lambda: self._read_agreed(
-            lambda: data.load_frames(record.video, self.model.config.image_size, self.sampling)[0])
+        frames_fn = lambda: self._read_agreed(lambda: self.reader.load_frames(record.video, self.sampling)[0])
         encode_fn = lambda frames: mrsp.stage1_encode(self.model, frames, self.ps.sp_group)
         if self.cache is not None:
             return self.cache.get(record.video, self.sampling, frames_fn, encode_fn)
@@ -659,6 +661,13 @@ class VideoPrompts:
         video_embeds = self.model.encode_video(frames_fn())
         self.uncached_runs += 1
         return video_embeds
+
+    def prefetch(self, *batches: tuple[list[data.Record], video.FrameSampling]) -> None:
+        """Start reading the videos of these (records, sampling) batches in the background, the current
+        batch first, then the next: those whose embeddings the cache holds are not read at all."""
+        self.reader.prefetch([(r.video, sampling) for recs, sampling in batches for r in recs
+                              if (r.video, r.subtitles) not in self.unreadable
+                              and not (self.cache is not None and self.cache.holds(r.video, sampling))])
 
     def subtitles(self, record: data.Record) -> str | None:
         """The subtitle text of the prompt. An .srt file shows the cues within the sampled frames' span, as
@@ -670,7 +679,7 @@ class VideoPrompts:
         key = (record.video, path, self.sampling.key())
         if key not in self._srt_text:
             self._srt_text[key] = self._read_agreed(
-                lambda: data.subtitle_text(record, data.frame_timestamps(record.video, self.sampling)))
+                lambda: data.subtitle_text(record, video.frame_timestamps(record.video, self.sampling)))
         return self._srt_text[key]
 
     def _read_agreed(self, read):
@@ -678,10 +687,10 @@ class VideoPrompts:
         so that no rank goes on to a collective (the encoding's all-gather) that the others skip."""
         try:
             value, error = read(), None
-        except data.VideoError as e:
+        except video.VideoError as e:
             value, error = None, e
         if not mrsp.all_ranks_true(error is None, self.ps.sp_group, self.ps.device):
-            raise error or data.VideoError("another rank of the sequence-parallel group could not read this record's files")
+            raise error or video.VideoError("another rank of the sequence-parallel group could not read this record's files")
         return value
 
     def timestamps(self, record: data.Record) -> np.ndarray | None:
@@ -691,7 +700,7 @@ class VideoPrompts:
             return None
         key = (record.video, self.sampling.key())
         if key not in self._times:
-            self._times[key] = self._read_agreed(lambda: data.frame_timestamps(record.video, self.sampling))
+            self._times[key] = self._read_agreed(lambda: video.frame_timestamps(record.video, self.sampling))
         return self._times[key]
 
     def __call__(self, record: data.Record) -> M.Prompt:
@@ -715,7 +724,7 @@ class VideoPrompts:
                     continue
                 try:
                     prompt = self(candidate)
-                except data.VideoError as e:
+                except video.VideoError as e:
                     self.unreadable[files] = str(e)
                     if self.ps.sp_rank == 0:
                         logger.warning("skipping record %s: %s", candidate.problem_id, e)
@@ -725,7 +734,7 @@ class VideoPrompts:
                 self.skipped += candidate is not record
                 break
             else:
-                raise data.VideoError(f"none of the {len(records)} records has a readable video")
+                raise video.VideoError(f"none of the {len(records)} records has a readable video")
         return used, prompts
 
 
@@ -801,11 +810,11 @@ def reader_counts() -> dict:
     """Distinct videos this process has read so far, by reader (decord first, PyAV where decord cannot):
     {"videos_decord": n, "videos_pyav": m}, both keys always, so every rank's metrics row has the same keys.
     Sum them over data-parallel ranks (`READER_SUM_KEYS`): an SP group's ranks read the same files."""
-    counts = data.decoder_counts()
-    return {f"videos_{reader.name}": counts.get(reader.name, 0) for reader in data.VIDEO_READERS}
+    counts = video.decoder_counts()
+    return {f"videos_{reader.name}": counts.get(reader.name, 0) for reader in video.VIDEO_READERS}
 
 
-READER_SUM_KEYS = tuple(f"videos_{reader.name}" for reader in data.VIDEO_READERS)
+READER_SUM_KEYS = tuple(f"videos_{reader.name}" for reader in video.VIDEO_READERS)
 
 
 def records_for_step(records, step: int, per_rank: int, ps: mrsp.ParallelState, seed: int):
@@ -825,25 +834,25 @@ def load_training_records(args, ps: mrsp.ParallelState) -> list[data.Record]:
     """The records of --data that a run can train on. Bad rows are reported and skipped (with --strict the
     first one stops the run). Then every video is opened once, each rank checking its share, and records
     whose video is missing or unreadable are skipped too; the result is kept beside the data
-    (`data.video_check_file`), so a restarted run does not open every file again. Fewer usable records
+    (`video.video_check_file`), so a restarted run does not open every file again. Fewer usable records
     than one batch (--batch-size on each data-parallel rank) stop the run, saying what was lost."""
     records, errors = data.load_records_report(args.data, **data.folder_args(args))
     if errors and args.strict:
         raise errors[0]
     if ps.rank == 0:
         print(data.summary(args.data, records, errors), file=sys.stderr, flush=True)
-    cache_file = data.video_check_file(args.data)
+    cache_file = video.video_check_file(args.data)
     videos = list(dict.fromkeys(r.video for r in records))
-    opened = data.check_videos_open(videos[ps.rank::ps.world_size], cache_file)
+    opened = video.check_videos_open(videos[ps.rank::ps.world_size], cache_file)
     if ps.world_size > 1:
         shares = [None] * ps.world_size
         dist.all_gather_object(shares, opened)
         opened = {path: problem for share in shares for path, problem in share.items()}
     if ps.rank == 0:
-        data.save_video_check(cache_file, opened)
+        video.save_video_check(cache_file, opened)
     problems = [problem for problem in opened.values() if problem]
     if problems and args.strict:
-        raise data.VideoError(problems[0])
+        raise video.VideoError(problems[0])
     usable = [r for r in records if not opened[r.video]]
     missing = sum(not os.path.isfile(r.video) for r in records if opened[r.video])
     unreadable = len(records) - len(usable) - missing

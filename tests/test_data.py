@@ -1,4 +1,4 @@
-"""Tests for data.py: real mp4 files written with data.write_mp4 and read back with decord.
+"""Tests for data.py and for video.py's frame sampling: real mp4 files written with data.write_mp4 and read back.
 
 The test videos count: frame i is solid gray at level 8 * i, so a frame read one index off is 8 levels
 away, far outside the few levels H.264 moves a flat gray.
@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 import data
-from data import (MAX_FRAMES, PALETTE, Cue, FrameSampling, Record, RecordError, VideoError, build_prompt,
-                  format_response, frame_timestamps, load_frames, load_records, load_records_report,
-                  option_letter, parse_srt, sample_indices, subtitle_text, subtitles_for_window, write_mp4)
+import video
+from data import (PALETTE, Cue, Record, RecordError, build_prompt, format_response, load_records, load_records_report,
+                  option_letter, parse_srt, subtitle_text, subtitles_for_window, write_mp4)
+from video import MAX_FRAMES, FrameSampling, VideoError, frame_timestamps, load_frames, sample_indices
 
 VIDEO_FPS = 4.0
 NUM_FRAMES = 30  # levels 0..232
@@ -534,15 +535,15 @@ def test_check_videos_open_finds_missing_and_broken_videos_and_caches_the_rest(c
     shutil.copy(counting_video, good := tmp_path / "good.mp4")
     (broken := tmp_path / "broken.mp4").write_bytes(b"\x00not a video" * 100)
     paths, cache = [str(good), str(broken), str(tmp_path / "gone.mp4")], tmp_path / "check.json"
-    found = data.check_videos_open(paths, cache)
+    found = video.check_videos_open(paths, cache)
     assert found[str(good)] is None and found[paths[2]] == f"{paths[2]}: video file not found"
     assert found[str(broken)].startswith(f"{broken}: cannot decode video")
-    data.save_video_check(cache, found)
+    video.save_video_check(cache, found)
     opened = []
-    monkeypatch.setattr(data, "_open_problem", lambda path: opened.append(path))
-    assert data.check_videos_open(paths, cache) == found and opened == []  # a restart opens nothing again
+    monkeypatch.setattr(video, "_open_problem", lambda path: opened.append(path))
+    assert video.check_videos_open(paths, cache) == found and opened == []  # a restart opens nothing again
     broken.write_bytes(b"\x00not a video, changed" * 100)
-    assert data.check_videos_open(paths, cache)[str(broken)] is None and opened == [str(broken)]
+    assert video.check_videos_open(paths, cache)[str(broken)] is None and opened == [str(broken)]
 
 
 @pytest.fixture(scope="module")
@@ -568,7 +569,7 @@ def test_sft_and_rl_train_on_the_release_skipping_bad_rows_and_missing_videos(re
     assert f"{path}: 6 records, 1 skipped" in err
     assert f"{path}: 5 records with a readable video; skipped 1 whose video is missing, 0 whose video cannot" in err
     assert len((tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()) == 1
-    assert data.video_check_file(path).is_file()
+    assert video.video_check_file(path).is_file()
     rl.main(common + ["--out", str(tmp_path / "rl"), "--batch-size", "2", "--group-size", "2",
                       "--max-new-tokens", "4", "--kl-coef", "0", "--engine", "torch"])
     assert len((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()) == 1

@@ -1,4 +1,5 @@
-"""Tests for data.py's video readers: decord first, PyAV where decord cannot (AV1, open-GOP HEVC).
+"""Tests for video.py's readers: the reader chosen per file (PyAV for sparse seeks, decord otherwise), the
+other where the first cannot (AV1, open-GOP HEVC).
 
 Every video here is a real file written with PyAV's encoders. A test video numbers its frames: frame i is
 gray level 8 * (i % 32) on its left half and 8 * (i // 32) + 4 on its right half, so every decoded frame
@@ -19,7 +20,8 @@ import numpy as np
 import pytest
 
 import data
-from data import DecordReader, FrameSampling, PyAVReader, VideoError, load_frames, read_video, sample_indices
+import video
+from video import DecordReader, FrameSampling, PyAVReader, VideoError, load_frames, read_video, sample_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 FPS = 10.0
@@ -140,16 +142,16 @@ def test_frames_in_any_order_and_repeated(videos):
 # ---- what decord cannot read ----
 
 def test_av1_is_read_with_pyav_and_said_once(videos, caplog):
-    with pytest.raises(data._ReadError, match="cannot find video stream"):  # decord 0.6.0 has no AV1 decoder
+    with pytest.raises(video._ReadError, match="cannot find video stream"):  # decord 0.6.0 has no AV1 decoder
         DecordReader(str(videos["av1"]), 32)
-    with caplog.at_level(logging.WARNING, logger="data"):
-        frames, timestamps = load_frames(videos["av1"], 32, FrameSampling(num_frames=7))
-        load_frames(videos["av1"], 32, FrameSampling(fps=1.0))
-    indices, expected_times = sample_indices(NUM_FRAMES, FPS, FrameSampling(num_frames=7))
+    with caplog.at_level(logging.WARNING, logger="video"):  # frames denser than the keyframes: decord is chosen
+        frames, timestamps = load_frames(videos["av1"], 32, FrameSampling(num_frames=16))
+        load_frames(videos["av1"], 32, FrameSampling(fps=4.0))
+    indices, expected_times = sample_indices(NUM_FRAMES, FPS, FrameSampling(num_frames=16))
     assert frame_numbers(frames).tolist() == indices.tolist()
     np.testing.assert_array_equal(timestamps, expected_times)
-    np.testing.assert_array_equal(data.frame_timestamps(videos["av1"], FrameSampling(num_frames=7)), timestamps)
-    assert data.decoder_of(videos["av1"]) == "pyav" and data.decoder_counts()["pyav"] >= 1
+    np.testing.assert_array_equal(video.frame_timestamps(videos["av1"], FrameSampling(num_frames=16)), timestamps)
+    assert video.decoder_of(videos["av1"]) == "pyav" and video.decoder_counts()["pyav"] >= 1
     warnings = [r.getMessage() for r in caplog.records if str(videos["av1"]) in r.getMessage()]
     assert len(warnings) == 1 and "reading it with PyAV" in warnings[0]
 
@@ -174,9 +176,9 @@ def test_a_file_decord_opens_but_cannot_decode_falls_back(videos, monkeypatch):
             raise decord.DECORDError("injected decoding error")
 
     monkeypatch.setattr(decord, "VideoReader", FailingDecode)
-    read = read_video(videos["vp9"], 32, FrameSampling(num_frames=5))
+    read = read_video(videos["vp9"], 32, FrameSampling(num_frames=16))  # denser than the keyframes: decord first
     assert read.decoder == "pyav" and read.failures == ["decord: cannot decode frames (injected decoding error)"]
-    assert frame_numbers(read.frames).tolist() == [6, 18, 30, 42, 54]
+    assert frame_numbers(read.frames).tolist() == [(2 * i + 1) * NUM_FRAMES // 32 for i in range(16)]
 
 
 # ---- long videos: seek, do not decode everything ----
@@ -191,6 +193,38 @@ def test_pyav_seeks_to_keyframes(tmp_path, codec):
     indices, _ = sample_indices(960, 24.0, FrameSampling(num_frames=4))
     assert frame_numbers(reader.frames(indices)).tolist() == indices.tolist()
     assert reader.decoded <= 4 * 24
+
+
+# ---- which reader goes first: measured per file before decoding ----
+
+def test_sparse_frames_of_a_long_file_go_to_pyav_and_dense_ones_to_decord(tmp_path, videos, capsys):
+    # 1,000 frames (50 s at 20 fps, 32x32), a keyframe every 100: cheap to write, long in frames.
+    long = write_video(tmp_path / "long.mp4", "libx264", {"g": "100", "keyint_min": "100", "sc_threshold": "0"},
+                       numbered_frames(1000, 32, 32), fps=20)
+    layout = video.probe(str(long))
+    assert layout.frames() == 1000 and layout.fps == 20 and layout.gop == 100 and not layout.open_gop
+    # 8 frames: 1,000 / 8 = 125 frames apart >= 100 -> PyAV; 50 frames: 20 apart < 100 -> decord
+    for sampling, reader, apart in [(FrameSampling(num_frames=8), "pyav", "125"),
+                                    (FrameSampling(num_frames=50), "decord", "20.0"),
+                                    (FrameSampling(fps=0.1), "pyav", "200")]:  # 5 frames, one per 10 s
+        read = read_video(long, 32, sampling)
+        assert (read.decoder, read.failures) == (reader, []), sampling
+        assert f"frames lie {apart} frames apart, a keyframe every 100" in read.why
+        assert frame_numbers(read.frames).tolist() == read.indices.tolist()
+        other = (DecordReader if reader == "pyav" else PyAVReader)(str(long), 32)
+        np.testing.assert_array_equal(read.frames, other.frames(read.indices))  # the same pixels either way
+    # the fixture's files: 60 frames, a keyframe every 8; 7 frames lie 60 / 7 = 8.6 apart -> PyAV, 16: 3.75 -> decord
+    assert read_video(videos["h264"], 32, FrameSampling(num_frames=7)).decoder == "pyav"
+    assert read_video(videos["h264"], 32, FrameSampling(num_frames=16)).decoder == "decord"
+    assert data.main(["frames", str(long), "--num-frames", "8", "--image-size", "32"]) == 0
+    assert ("reader: pyav, chosen first because 8 sampled frames lie 125 frames apart, a keyframe every 100: "
+            "each frame is a seek, and PyAV seeks faster") in capsys.readouterr().out
+
+
+def test_a_file_whose_header_tells_no_rate_goes_to_decord(tmp_path):
+    assert video.choose_reader(None, FrameSampling(num_frames=8))[0] is DecordReader
+    no_rate = video.Layout(declared=(100, float("nan")), fps=float("nan"), gop=10.0, open_gop=False)
+    assert video.choose_reader(no_rate, FrameSampling(num_frames=8))[0] is DecordReader
 
 
 # ---- bad files: a clear error naming the file, from the last reader tried; nothing hangs ----
@@ -241,11 +275,11 @@ def test_bad_files_raise_video_error_naming_the_file(tmp_path, name, no_hang):
     path = tmp_path / f"{name}.mp4"
     path.write_bytes(make(tmp_path))
     for read in (lambda: load_frames(path, 32, FrameSampling(num_frames=8)),
-                 lambda: data.frame_timestamps(path, FrameSampling(num_frames=8))):
+                 lambda: video.frame_timestamps(path, FrameSampling(num_frames=8))):
         with pytest.raises(VideoError, match=reason) as error:
             read()
         assert str(error.value).startswith(f"{path}: ")
-    assert data.decoder_of(path) is None
+    assert video.decoder_of(path) is None
 
 
 def test_a_frame_whose_bytes_are_cut_off_is_an_error(tmp_path, no_hang):
@@ -315,17 +349,24 @@ def test_eval_report_counts_videos_by_reader(tiny_model, videos, tmp_path):
              for i, video in enumerate([videos["h264"], videos["av1"], videos["av1"]])]
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     records = data.load_records(tmp_path / "eval.jsonl", allow_absolute_paths=True)
-    report = evaluation.evaluate(tiny_model, ScriptedEngine(), records, FrameSampling(num_frames=4), tmp_path / "out")
+    # 16 frames of 60 lie closer than the keyframes (every 8): decord reads the H.264 file, PyAV the AV1 one
+    report = evaluation.evaluate(tiny_model, ScriptedEngine(), records, FrameSampling(num_frames=16), tmp_path / "out")
     assert report["decoders"] == {"decord": 1, "pyav": 1}  # distinct videos, not questions
 
 
 # ---- bench.py decode, in small ----
 
 def test_bench_decode_prints_the_table(tmp_path):
-    done = subprocess.run([sys.executable, "bench.py", "decode", "--seconds", "20", "--frames", "4", "--repeats", "1",
-                           "--image-size", "32", "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True,
+    # 20 s at 2 fps, a keyframe every 2 s: 4 s encoded, tiled 5 times
+    done = subprocess.run([sys.executable, "bench.py", "decode", "--sizes", "64x48", "--codecs", "h264", "av1",
+                           "--video-fps", "2", "--seconds", "20", "--segment-s", "4", "--frames", "4", "--image-sizes",
+                           "32", "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "SVT_LOG": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "| h264 | 4 | decord |" in done.stdout and "| h264 | 4 | pyav |" in done.stdout
-    assert "| av1 | 4 | decord | cannot decode: ERROR cannot find video stream" in done.stdout
+    # 4 frames of 40 lie 10 apart, a keyframe every 4: PyAV is chosen
+    assert "| 64x48 | h264 | 2 | 2 s | 4 | 32 | decord |" in done.stdout
+    assert "| 64x48 | h264 | 2 | 2 s | 4 | 32 | pyav (chosen) |" in done.stdout
+    assert "| 64x48 | av1 | 2 | 2 s | 4 | 32 | decord | cannot decode: ERROR cannot find video stream" in done.stdout
     assert "of 40 |" in done.stdout  # PyAV's count of decoded frames, of the 20 s x 2 fps
+    tiled = av.open(str(tmp_path / "h264-20s-64x48-2fps-key2s.mp4"))
+    assert tiled.streams.video[0].frames == 40 and sum(p.is_keyframe for p in tiled.demux(video=0)) == 10

@@ -11,9 +11,10 @@ import pytest
 
 import data
 import eval as evaluation
-from data import FrameSampling, Record, load_records_report, write_mp4
+from data import Record, load_records_report, write_mp4
 from eval import build_report, read_predictions
 from rollout import Sample
+from video import FrameSampling, VideoError
 from test_data import videomme  # noqa: F401  (a fixture: Video-MME as the Hub lays it out)
 
 OPTIONS = ["red", "blue", "green", "cyan"]
@@ -112,7 +113,7 @@ def test_strict_makes_errors_fatal(tiny_model, eval_data, tmp_path):
     records, errors, root = eval_data
     with pytest.raises(data.RecordError):
         run_eval(tiny_model, ScriptedEngine(RESPONSES), eval_data, tmp_path, strict=True)
-    with pytest.raises(data.VideoError, match="broken.mp4"):
+    with pytest.raises(VideoError, match="broken.mp4"):
         evaluation.evaluate(tiny_model, ScriptedEngine(RESPONSES), records, FrameSampling(num_frames=4), tmp_path,
                             batch_size=2, strict=True)
 

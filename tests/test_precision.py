@@ -224,12 +224,13 @@ def test_max_model_len_past_the_llms_positions_is_refused_at_start_up(tiny_check
     """vLLM refuses a max_model_len above max_position_embeddings; rl.py says so before loading an engine."""
     import data
     import rl
+    import video
     model = M.VideoLM.load(tiny_checkpoint)
     records = [data.Record("q1", "never-opened.mp4", "Which colour comes first?", [], "free_form", "", "red")]
     limit = model.llm.config.max_position_embeddings
     args = rl.parse_args(["--init", "i", "--data", "d.jsonl", "--out", "o", "--num-frames", "8",
                           "--max-model-len", str(limit + 1)])
-    sampling = data.FrameSampling.from_args(args)  # a frame count: no file is opened to count positions
+    sampling = video.FrameSampling.from_args(args)  # a frame count: no file is opened to count positions
     with pytest.raises(ValueError, match=f"max_position_embeddings {limit}"):
         rl.engine_max_model_len(model, records, sampling, args)
     args.max_model_len = None

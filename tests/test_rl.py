@@ -20,6 +20,7 @@ import mrsp
 import rl
 import rollout
 import train
+import video
 import vila
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -391,7 +392,7 @@ def test_engine_length_is_checked_or_derived_at_start_up(tiny_model):
     """The longest prompt of the first records + --max-new-tokens must fit the engine; without
     --max-model-len that sum (plus slack for later, longer text) is the engine's length."""
     records = [mc_record(), data.Record("q2", "v.mp4", "How many red scenes are there, in all?", [], "numerical", "", "2")]
-    sampling = data.FrameSampling(num_frames=256)  # the paper's 7B setting; no video is opened to count them
+    sampling = video.FrameSampling(num_frames=256)  # the paper's 7B setting; no video is opened to count them
     sep = len(tiny_model.encode_text(tiny_model.config.frame_separator))
     text = lambda r: sum(len(tiny_model.encode_text(t)) for t in vila.VilaFamily.chat_text(
         tiny_model.tokenizer, *tiny_model.user_turn(r)))
@@ -648,7 +649,7 @@ def test_one_update_raises_the_rewarded_responses_and_lowers_the_others(tiny_che
     import dataclasses
     args = rl.parse_args(["--init", str(tiny_checkpoint), "--data", "d.jsonl", "--out", "o", "--group-size", "3",
                           "--micro-batch-size", "3", "--lr", "1e-3"])
-    models = rl.load_models(args, tiny_checkpoint, data.FrameSampling.from_args(args), mrsp.ParallelState())
+    models = rl.load_models(args, tiny_checkpoint, video.FrameSampling.from_args(args), mrsp.ParallelState())
     records, prompts, groups = fixed_rollouts(models.policy)
     prompt_fn = lambda record: prompts[record.problem_id]
     models = dataclasses.replace(models, policy_prompt=prompt_fn, reference_prompt=prompt_fn)

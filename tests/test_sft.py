@@ -42,8 +42,8 @@ def losses(out):
 
 
 def test_mix_num_frames_draws_depend_on_seed_and_step_only():
-    import data
-    mix = [data.FrameSampling(num_frames=n) for n in (4, 8, 16)]
+    import video
+    mix = [video.FrameSampling(num_frames=n) for n in (4, 8, 16)]
     draws = [sft.mix_sampling(mix, 0, step).num_frames for step in range(60)]
     assert draws == [sft.mix_sampling(mix, 0, step).num_frames for step in range(60)]  # what a resume redraws
     assert set(draws) == {4, 8, 16} and draws != [sft.mix_sampling(mix, 1, s).num_frames for s in range(60)]

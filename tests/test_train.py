@@ -14,6 +14,7 @@ import errors
 import model as M
 import mrsp
 import train
+import video
 
 
 def test_warmup_then_cosine():
@@ -43,7 +44,7 @@ def test_training_prompts_show_the_srt_cues_within_the_sampled_frames(tiny_model
         {"problem_id": "q", "videos": "v.mp4", "problem": "What is said?", "problem_type": "free_form",
          "answer": "during", "subtitles": "v.srt"}) + "\n")
     record, = data.load_records(tmp_path / "r.jsonl")
-    sampling = data.FrameSampling(num_frames=2)                       # frames at 2 s and 7 s
+    sampling = video.FrameSampling(num_frames=2)                       # frames at 2 s and 7 s
     tiny_model.freeze_vision()
     cache = mrsp.VideoEmbeddingCache(tiny_model)
     prompts = train.VideoPrompts(tiny_model, sampling, mrsp.ParallelState(), cache)
@@ -60,7 +61,7 @@ def test_training_prompts_show_the_srt_cues_within_the_sampled_frames(tiny_model
 
 def test_unreadable_videos_are_replaced_by_the_next_readable_record(tiny_model, tmp_path):
     a, b, c = records = write_abc(tmp_path)
-    prompts = train.VideoPrompts(tiny_model, data.FrameSampling(num_frames=2), mrsp.ParallelState(), None)
+    prompts = train.VideoPrompts(tiny_model, video.FrameSampling(num_frames=2), mrsp.ParallelState(), None)
     with torch.no_grad():
         used, embeds = prompts.for_batch([b, a, b], records)
     assert [r.problem_id for r in used] == ["c", "a", "c"] and len(embeds) == 3   # the batch keeps its size
@@ -68,7 +69,7 @@ def test_unreadable_videos_are_replaced_by_the_next_readable_record(tiny_model, 
     assert prompts.skipped == 2 and prompts.uncached_runs == 3                      # b was tried once
     (tmp_path / "a.mp4").write_bytes(b"")
     (tmp_path / "c.mp4").write_bytes(b"")
-    with pytest.raises(data.VideoError, match="none of the 3 records"):
+    with pytest.raises(video.VideoError, match="none of the 3 records"):
         prompts.for_batch([a], records)
 
 
@@ -90,13 +91,13 @@ def one_rank_cannot_read_job(checkpoint: str, folder: str) -> list[str]:
     model.freeze_vision()
     a, b, c = records = data.load_records(Path(folder) / "r.jsonl")
     if ps.sp_rank == 1:
-        real = data.load_frames
+        real = video.load_frames
         def load_frames(path, *args):
             if path == a.video:
-                raise data.VideoError(f"{path}: cannot decode video (injected on rank 1)")
+                raise video.VideoError(f"{path}: cannot decode video (injected on rank 1)")
             return real(path, *args)
-        data.load_frames = load_frames
-    prompts = train.VideoPrompts(model, data.FrameSampling(num_frames=2), ps,
+        video.load_frames = load_frames
+    prompts = train.VideoPrompts(model, video.FrameSampling(num_frames=2), ps,
                                mrsp.VideoEmbeddingCache(model, sp_group=ps.sp_group))
     with torch.no_grad():
         used, _ = prompts.for_batch([a, c], records)
@@ -119,7 +120,7 @@ def test_the_checkpoints_question_prompt_reaches_training_rollout_and_eval(tmp_p
     import rl
     data.main(["synth", "--out", str(tmp_path / "data"), "--n", "2", "--seed", "0", "--test-frac", "0"])
     records = data.load_records(tmp_path / "data" / "train.jsonl")
-    sampling = data.FrameSampling(num_frames=4)
+    sampling = video.FrameSampling(num_frames=4)
     lengths = {}
     for name in ("thinking", "plain"):
         out = tmp_path / name
@@ -130,11 +131,12 @@ def test_the_checkpoints_question_prompt_reaches_training_rollout_and_eval(tmp_p
         before, after = data.build_prompt(records[0], template=model.question_prompt)
         assert after.startswith("Question: " if name == "plain" else "You are a helpful assistant.")
         with torch.no_grad():
-            video = model.encode_video(data.load_frames(records[0].video, model.config.image_size, sampling)[0])
-            expected = model.prompt(before, video, after)
+            video_embeds = model.encode_video(video.load_frames(records[0].video, model.config.image_size, sampling)[0])
+            expected = model.prompt(before, video_embeds, after)
             built = train.VideoPrompts(model, sampling, mrsp.ParallelState(), None)(records[0])
             torch.testing.assert_close(built.embeds, expected.embeds)                  # SFT and RL
-            torch.testing.assert_close(evaluation._prompt(model, records[0], sampling, False, {}).embeds,
+            torch.testing.assert_close(evaluation._prompt(model, records[0], sampling, False, {},
+                                                          video.FramePrefetcher(model.config.image_size, 0)).embeds,
                                        expected.embeds)
         lengths[name] = rl.prompt_length(model, records[0], sampling)[1]  # tokens
         assert lengths[name] == len(expected)

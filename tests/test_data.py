@@ -3,10 +3,13 @@
 The test videos count: frame i is solid gray at level 8 * i, so a frame read one index off is 8 levels
 away, far outside the few levels H.264 moves a flat gray.
 """
+import bisect
+import itertools
 import json
 import os
 import re
 import shutil
+from fractions import Fraction
 
 import decord
 import numpy as np
@@ -61,6 +64,46 @@ def test_fps_takes_one_frame_per_period(fps, count):
     assert len(indices) == count
     targets = (np.arange(count) + 0.5) / fps
     assert np.all((timestamps <= targets) & (targets < timestamps + 0.1))
+
+
+def frames_showing(video_rate: Fraction, total_frames: int, fps: Fraction) -> list[int]:
+    """Written out in exact integers: the frame on screen at each time (k + 0.5) / fps inside the video,
+    frame i showing from i / video_rate until the next one starts. Times are counted in units of
+    1 / (2 * p * a) s for video_rate = p / q and fps = a / b: frame i starts at 2 * i * q * a, the
+    k-th sample is at (2k + 1) * b * p."""
+    (p, q), (a, b) = video_rate.as_integer_ratio(), fps.as_integer_ratio()
+    starts = [2 * i * q * a for i in range(total_frames)]
+    end = 2 * total_frames * q * a
+    times = itertools.takewhile(lambda t: t < end, ((2 * k + 1) * b * p for k in itertools.count()))
+    return [bisect.bisect_right(starts, t) - 1 for t in times]
+
+
+@pytest.mark.parametrize("video_rate", [Fraction(30000, 1001), Fraction(25)], ids=["29.97fps", "25fps"])
+@pytest.mark.parametrize("fps", [Fraction(2), Fraction(7, 10)], ids=["2fps", "0.7fps"])
+def test_fps_at_a_rate_that_does_not_divide_the_videos(video_rate, fps):
+    """NTSC's 29.97 fps and PAL's 25 fps sampled at 2 and 0.7 fps, an hour long: a frame rate rounded to
+    30, or a time rounded to the nearest frame, lands on another frame within seconds."""
+    total = int(3600 * video_rate)
+    indices, timestamps = sample_indices(total, float(video_rate), FrameSampling(fps=float(fps)))
+    expected = frames_showing(video_rate, total, fps)
+    assert len(expected) == int(3600 * fps) and indices.tolist() == expected
+    np.testing.assert_allclose(timestamps, [float(i / video_rate) for i in expected], rtol=1e-12)
+
+
+@pytest.mark.parametrize("video_rate", [Fraction(30000, 1001), Fraction(25)], ids=["29.97fps", "25fps"])
+def test_load_frames_fps_from_a_29_97_and_a_25_fps_file(tmp_path, video_rate):
+    """The rate comes from the file: 70 frames whose left half is gray 8 * (i % 32) and right half
+    8 * (i // 32), sampled at 2 fps."""
+    i = np.arange(70)
+    frames = np.zeros((70, 32, 32, 3), dtype=np.uint8)
+    frames[:, :, :16] = (8 * (i % 32)).astype(np.uint8)[:, None, None, None]
+    frames[:, :, 16:] = (8 * (i // 32)).astype(np.uint8)[:, None, None, None]
+    write_mp4(tmp_path / "v.mp4", frames, fps=float(video_rate))
+    decoded, timestamps = load_frames(tmp_path / "v.mp4", 32, FrameSampling(fps=2.0))
+    numbers = frame_numbers(decoded[:, :, 4:12]) + 32 * frame_numbers(decoded[:, :, 20:28])
+    expected = frames_showing(video_rate, 70, Fraction(2))
+    assert numbers.tolist() == expected
+    np.testing.assert_allclose(timestamps, [float(k / video_rate) for k in expected], rtol=1e-6)
 
 
 def test_fps_edge_cases():

@@ -213,6 +213,38 @@ def run_script(*args, torchrun: bool = False) -> subprocess.CompletedProcess:
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
 
 
+# Runs each command line as `python SCRIPT ARGS...` runs it (the script as __main__, its sys.argv), one
+# after another in one interpreter, so that torch, transformers and vLLM are imported once and not once per
+# command. Each run's exit code and stderr go to a JSON file; an exception that escapes a script is printed
+# with its traceback, as the interpreter prints one.
+ONE_INTERPRETER = """
+import contextlib, io, json, runpy, sys, traceback
+commands, out, results = json.loads(sys.argv[1]), sys.argv[2], []
+for argv in commands:
+    sys.argv, stderr, code = list(argv), io.StringIO(), 0
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.append({"returncode": code, "stderr": stderr.getvalue()})
+with open(out, "w") as f:
+    json.dump(results, f)
+"""
+
+
+def run_scripts(commands: dict, folder: Path) -> dict:
+    """{name: command line} -> {name: {"returncode", "stderr"}}, all run in one subprocess."""
+    out = folder / "results.json"
+    subprocess.run([sys.executable, "-c", ONE_INTERPRETER, json.dumps([list(map(str, c)) for c in commands.values()]),
+                    str(out)],
+                   cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    return dict(zip(commands, json.loads(out.read_text())))
+
+
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error: ")]
 
@@ -236,38 +268,56 @@ def records(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory) -> dict:
+    """A record file with no usable row (one lacks fields, one is not JSON) and a file that is no video."""
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "bad.jsonl").write_text('{"problem_id": 1}\nnot json\n')
+    (folder / "clip.mp4").write_bytes(b"not a video")
+    return {"records": folder / "bad.jsonl", "video": folder / "clip.mp4", "folder": folder}
+
+
+@pytest.fixture(scope="module")
+def script_runs(tiny_checkpoint, cut_projector, records, bad_inputs, tmp_path_factory) -> dict:
+    """Every script given bad input, run as a user runs it: {name: {"returncode", "stderr"}}."""
+    path, _ = cut_projector
+    out = tmp_path_factory.mktemp("outs")
+    bad, video = bad_inputs["records"], bad_inputs["video"]
+    return run_scripts({
+        "model": ["model.py", "info", path],
+        "sft": ["sft.py", "--init", path, "--data", records, "--out", out / "sft"],
+        "rl": ["rl.py", "--init", path, "--data", records, "--out", out / "rl", "--batch-size", "1"],
+        "eval": ["eval.py", "--checkpoint", path, "--data", records, "--out", out / "eval"],
+        "bench": ["bench.py", "engines", "--checkpoint", path],
+        "model --debug": ["model.py", "info", path, "--debug"],
+        "frames": ["data.py", "frames", video],
+        "sft bad records": ["sft.py", "--init", tiny_checkpoint, "--data", bad, "--out", out / "sft-bad"],
+        "synth size": ["data.py", "synth", "--out", out / "synth", "--size", "63"],
+    }, out)
+
+
 @pytest.mark.parametrize("script", ["model", "sft", "rl", "eval", "bench"])
-def test_a_damaged_checkpoint_is_one_error_line(script, cut_projector, records, tmp_path):
-    path, line = cut_projector
-    args = {"model": ["model.py", "info", path],
-            "sft": ["sft.py", "--init", path, "--data", records, "--out", tmp_path / "out"],
-            "rl": ["rl.py", "--init", path, "--data", records, "--out", tmp_path / "out", "--batch-size", "1"],
-            "eval": ["eval.py", "--checkpoint", path, "--data", records, "--out", tmp_path / "out"],
-            "bench": ["bench.py", "engines", "--checkpoint", path]}[script]
-    run = run_script(*args)
-    assert (run.returncode, error_lines(run.stderr)) == (1, [line]), run.stderr[-3000:]
-    assert "Traceback" not in run.stderr
+def test_a_damaged_checkpoint_is_one_error_line(script, cut_projector, script_runs):
+    run = script_runs[script]
+    assert (run["returncode"], error_lines(run["stderr"])) == (1, [cut_projector[1]]), run["stderr"][-3000:]
+    assert "Traceback" not in run["stderr"]
 
 
-def test_a_bad_record_an_unreadable_video_and_misfit_flags_are_one_error_line(tiny_checkpoint, tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"problem_id": 1}\nnot json\n')
-    video = tmp_path / "clip.mp4"
-    video.write_bytes(b"not a video")
-    sft = ["sft.py", "--init", tiny_checkpoint, "--data", bad, "--out", tmp_path / "o"]
+def test_a_bad_record_an_unreadable_video_and_misfit_flags_are_one_error_line(script_runs, bad_inputs):
+    bad = bad_inputs["records"]
     # sft.py names each bad row as it skips it ("skipped: FILE line N, ..."), then stops with one error line
-    for args, named in ((["data.py", "frames", video], f"{video}"), (sft, f"{bad}: 0 usable records"),
-                        (["data.py", "synth", "--out", tmp_path / "s", "--size", "63"], "--size must be even")):
-        run = run_script(*args)
-        assert run.returncode == 1 and len(error_lines(run.stderr)) == 1, run.stderr[-3000:]
-        assert named in error_lines(run.stderr)[0] and "Traceback" not in run.stderr
-        assert args is not sft or f"skipped: {bad} line 1" in run.stderr
+    for name, named in (("frames", f"{bad_inputs['video']}"), ("sft bad records", f"{bad}: 0 usable records"),
+                        ("synth size", "--size must be even")):
+        run = script_runs[name]
+        assert run["returncode"] == 1 and len(error_lines(run["stderr"])) == 1, run["stderr"][-3000:]
+        assert named in error_lines(run["stderr"])[0] and "Traceback" not in run["stderr"]
+    assert f"skipped: {bad} line 1" in script_runs["sft bad records"]["stderr"]
 
 
-def test_debug_shows_the_traceback(cut_projector):
-    run = run_script("model.py", "info", cut_projector[0], "--debug")
-    assert run.returncode == 1 and "Traceback" in run.stderr and "CheckpointError" in run.stderr
-    assert error_lines(run.stderr) == []
+def test_debug_shows_the_traceback(script_runs):
+    run = script_runs["model --debug"]
+    assert run["returncode"] == 1 and "Traceback" in run["stderr"] and "CheckpointError" in run["stderr"]
+    assert error_lines(run["stderr"]) == []
 
 
 def test_under_torchrun_the_error_is_printed_once(cut_projector, records, tmp_path):

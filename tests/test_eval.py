@@ -8,14 +8,17 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import data
 import eval as evaluation
+import model as M
 from data import Record, load_records_report, write_mp4
 from eval import build_report, read_predictions
 from rollout import Sample
-from video import FrameSampling, VideoError
+from video import FrameSampling, VideoError, load_frames
 from test_data import videomme  # noqa: F401  (a fixture: Video-MME as the Hub lays it out)
+from test_train import srt_record
 
 OPTIONS = ["red", "blue", "green", "cyan"]
 
@@ -30,13 +33,15 @@ class ScriptedEngine:
 
     def __init__(self, texts, fail_after=None):
         self.texts, self.fail_after, self.asked = list(texts), fail_after, 0
+        self.prompts = []  # every prompt asked (model.Prompt), in order
 
     def generate(self, prompts, n, max_new_tokens, temperature=1.0, top_p=1.0, seed=0):
-        assert n == 1 and temperature == 0.0 and all(p.dim() == 2 for p in prompts)
+        assert n == 1 and temperature == 0.0 and all(p.embeds.dim() == 2 for p in prompts)
         if self.fail_after is not None and self.asked + len(prompts) > self.fail_after:
             raise KeyboardInterrupt("interrupted")
         texts = self.texts[self.asked:self.asked + len(prompts)]
         self.asked += len(prompts)
+        self.prompts += prompts
         return [[Sample(token_ids=[1], logprobs=[0.0], finish_reason="eos", text=t)] for t in texts]
 
 
@@ -75,10 +80,9 @@ def eval_data(tmp_path_factory):
     return records, errors, root
 
 
-def run_eval(model, engine, eval_data, out, **kw):
+def run_eval(model, engine, eval_data, out, sampling=FrameSampling(num_frames=4), **kw):
     records, errors, root = eval_data
-    return evaluation.evaluate(model, engine, records, FrameSampling(num_frames=4), out, batch_size=2,
-                               record_errors=errors, **kw)
+    return evaluation.evaluate(model, engine, records, sampling, out, batch_size=2, record_errors=errors, **kw)
 
 
 def test_report_has_the_expected_accuracy_and_breakdowns(tiny_model, eval_data, tmp_path):
@@ -149,6 +153,23 @@ def test_a_prompt_longer_than_the_engine_allows_is_an_error(tiny_model, eval_dat
     assert "PromptTooLong" in report["errors"]["items"][0]["reason"]
 
 
+def test_subtitles_are_the_srt_cues_within_the_sampled_frames(tiny_model, tmp_path):
+    """--subtitles with an .srt file: the prompt shows the cues that overlap the sampled frames' span (2 s to
+    7 s of a 10 s video), not the whole file; without --subtitles, none."""
+    record = srt_record(tmp_path)
+    sampling = FrameSampling(num_frames=2)                             # frames at 2 s and 7 s
+    with torch.no_grad():
+        video_embeds = tiny_model.encode_video(load_frames(record.video, tiny_model.config.image_size, sampling)[0])
+        before, after = data.build_prompt(record, subtitles="during")
+        shown = tiny_model.prompt(before, video_embeds, after)
+        hidden = tiny_model.prompt(data.build_prompt(record)[0], video_embeds, data.build_prompt(record)[1])
+    for subtitles, expected in ((True, shown), (False, hidden)):
+        engine = ScriptedEngine(["A"])
+        evaluation.evaluate(tiny_model, engine, [record], sampling, tmp_path / str(subtitles), subtitles=subtitles)
+        asked, = engine.prompts
+        torch.testing.assert_close(asked.embeds, expected.embeds)
+
+
 def test_build_report_ignores_predictions_of_other_records():
     recs = [Record(problem_id="q", video="v.mp4", problem="?", options=list(OPTIONS), problem_type="multiple_choice",
                    reasoning="", answer="B", labels={"duration": "short"})]
@@ -174,6 +195,27 @@ def test_cli_runs_the_tiny_model_end_to_end(tiny_checkpoint, eval_data, tmp_path
     assert "accuracy" in capsys.readouterr().out
 
 
+def test_cli_with_the_vllm_engine_at_2_fps_answers_as_the_torch_engine(tiny_checkpoint, eval_data, tmp_path):
+    """--engine vllm end to end (vLLM loads llm/, prompts go in as embeddings) with --fps 2 (4 frames of the
+    2 s clip, where the checkpoint's own setting would take all 8): greedy responses equal, question by
+    question, those of the torch engine asked here over frames sampled at 2 fps."""
+    import rollout
+    _, _, root = eval_data
+    assert evaluation.main(["--checkpoint", str(tiny_checkpoint), "--data", str(root / "test.jsonl"), "--fps", "2",
+                            "--out", str(tmp_path / "vllm"), "--max-new-tokens", "8", "--batch-size", "3",
+                            "--max-model-len", "512", "--engine", "vllm"]) == 0
+    report = json.loads((tmp_path / "vllm" / "report.json").read_text())
+    assert (report["settings"]["engine"], report["settings"]["fps"], report["settings"]["num_frames"]) == \
+        ("vllm", 2.0, None)
+    model = M.VideoLM.load(tiny_checkpoint).eval()
+    engine = rollout.make_engine("torch", model, tiny_checkpoint / "llm", max_model_len=512, dtype="float32")
+    run_eval(model, engine, eval_data, tmp_path / "torch", sampling=FrameSampling(fps=2.0), max_new_tokens=8)
+    responses = lambda out: {r["problem_id"]: r["response"] for r in read_predictions(out / "predictions.jsonl").values()}
+    assert responses(tmp_path / "vllm") == responses(tmp_path / "torch"), (responses(tmp_path / "vllm"),
+                                                                          responses(tmp_path / "torch"))
+    assert sum(r is not None for r in responses(tmp_path / "vllm").values()) == 5
+
+
 def test_help_lists_every_flag_with_its_default(capsys):
     with pytest.raises(SystemExit) as exit_code:
         evaluation.main(["--help"])
@@ -196,6 +238,7 @@ def test_cli_reads_videomme_as_downloaded(tiny_checkpoint, videomme, tmp_path, c
                             "--max-new-tokens", "4", "--engine", "torch"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert (report["n"], report["n_answered"], report["errors"]["count"]) == (4, 2, 2)
+    assert report["settings"]["subtitles"] is True   # the flag reached evaluate (which the test above checks)
     assert [e["problem_id"] for e in report["errors"]["items"]] == ["002-1", "002-2"]
     assert all(str(root / "data" / "k0aYt2Hq9aA.mp4") in e["reason"] for e in report["errors"]["items"])
     assert {v: b["n"] for v, b in report["by_duration"].items()} == {"short": 2, "long": 2}

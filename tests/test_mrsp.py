@@ -354,6 +354,20 @@ def test_cache_key_uses_sampling_key_and_vision_weights(frozen_model, video):
     assert cache.vision_runs == 2
 
 
+@pytest.mark.parametrize("part", ["vision_tower", "mm_projector"])
+def test_a_disk_cache_written_under_other_vision_weights_is_not_read(frozen_model, video, tmp_path, part):
+    """A run with another tower or projector (another checkpoint, or one SFT trained) over the same
+    --embed-cache-dir: the earlier run's files are there, and must not be served."""
+    old = cached(mrsp.VideoEmbeddingCache(frozen_model, cache_dir=tmp_path / "cache"), video)
+    with torch.no_grad():
+        next(getattr(frozen_model, part).parameters()).view(-1)[0] += 1.0   # one weight changed
+        expected = mrsp.stage1_encode(frozen_model, example_frames(7), None)   # [7 * tpf, D]
+    assert not torch.equal(expected, old)
+    later_run = mrsp.VideoEmbeddingCache(frozen_model, cache_dir=tmp_path / "cache")
+    assert torch.equal(cached(later_run, video), expected)
+    assert (later_run.vision_runs, later_run.hits) == (1, 0)
+
+
 def test_cache_rejects_corrupt_files(frozen_model, video, tmp_path):
     cache = mrsp.VideoEmbeddingCache(frozen_model, cache_dir=tmp_path / "cache")
     good = cached(cache, video)

@@ -388,6 +388,23 @@ def test_two_mini_batches_make_the_ratio_clip_bite(easy_task, tmp_path):
     assert rows_of(tmp_path / "two")[0]["clip_frac"] > 0
 
 
+def test_embed_cache_dir_keeps_the_embeddings_for_a_later_run(tiny_checkpoint, tmp_path):
+    """--embed-cache-dir through rl.py: the first run encodes its step's 2 videos and writes one file each;
+    a later run over the same records reads both back, never runs the vision tower, and samples the same."""
+    data.main(["synth", "--out", str(tmp_path / "data"), "--n", "2", "--seed", "0", "--test-frac", "0"])
+    run = ["--init", str(tiny_checkpoint), "--data", str(tmp_path / "data" / "train.jsonl"), "--steps", "1",
+           "--save-every", "0", *RL_ARGS, "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "8",
+           "--embed-cache-dir", str(tmp_path / "embeds")]
+    rl.main(run + ["--out", str(tmp_path / "first")])
+    rl.main(run + ["--out", str(tmp_path / "later")])
+    first, later = rows_of(tmp_path / "first")[0], rows_of(tmp_path / "later")[0]
+    assert (first["vision_runs"], first["embed_cache_misses"]) == (2, 2)
+    assert len(list((tmp_path / "embeds").glob("*.safetensors"))) == 2
+    assert (later["vision_runs"], later["embed_cache_misses"]) == (0, 0) and later["embed_cache_hits"] >= 2
+    assert (later["reward"], later["response_len"], later["loss"]) == (first["reward"], first["response_len"],
+                                                                      first["loss"])
+
+
 def test_engine_length_is_checked_or_derived_at_start_up(tiny_model):
     """The longest prompt of the first records + --max-new-tokens must fit the engine; without
     --max-model-len that sum (plus slack for later, longer text) is the engine's length."""

@@ -36,14 +36,7 @@ def test_records_for_step_split_data_parallel_ranks_and_epochs():
 def test_training_prompts_show_the_srt_cues_within_the_sampled_frames(tiny_model, tmp_path):
     """A record whose subtitles are an .srt file: the training prompt carries the cues that overlap the
     sampled frames' span, as eval does, also when the video embeddings come from the cache."""
-    data.write_mp4(tmp_path / "v.mp4", np.zeros((10, 32, 32, 3), np.uint8), fps=1.0)   # a 10 s video
-    (tmp_path / "v.srt").write_text("1\n00:00:00,000 --> 00:00:01,000\nbefore\n\n"
-                                    "2\n00:00:04,000 --> 00:00:05,000\nduring\n\n"
-                                    "3\n00:00:20,000 --> 00:00:21,000\nafter\n")
-    (tmp_path / "r.jsonl").write_text(json.dumps(
-        {"problem_id": "q", "videos": "v.mp4", "problem": "What is said?", "problem_type": "free_form",
-         "answer": "during", "subtitles": "v.srt"}) + "\n")
-    record, = data.load_records(tmp_path / "r.jsonl")
+    record = srt_record(tmp_path)
     sampling = video.FrameSampling(num_frames=2)                       # frames at 2 s and 7 s
     tiny_model.freeze_vision()
     cache = mrsp.VideoEmbeddingCache(tiny_model)
@@ -57,6 +50,20 @@ def test_training_prompts_show_the_srt_cues_within_the_sampled_frames(tiny_model
     for got in (first, second):
         torch.testing.assert_close(got.embeds, expected.embeds)
         assert torch.equal(got.positions, expected.positions)
+
+
+def srt_record(folder) -> data.Record:
+    """A record over a 10 s video (1 fps) whose subtitles are an .srt file of three cues: "before" (0-1 s),
+    "during" (4-5 s) and "after" (20-21 s, past the end)."""
+    data.write_mp4(Path(folder) / "v.mp4", np.zeros((10, 32, 32, 3), np.uint8), fps=1.0)
+    (Path(folder) / "v.srt").write_text("1\n00:00:00,000 --> 00:00:01,000\nbefore\n\n"
+                                        "2\n00:00:04,000 --> 00:00:05,000\nduring\n\n"
+                                        "3\n00:00:20,000 --> 00:00:21,000\nafter\n")
+    (Path(folder) / "r.jsonl").write_text(json.dumps(
+        {"problem_id": "q", "videos": "v.mp4", "problem": "What is said?", "problem_type": "free_form",
+         "answer": "during", "subtitles": "v.srt"}) + "\n")
+    record, = data.load_records(Path(folder) / "r.jsonl")
+    return record
 
 
 def test_unreadable_videos_are_replaced_by_the_next_readable_record(tiny_model, tmp_path):

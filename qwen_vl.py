@@ -364,8 +364,7 @@ class QwenVLFamily:
             vision_config=dict(out_hidden_size=p["llm"]["hidden_size"], tokens_per_second=2,
                                **{"window_size": 112, **p["vision"]}),
             tie_word_embeddings=False, **ids)
-        config._attn_implementation = attn_implementation
-        llm = Qwen2_5_VLForConditionalGeneration(config)
+        llm = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
         llm.generation_config.bos_token_id, llm.generation_config.eos_token_id = None, eos
         llm.generation_config.pad_token_id = pad
         tower = llm.model.visual

@@ -104,7 +104,7 @@ class PromptsEngine(ScriptedEngine):
         self.prompts = []
 
     def generate(self, prompts, n, **kw):
-        self.prompts += [p.clone() for p in prompts]
+        self.prompts += [p.embeds.clone() for p in prompts]
         return super().generate(prompts, n, **kw)
 
 

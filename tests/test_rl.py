@@ -245,7 +245,7 @@ def test_killed_run_resumes_to_the_same_metrics(easy_task, tmp_path):
     # timings differ, and so do vision-tower runs, the cache's counts and the videos read so far: the resumed
     # process starts with a cold embedding cache and counts from zero
     volatile = lambda r: {k: v for k, v in r.items()
-                          if not k.startswith(("time_", "embed_cache_", "videos_")) and k != "vision_runs"}
+                          if not k.startswith(("time_", "embed_cache_", "videos_")) and k not in ("vision_runs", "video_wait_s")}
     whole, resumed = rows_of(tmp_path / "whole"), rows_of(tmp_path / "killed")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for a, b in zip(whole, resumed):
@@ -425,7 +425,7 @@ def test_engine_length_is_checked_or_derived_at_start_up(tiny_model):
 
 
 def test_a_prompt_too_long_for_the_engine_is_refused_before_the_first_step(easy_task, tmp_path):
-    with pytest.raises(ValueError, match=r"8 frames x \(4 tokens \+ 1 separator\).*--max-model-len"):
+    with pytest.raises(ValueError, match=r"is \d+ tokens \(8 frames and its text\).*--max-model-len"):
         rl.main(["--init", str(easy_task["init"]), "--data", str(easy_task["data"]), "--out", str(tmp_path),
                  "--steps", "1", *RL_ARGS, "--max-model-len", "100"])
     assert not (tmp_path / "metrics.jsonl").exists()
@@ -507,6 +507,11 @@ def fixed_rollouts(model, seed=0):
     return records, prompts, groups
 
 
+def text_prompt(embeds: torch.Tensor) -> M.Prompt:
+    """Prompt embeddings [P, D] at positions 0..P-1, as the update's batches take them."""
+    return M.Prompt(embeds, torch.arange(len(embeds)))
+
+
 def hf_logprobs(llm, prompt, response):
     """log pi(response_t | prompt, response_<t) from the Hugging Face model itself, one sequence.   -> [R]"""
     ids = torch.tensor(response)
@@ -584,7 +589,7 @@ def run_update_policy(policy, reference, prompts, records, groups, flags, lr, mo
     monkeypatch.setattr(train, "sequence_logprobs", spied)
     optimizer.register_step_pre_hook(lambda *_: seen["grads"].append(
         {n: p.grad.clone() for n, p in policy.llm.named_parameters()}))
-    prompt_fn = lambda record: prompts[record.problem_id]
+    prompt_fn = lambda record: text_prompt(prompts[record.problem_id])
     models = rl.Models(policy, reference if args.kl_coef > 0 else None, params, optimizer, prompt_fn,
                        prompt_fn if args.kl_coef > 0 else None)
     episodes_by_group = [rl.score_group(r, g, args) for r, g in zip(records, groups)]
@@ -668,7 +673,7 @@ def test_one_update_raises_the_rewarded_responses_and_lowers_the_others(tiny_che
                           "--micro-batch-size", "3", "--lr", "1e-3"])
     models = rl.load_models(args, tiny_checkpoint, video.FrameSampling.from_args(args), mrsp.ParallelState())
     records, prompts, groups = fixed_rollouts(models.policy)
-    prompt_fn = lambda record: prompts[record.problem_id]
+    prompt_fn = lambda record: text_prompt(prompts[record.problem_id])
     models = dataclasses.replace(models, policy_prompt=prompt_fn, reference_prompt=prompt_fn)
     episodes = [rl.score_group(records[0], groups[0], args)]
     rl.set_advantages(episodes, args)

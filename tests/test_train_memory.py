@@ -24,7 +24,7 @@ def scored_batch(model: M.VideoLM, seed: int = 0) -> M.SequenceBatch:
     """Two short sequences (random prompt embeddings, a few response tokens each)."""
     generator = torch.Generator().manual_seed(seed)
     D = model.llm.config.hidden_size
-    prompts = [torch.randn(n, D, generator=generator) for n in (9, 6)]
+    prompts = [M.Prompt(torch.randn(n, D, generator=generator), torch.arange(n)) for n in (9, 6)]
     responses = [torch.randint(3, 300, (n,), generator=generator).tolist() for n in (4, 7)]
     return model.build_sequence_batch(prompts, responses)
 
@@ -85,7 +85,7 @@ def test_rl_grad_checkpointing_keeps_a_fraction_of_the_activations(tiny_checkpoi
     import rl
     ps = mrsp.ParallelState()
     D = M.VideoLM.load(tiny_checkpoint).llm.config.hidden_size
-    prompts = [torch.randn(300, D, generator=torch.Generator().manual_seed(0))]  # a long prompt: activations dominate
+    prompts = [M.Prompt(torch.randn(300, D, generator=torch.Generator().manual_seed(0)), torch.arange(300))]  # long: activations dominate
     saved = {}
     for flag in (False, True):
         policy = rl.load_policy(tiny_checkpoint, ps, grad_checkpointing=flag)

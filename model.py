@@ -38,6 +38,7 @@ import functools
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,13 +80,13 @@ class Prompt:
 
     `positions` are the LLM's: [L] = 0..L-1 for a one-axis family (VILA), [3, L] M-RoPE (time, row, column)
     for Qwen2.5-VL, where a video's tokens share positions and the text after it starts past the largest.
-    A response continues from `next_position` on every axis. `engine_input` is the vLLM request of a family
-    whose positions vLLM cannot derive from embeddings (Qwen2.5-VL: token ids + video embeddings); None
-    sends the embeddings as they are.
+    A response continues from `next_position` on every axis. `engine_input()` makes the vLLM request of a
+    family whose positions vLLM cannot derive from embeddings (Qwen2.5-VL: token ids + video embeddings);
+    None sends the embeddings as they are.
     """
     embeds: torch.Tensor           # [L, D]
     positions: torch.Tensor        # [L] or [3, L], long
-    engine_input: dict | None = None
+    engine_input: Callable[[], dict] | None = None
 
     def __len__(self) -> int:
         return len(self.embeds)

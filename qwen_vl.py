@@ -215,9 +215,9 @@ class QwenVLFamily:
 
     @staticmethod
     def prompt(model, text_before: str, video_embeds: torch.Tensor, text_after: str, timestamps):
-        """The chat prompt around the video -> (embeddings [L, D], M-RoPE positions [3, L], the vLLM request:
-        the prompt's token ids with one <|video_pad|> per video row, and the video as embeddings with its
-        grid and seconds per pair, so vLLM computes the same positions from them)."""
+        """The chat prompt around the video -> (embeddings [L, D], M-RoPE positions [3, L], a function making
+        the vLLM request: the prompt's token ids with one <|video_pad|> per video row, and the video as
+        embeddings with its grid and seconds per pair, so vLLM computes the same positions from them)."""
         cfg = model.config
         before, after = QwenVLFamily.chat_text(model.tokenizer, text_before, text_after)
         ids_before, ids_after = model.encode_text(before), model.encode_text(after)
@@ -227,12 +227,13 @@ class QwenVLFamily:
         embeds_before = model.embed_ids(ids_before)                                            # [Lb, D]
         embeds = torch.cat([embeds_before, video_embeds.to(embeds_before.dtype), model.embed_ids(ids_after)])
         video_pad = model.tokenizer.convert_tokens_to_ids(VIDEO_PAD)
-        engine_input = {
-            "prompt_token_ids": ids_before + [video_pad] * len(video_embeds) + ids_after,
-            "multi_modal_data": {"video": {
-                "video_embeds": video_embeds.detach().cpu(),
-                "video_grid_thw": torch.tensor([pairs, g * cfg.merge_size, g * cfg.merge_size]),  # in patches
-                "second_per_grid_ts": torch.tensor([seconds], dtype=torch.float32)}}}
+
+        def engine_input() -> dict:  # made only for a rollout: the training passes never copy the video to the host
+            return {"prompt_token_ids": ids_before + [video_pad] * len(video_embeds) + ids_after,
+                    "multi_modal_data": {"video": {
+                        "video_embeds": video_embeds.detach().cpu(),
+                        "video_grid_thw": torch.tensor([pairs, g * cfg.merge_size, g * cfg.merge_size]),  # patches
+                        "second_per_grid_ts": torch.tensor([seconds], dtype=torch.float32)}}}
         return embeds, positions.to(embeds.device), engine_input
 
     @staticmethod

@@ -340,7 +340,7 @@ def check_vllm_video_support() -> None:
 def video_requests(prompts) -> list[dict]:
     """vLLM requests for prompts: `Prompt.engine_input` where the family gives one (Qwen2.5-VL: token ids
     and the video as embeddings, so vLLM derives M-RoPE positions), else the prompt embeddings."""
-    return [p.engine_input if p.engine_input is not None else {"prompt_embeds": p.embeds.detach().cpu()}
+    return [p.engine_input() if p.engine_input is not None else {"prompt_embeds": p.embeds.detach().cpu()}
             for p in prompts]
 
 

@@ -123,7 +123,7 @@ def sequence_inputs(model, video, response, seconds_per_frame=0.5):
     with torch.no_grad():
         video_embeds = model.encode_video(video)
     prompt = model.prompt("", video_embeds, "Question: How many scenes are red?", timestamps)  # text with grad
-    ids = prompt.engine_input["prompt_token_ids"] + response
+    ids = rollout.video_requests([prompt])[0]["prompt_token_ids"] + response
     before, after = model.family.chat_text(model.tokenizer, "", "Question: How many scenes are red?")
     Lb, La = len(model.encode_text(before)), len(model.encode_text(after))
     pairs = -(-len(video) // 2)

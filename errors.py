@@ -13,7 +13,7 @@ command line has `--debug`. Every script ends with
         errors.run_main(main)
 
 Under torchrun every rank that loads the same damaged checkpoint fails the same way; the message is printed
-once, by the first rank to report (it takes a ticket from the job's key-value store).
+once, by the first rank to report (it takes a ticket from the job's key-value store; see `_print_once`).
 """
 import json
 import os
@@ -45,8 +45,7 @@ def run_main(main) -> None:
             raise
         message = "error: " + " ".join("; ".join([str(e), *getattr(e, "__notes__", [])]).splitlines())
         _tell_launcher(message)
-        if _first_to_report():
-            print(message, file=sys.stderr)
+        _print_once(message)
         sys.exit(1)
     sys.exit(code)
 
@@ -60,21 +59,40 @@ def _tell_launcher(message: str) -> None:
             json.dump({"message": message, "timestamp": int(time.time())}, f)
 
 
-def _first_to_report() -> bool:
-    """False in a torchrun rank when another rank of the same job has already printed its error.
+def _print_once(message: str) -> None:
+    """Print the message on stderr, once per torchrun job: the rank that takes the first ticket prints.
 
     torchrun's launcher keeps a TCP key-value store at MASTER_ADDR:MASTER_PORT for the job's life; adding
-    1 to a key is atomic, so exactly one rank reads 1 back. A restarted job (--max-restarts) has a key of
-    its own. Without a store to ask, every rank prints: twice is better than never.
+    1 to a key is atomic, so exactly one rank reads 1 back. That rank prints, then marks it done; the others
+    wait for the mark before they exit, because the launcher ends the whole job (SIGTERM) as soon as one
+    rank has exited: a rank that exited at once could get the printer killed between its ticket and its
+    print, and nobody would print. A restarted job (--max-restarts) has keys of its own. Without a store
+    to ask, or if the printer's mark never comes (it died), a rank prints: twice is better than never.
     """
+    store = _job_store()
+    if store is None:
+        print(message, file=sys.stderr, flush=True)
+        return
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    try:
+        if store.add(f"error-ticket-{attempt}", 1) == 1:
+            print(message, file=sys.stderr, flush=True)
+            store.set(f"error-printed-{attempt}", "1")
+        else:
+            store.wait([f"error-printed-{attempt}"])  # the store's timeout (10 s), then RuntimeError
+    except RuntimeError:  # the store went away or the printer never marked: print ourselves
+        print(message, file=sys.stderr, flush=True)
+
+
+def _job_store():
+    """The launcher's key-value store under torchrun with more than one rank, else None."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return True
+        return None
     from datetime import timedelta
 
     import torch.distributed as dist
     try:
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                              timeout=timedelta(seconds=10))
-        return store.add(f"error-reported-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", 1) == 1
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=timedelta(seconds=10))
     except (KeyError, ValueError, RuntimeError):
-        return True
+        return None

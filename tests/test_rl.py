@@ -340,7 +340,7 @@ def test_torchrun_sp2_with_the_vllm_engine(easy_task, tmp_path):
 
 
 def test_ctrl_c_ends_both_ranks_within_seconds_and_leaves_only_complete_checkpoints(tiny_checkpoint, tmp_path):
-    """Ctrl-C sends SIGINT to every process of the job. The two ranks are started as torchrun starts them
+    """Ctrl-C sends SIGINT to every process of the terminal's job at once. The two ranks are started as torchrun starts them
     (its environment), so that each one's own exit status shows; SIGINT reaches both while they step and
     checkpoint every step. Both end within seconds, by SIGINT (a shell's 130), and every checkpoint
     folder left is complete: one interrupted mid-write is never renamed into place."""
@@ -355,15 +355,19 @@ def test_ctrl_c_ends_both_ranks_within_seconds_and_leaves_only_complete_checkpoi
     # SIGINT as a terminal delivers it: a test run started in the background inherits it ignored
     as_in_a_terminal = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
     logs = [open(tmp_path / f"rank{rank}.log", "w") for rank in (0, 1)]
-    ranks = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                              stdout=log, stderr=log, preexec_fn=as_in_a_terminal) for rank, log in enumerate(logs)]
+    ranks = []
+    for rank, log in enumerate(logs):  # one process group, as a terminal's job is: rank 0's pid is its id
+        ranks.append(subprocess.Popen(cmd, cwd=ROOT, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                                      stdout=log, stderr=log, preexec_fn=as_in_a_terminal,
+                                      process_group=ranks[0].pid if ranks else 0))
     try:
         deadline = time.monotonic() + 240
         while train.latest_checkpoint(out) is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert train.latest_checkpoint(out) is not None, (tmp_path / "rank0.log").read_text()[-3000:]
-        for proc in ranks:
-            proc.send_signal(signal.SIGINT)
+        # one kill for the group, as the terminal does: signalled one after the other, rank 0 could end and
+        # break rank 1's collective before rank 1 had its own SIGINT (CI saw rank 1 end by the broken link)
+        os.killpg(ranks[0].pid, signal.SIGINT)
         interrupted = time.monotonic()
         codes = [proc.wait(timeout=60) for proc in ranks]
         seconds = time.monotonic() - interrupted

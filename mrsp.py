@@ -4,8 +4,8 @@ An RL step on a long video runs the same long sequence many times: rollout prefi
 reference log-probs, and the policy update. MR-SP makes that affordable in two stages.
 
 Stage 1, video encoding. The frames of a video are split across the ranks of a sequence-parallel (SP)
-group; each rank encodes its share with the (frozen) vision tower, and an all-gather rebuilds the whole
-video embedding on every rank (`stage1_encode`). The result is cached (`VideoEmbeddingCache`) and reused
+group; each rank decodes and encodes only its share (`stage1_share`) with the (frozen) vision tower, and
+an all-gather rebuilds the whole video embedding on every rank (`stage1_encode`). The result is cached (`VideoEmbeddingCache`) and reused
 by rollout and by every training pass, so the vision tower runs once per video, not once per pass.
 
 Stage 2, the long sequence. Every SP rank holds the same batch but runs the LLM on a contiguous 1/sp
@@ -375,26 +375,42 @@ def sum_over_ranks(x: torch.Tensor, group) -> torch.Tensor:
 # ---- stage 1: frame-sharded video encoding ----
 
 @torch.no_grad()
-def stage1_encode(model: VideoLM, frames, sp_group, chunk_size: int = 32) -> torch.Tensor:
+def stage1_share(model: VideoLM, num_frames: int, sp_group) -> slice:
+    """The frames (of a video's `num_frames` sampled ones) this rank encodes in MR-SP stage 1: its
+    contiguous share of the vision tower's steps (`split_evenly`), on step boundaries. A step is what the
+    tower encodes on its own: a frame (VILA) or a pair of frames (Qwen2.5-VL, whose attention never
+    crosses pairs). stage1_share(VILA, 7, sp=2) -> slice(0, 4) on rank 0, slice(4, 7) on rank 1;
+    stage1_share(Qwen, 7, sp=2) -> slice(0, 4) (pairs 0 and 1), slice(4, 7) (pair 2 and the half pair 3)."""
+    fps = model.config.frames_per_step
+    steps = split_evenly(-(-num_frames // fps), group_size(sp_group))[group_rank(sp_group)]
+    return slice(steps.start * fps, min(steps.stop * fps, num_frames))
+
+
+def stage1_encode(model: VideoLM, frames, sp_group, num_frames: int | None = None,
+                  chunk_size: int = 32) -> torch.Tensor:
     """MR-SP stage 1: frames [T, H, W, 3] -> video embeddings [steps * tokens_per_step, D] on every SP rank.
 
-    A step is what the vision tower encodes on its own: a frame (VILA) or a pair of frames (Qwen2.5-VL,
-    whose attention never crosses pairs). Every rank passes the same frames; each encodes its contiguous
-    share of the steps (`split_evenly`) and an all-gather rebuilds the whole embedding in order. Shares
-    may differ by one step and may be empty (steps < sp): they are padded to the largest share for the
-    all-gather and trimmed after. Runs without autograd: the vision tower and projector are frozen in RL
-    (LongVILA-R1), which is also what makes the embeddings cacheable.
+    Each rank encodes its share of the video (`stage1_share`) and an all-gather rebuilds the whole
+    embedding in order. `frames` are all T sampled frames, or, with `num_frames=T`, only this rank's share
+    of them: a rank then decodes just the frames it encodes (`video.load_frames(..., share=...)`), not the
+    whole video. Shares may differ by one step and may be empty (steps < sp): they are padded to the
+    largest share for the all-gather and trimmed after. Runs without autograd: the vision tower and
+    projector are frozen in RL (LongVILA-R1), which is also what makes the embeddings cacheable.
     """
     sp_rank, sp_size = group_rank(sp_group), group_size(sp_group)
-    if len(frames) == 0:
+    total = len(frames) if num_frames is None else num_frames
+    if total == 0:
         raise ValueError("no frames to encode")
-    fps, tps, D = model.config.frames_per_step, model.config.tokens_per_step, model.config.llm_hidden
-    counts = [len(share) for share in split_evenly(-(-len(frames) // fps), sp_size)]     # steps per rank
-    start = sum(counts[:sp_rank]) * fps
+    share = stage1_share(model, total, sp_group)
+    local_frames = frames[share] if num_frames is None else frames
+    if len(local_frames) != share.stop - share.start:
+        raise ValueError(f"rank {sp_rank} has {len(local_frames)} frames; its share of {total} is {share}")
+    tps, D = model.config.tokens_per_step, model.config.llm_hidden
+    counts = [len(s) for s in split_evenly(-(-total // model.config.frames_per_step), sp_size)]  # steps per rank
     # One dtype on every rank for the all-gather, whatever autocast did to the encoder's output.
     dtype = model.llm.get_input_embeddings().weight.dtype
     if counts[sp_rank]:  # the last share may end in half a step: encode_frames completes it
-        local = model.encode_video(frames[start:start + counts[sp_rank] * fps], chunk_size).to(dtype)  # [n_r * tps, D]
+        local = model.encode_video(local_frames, chunk_size).to(dtype)                  # [n_r * tps, D]
     else:
         local = torch.zeros(0, D, dtype=dtype, device=model.device)                    # [0, D]
     if sp_size == 1:
@@ -424,9 +440,11 @@ class VideoEmbeddingCache:
 
         cache = VideoEmbeddingCache(model, cache_dir="runs/embeds", sp_group=ps.sp_group,
                                     max_bytes=8 * 2**30, dtype=torch.bfloat16, storage="cpu")
+        share = lambda num_frames: stage1_share(model, num_frames, ps.sp_group)  # this rank's frames
         video_embeds = cache.get(path, sampling,
-                                 frames_fn=lambda: video.load_frames(path, image_size, sampling)[0],
-                                 encode_fn=lambda frames: stage1_encode(model, frames, ps.sp_group))
+                                 frames_fn=lambda: video.load_frames(path, image_size, sampling, share),
+                                 encode_fn=lambda read: stage1_encode(model, read[0], ps.sp_group,
+                                                                      num_frames=len(read[1])))
 
     Frames are loaded and encoded only on a miss. The key is (absolute path, file size, mtime_ns,
     sampling.key(), vision_fingerprint(model), stored dtype): editing or touching the video, changing the

@@ -645,7 +645,9 @@ class VideoPrompts:
     def __init__(self, model: M.VideoLM, sampling: video.FrameSampling, ps: mrsp.ParallelState,
                  cache: "mrsp.VideoEmbeddingCache | None", decode_workers: int = 0):
         self.model, self.sampling, self.ps, self.cache = model, sampling, ps, cache
-        self.reader = video.FramePrefetcher(model.config.image_size, decode_workers)
+        # With the cache, stage 1 encodes: each SP rank decodes only the frames it encodes.
+        share = (lambda num_frames: mrsp.stage1_share(model, num_frames, ps.sp_group)) if cache is not None else None
+        self.reader = video.FramePrefetcher(model.config.image_size, decode_workers, share)
         self.uncached_runs = 0
         self.unreadable: dict[tuple, str] = {}
         self.skipped = 0  # records replaced so far
@@ -653,12 +655,12 @@ class VideoPrompts:
         self._times: dict[tuple, np.ndarray] = {}
 
     def video_embeds(self, record: data.Record) -> torch.Tensor:
-        frames_fn = lambda: self._read_agreed(lambda: self.reader.load_frames(record.video, self.sampling)[0])
-        encode_fn = lambda frames: mrsp.stage1_encode(self.model, frames, self.ps.sp_group)
-        if self.cache is not None:
-            return self.cache.get(record.video, self.sampling, frames_fn, encode_fn)
+        read_fn = lambda: self._read_agreed(lambda: self.reader.load_frames(record.video, self.sampling))
+        if self.cache is not None:  # (this rank's frames, all timestamps) -> the whole video's embeddings
+            encode_fn = lambda read: mrsp.stage1_encode(self.model, read[0], self.ps.sp_group, num_frames=len(read[1]))
+            return self.cache.get(record.video, self.sampling, read_fn, encode_fn)
         # No cache: decode and encode again, with grad if the vision tower trains.
-        video_embeds = self.model.encode_video(frames_fn())
+        video_embeds = self.model.encode_video(read_fn()[0])
         self.uncached_runs += 1
         return video_embeds
 

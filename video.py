@@ -27,6 +27,7 @@ from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import av
 import decord
@@ -477,7 +478,7 @@ class VideoRead:
     """What reading a video gave: the sampled frames (None when only the index was read) and where they
     come from."""
 
-    frames: np.ndarray | None  # uint8 [T, H, W, 3] RGB
+    frames: np.ndarray | None  # uint8 [T, H, W, 3] RGB (with a `share`: only those, [t, H, W, 3])
     timestamps: np.ndarray     # float64 [T] seconds
     indices: np.ndarray        # int64 [T] frame indices
     num_frames: int            # frames in the video
@@ -487,12 +488,15 @@ class VideoRead:
     why: str                   # why the reader tried first was chosen (`choose_reader`)
 
 
-def read_video(path, image_size: int | None, sampling: FrameSampling, decode: bool = True) -> VideoRead:
+def read_video(path, image_size: int | None, sampling: FrameSampling, decode: bool = True,
+               share: Callable[[int], slice] | None = None) -> VideoRead:
     """Read a video's sampled frames (resized to image_size x image_size; None: native size) with the
     reader `choose_reader` picks, or with the other where that one cannot open or decode the file. A file
     that needed the other reader once goes straight to it after. A file neither can read raises
     VideoError naming it, with each reader's reason. With decode=False only the index is read (frame
-    count, rate, timestamps).
+    count, rate, timestamps). With `share` (the number of sampled frames -> a slice of them), only the
+    frames in that slice are decoded: under MR-SP each rank reads just the frames it encodes
+    (`mrsp.stage1_share`); the timestamps and indices stay those of all sampled frames.
 
     >>> read = read_video("youtube_av1.mp4", 224, FrameSampling(num_frames=16))
     >>> read.decoder, read.failures, read.frames.shape
@@ -526,7 +530,9 @@ def read_video(path, image_size: int | None, sampling: FrameSampling, decode: bo
                 raise VideoError(f"{path}: the file is cut short: {reader.cut_short}{failed}")
             fps = _video_fps(reader, path, sampling)
             indices, timestamps = sample_indices(reader.num_frames, fps, sampling)
-            frames = reader.frames(indices) if decode else None
+            wanted = indices[share(len(indices))] if share is not None else indices
+            frames = None if not decode else reader.frames(wanted) if len(wanted) else \
+                np.zeros((0, image_size or 0, image_size or 0, 3), np.uint8)  # a rank with no share
         except _ReadError as e:
             failures.append(f"{reader_class.name}: {e}")
             continue
@@ -556,16 +562,18 @@ def _video_fps(reader, path, sampling: FrameSampling) -> float:
     return 1.0
 
 
-def load_frames(path, image_size: int, sampling: FrameSampling) -> tuple[np.ndarray, np.ndarray]:
+def load_frames(path, image_size: int, sampling: FrameSampling,
+                share: Callable[[int], slice] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode the sampled frames of a video, resized to a square (no cropping):
     (frames uint8 [T, image_size, image_size, 3] RGB, timestamps float64 [T] seconds).
-    decord reads the file, or PyAV where decord cannot; `decoder_of(path)` says which did.
+    decord reads the file, or PyAV where decord cannot; `decoder_of(path)` says which did. With `share`,
+    only the frames share(T) are decoded (`read_video`); the timestamps are all T.
 
     >>> frames, times = load_frames("clip.mp4", 224, FrameSampling(fps=1.0))   # a 60 s clip
     >>> frames.shape, times[:2]
     ((60, 224, 224, 3), array([0.5, 1.5]))
     """
-    read = read_video(path, image_size, sampling)
+    read = read_video(path, image_size, sampling, share=share)
     return read.frames, read.timestamps
 
 
@@ -597,11 +605,12 @@ class FramePrefetcher:
     never claimed (a record replaced, or its embeddings found in a cache).
     """
 
-    def __init__(self, image_size: int, workers: int):
-        self.image_size = image_size
+    def __init__(self, image_size: int, workers: int, share: Callable[[int], slice] | None = None):
+        self.image_size, self.share = image_size, share  # share: see `load_frames`
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="decode") if workers > 0 else None
         self.pending: dict[tuple, Future] = {}  # (path, sampling key) -> the read
         self.waited = 0.0
+        self.frames_read = 0  # frames decoded for the reads handed out so far
 
     def prefetch(self, reads) -> None:
         """Start these reads ((path, sampling) pairs, in this order) unless already started; forget the
@@ -611,7 +620,8 @@ class FramePrefetcher:
         wanted = {(os.path.abspath(path), sampling.key()): (path, sampling) for path, sampling in reads}
         for key in self.pending.keys() - wanted.keys():
             self.pending[key].cancel()  # a queued read no longer wanted never starts (a running one ends)
-        self.pending = {key: self.pending.get(key) or self.pool.submit(load_frames, path, self.image_size, sampling)
+        self.pending = {key: self.pending.get(key) or self.pool.submit(load_frames, path, self.image_size, sampling,
+                                                                          self.share)
                         for key, (path, sampling) in wanted.items()}
 
     def load_frames(self, path, sampling: FrameSampling) -> tuple[np.ndarray, np.ndarray]:
@@ -620,15 +630,18 @@ class FramePrefetcher:
         try:
             read = self.pending.pop((os.path.abspath(path), sampling.key()), None)
             if read is None:
-                return load_frames(path, self.image_size, sampling)
-            try:
-                return read.result()
-            except VideoError:
-                raise
-            except Exception as e:
-                raise RuntimeError(f"{path}: the background read of this video failed: {type(e).__name__}: {e}") from e
+                frames, timestamps = load_frames(path, self.image_size, sampling, self.share)
+            else:
+                try:
+                    frames, timestamps = read.result()
+                except VideoError:
+                    raise
+                except Exception as e:
+                    raise RuntimeError(f"{path}: the background read of this video failed: {type(e).__name__}: {e}") from e
         finally:
             self.waited += time.perf_counter() - start
+        self.frames_read += len(frames)
+        return frames, timestamps
 
 
 def add_prefetch_args(parser) -> None:

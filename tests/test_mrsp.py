@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import model as M
 import mrsp
+import train
+from video import FrameSampling, load_frames
 from dist import allreduce_gradients, run_ranks
 
 # ---- the example every check uses ----
@@ -81,7 +84,7 @@ def logprobs_and_grads(model: M.VideoLM, ps: mrsp.ParallelState | None):
     return logprobs.detach(), grads
 
 
-def sp_job(checkpoint: str, cache_dir: str) -> dict:
+def sp_job(checkpoint: str, cache_dir: str, clip: str) -> dict:
     """Runs on every rank: all SP checks over one group of WORLD_SIZE ranks."""
     sp_size = int(os.environ["WORLD_SIZE"])
     ps = mrsp.init_distributed(sp_size=sp_size)
@@ -90,6 +93,12 @@ def sp_job(checkpoint: str, cache_dir: str) -> dict:
     out = {"sp_rank": ps.sp_rank, "sp_size": ps.sp_size, "dp_size": ps.dp_size,
            "stage1_7": mrsp.stage1_encode(model, example_frames(7), ps.sp_group),
            "stage1_1": mrsp.stage1_encode(model, example_frames(1), ps.sp_group)}
+    # the training path on a real mp4: each rank decodes only the frames it encodes
+    prompts = train.VideoPrompts(model, FrameSampling(num_frames=7), ps,
+                                 mrsp.VideoEmbeddingCache(model, None, sp_group=ps.sp_group))
+    with torch.no_grad():
+        out["clip_embeds"] = prompts.video_embeds(data.Record("clip", clip, "Q?", [], "free_form", "", "x"))
+    out["clip_frames_read"] = prompts.reader.frames_read
 
     video = os.path.join(checkpoint, "config.json")  # any file stands in for a video
     runs = []
@@ -124,24 +133,34 @@ def mesh_job() -> dict:
 # ---- distributed runs, once per size ----
 
 @pytest.fixture(scope="module")
-def sp_runs(tiny_checkpoint, tmp_path_factory):
+def sp_runs(tiny_checkpoint, clip, tmp_path_factory):
     runs = {}
 
     def run(sp_size: int) -> list[dict]:
         if sp_size not in runs:
             cache_dir = tmp_path_factory.mktemp("cache")
-            runs[sp_size] = run_ranks(sp_job, sp_size, str(tiny_checkpoint), str(cache_dir))
+            runs[sp_size] = run_ranks(sp_job, sp_size, str(tiny_checkpoint), str(cache_dir), str(clip))
         return runs[sp_size]
     return run
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_checkpoint):
+def clip(tmp_path_factory):
+    """A 7-frame mp4 of random frames: each frame encodes to different rows."""
+    path = tmp_path_factory.mktemp("clip") / "clip.mp4"
+    data.write_mp4(path, example_frames(7), fps=7.0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint, clip):
     """sp=1: the plain model, no MR-SP code at all."""
     model = M.VideoLM.load(tiny_checkpoint, attn_implementation="sdpa").eval()
+    frames, _ = load_frames(clip, model.config.image_size, FrameSampling(num_frames=7))
     ref = {"batch": example_batch(model),
            "stage1_7": model.encode_video(example_frames(7)).detach(),
-           "stage1_1": model.encode_video(example_frames(1)).detach()}
+           "stage1_1": model.encode_video(example_frames(1)).detach(),
+           "clip": model.encode_video(frames).detach()}
     for sp_size in (2, 3):
         ref[f"sp{sp_size}"] = logprobs_and_grads(with_heads(model, *SP_HEADS[sp_size]), None)
         ref[f"gqa{sp_size}"] = logprobs_and_grads(with_heads(model, *GQA_HEADS[sp_size]), None)
@@ -190,6 +209,17 @@ def test_stage1_encode_matches_one_process(sp_runs, reference, sp_size):
     for r in sp_runs(sp_size):  # 7 frames: 4+3 or 3+2+2; 1 frame: the other ranks encode nothing
         torch.testing.assert_close(r["stage1_7"], reference["stage1_7"], rtol=0, atol=1e-5)
         torch.testing.assert_close(r["stage1_1"], reference["stage1_1"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("sp_size", [2, 3])
+def test_each_rank_decodes_only_the_frames_it_encodes(sp_runs, reference, sp_size):
+    """7 frames over sp ranks (VILA: one frame a step): the first 7 % sp ranks take 7 // sp + 1 frames, the
+    others 7 // sp; the embeddings are those of the whole video decoded and encoded in one process."""
+    expected = [7 // sp_size + (rank < 7 % sp_size) for rank in range(sp_size)]
+    runs = sorted(sp_runs(sp_size), key=lambda r: r["sp_rank"])
+    assert [r["clip_frames_read"] for r in runs] == expected
+    for r in runs:
+        torch.testing.assert_close(r["clip_embeds"], reference["clip"], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("sp_size", [2, 3])

@@ -129,22 +129,25 @@ def cmd_memory(args):
 
 # ---- memory: per-rank footprint of one GRPO step at the 7B's width ----
 
-WIDE_7B = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4)
+# LLM widths: the 7B's, and a narrow one that shows the same sharding in seconds (the tests use it)
+WIDTHS = {"7b": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4),
+          "narrow": dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=2)}
 
 
-def _wide_videolm(layers: int, vocab_size: int, seed: int, dtype=torch.bfloat16) -> M.VideoLM:
-    """A VideoLM whose LLM has the 7B's width (hidden 3584, 28 query / 4 KV heads, MLP 18944, untied head)
-    and `layers` decoder layers, its LLM in `dtype`, its vision parts in bf16; a small SigLIP at 448 px with patch 14 gives the 7B's 256 tokens
-    per frame. Random weights: memory does not depend on their values."""
+def _wide_videolm(layers: int, vocab_size: int, seed: int, width: str = "7b", dtype=torch.bfloat16) -> M.VideoLM:
+    """A VideoLM whose LLM has the width WIDTHS[width] (7b: hidden 3584, 28 query / 4 KV heads, MLP 18944;
+    untied head) and `layers` decoder layers, its LLM in `dtype`, its vision parts in bf16; a small SigLIP
+    at 448 px with patch 14 gives the 7B's 256 tokens per frame. Random weights: memory does not depend on
+    their values."""
     from transformers import AutoModelForCausalLM, Qwen2Config, SiglipVisionConfig, SiglipVisionModel
     torch.manual_seed(seed)
     tokenizer = M.train_tokenizer([CAPACITY_TEXT_BEFORE, CAPACITY_TEXT_AFTER, "\n"] * 4, vocab_size=300)
     vision = SiglipVisionModel(SiglipVisionConfig(image_size=448, patch_size=14, hidden_size=64, intermediate_size=128,
                                                   num_hidden_layers=1, num_attention_heads=2, vision_use_head=False))
     llm_config = Qwen2Config(vocab_size=vocab_size, num_hidden_layers=layers, tie_word_embeddings=False,
-                             max_position_embeddings=32768, **WIDE_7B)
+                             max_position_embeddings=32768, **WIDTHS[width])
     llm = AutoModelForCausalLM.from_config(llm_config, attn_implementation="sdpa", dtype=dtype)
-    config = vila.VilaConfig(448, 14, 64, WIDE_7B["hidden_size"])
+    config = vila.VilaConfig(448, 14, 64, WIDTHS[width]["hidden_size"])
     projector = vila.MultimodalProjector(config.projector, config.vision_hidden, config.llm_hidden)
     return M.VideoLM(config, vision.to(torch.bfloat16), projector.to(torch.bfloat16), llm, tokenizer)
 
@@ -225,7 +228,7 @@ def cmd_grpo_memory(args):
         video = Path(tmp) / "video.mp4"  # the cache keys on the file's path, size and mtime; nothing decodes it
         video.write_bytes(b"frames come from a random array")
         checkpoint = Path(tmp) / "policy"  # rl.py loads its policy and reference from a checkpoint
-        _wide_videolm(args.layers, args.vocab_size, seed=0).save(checkpoint)
+        _wide_videolm(args.layers, args.vocab_size, seed=0, width=args.width).save(checkpoint)
         for ranks in args.ranks:
             rows += sorted((dict(r, ranks=ranks) for r in _spawn_ranks(_grpo_memory_rank, ranks, ranks, settings,
                                                                         str(checkpoint), str(video))),
@@ -237,7 +240,8 @@ def cmd_grpo_memory(args):
     print(f"\ncommand: `{_command_line()}`\ndevice: {_device_name()}\n"
           f"One GRPO update (encode through the cache, old + reference log-probs, loss, backward, clip, AdamW) "
           f"of one group of {args.group_size} responses x {args.response_len} tokens on a {args.frames}-frame video "
-          f"(packed with its prompt once: {rows[0]['positions']:,} positions); LLM of the 7B's width with {args.layers} layer(s), "
+          f"(packed with its prompt once: {rows[0]['positions']:,} positions); LLM of the {args.width} width "
+          f"({WIDTHS[args.width]['hidden_size']}) with {args.layers} layer(s), "
           f"vocabulary {args.vocab_size:,}; rl.py's models ({precision}); all ranks one SP group, "
           f"both models FSDP2-sharded. MiB per rank:\n")
     for r in rows:
@@ -890,6 +894,8 @@ def main():
                              "and --response-len apply")
     memory.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="--grpo-step: process counts to compare")
     memory.add_argument("--layers", type=int, default=1, help="--grpo-step: decoder layers")
+    memory.add_argument("--width", choices=sorted(WIDTHS), default="7b",
+                        help="--grpo-step: the LLM's width (7b: hidden 3584, MLP 18944; narrow: hidden 512, MLP 2048)")
     memory.add_argument("--vocab-size", type=int, default=152064, help="--grpo-step: LLM vocabulary (Qwen2-7B's)")
     memory.add_argument("--frames", type=int, default=2, help="--grpo-step: frames of the video (257 positions each)")
     memory.add_argument("--group-size", type=int, default=2, help="--grpo-step: responses in the group")

@@ -30,7 +30,8 @@ def table_rows(out: str, header_start: str) -> list[list[str]]:
 
 
 def test_step_runs_rl_four_ways_and_prints_the_table(tmp_path):
-    out = run_bench("step", "--frames", "8", "--steps", "2", "--workdir", str(tmp_path))
+    out = run_bench("step", "--frames", "8", "--steps", "2", "--group-size", "2", "--max-new-tokens", "8",
+                    "--workdir", str(tmp_path))
     header, row = table_rows(out, "| frames | prompt tokens")
     assert header[2:6] == ["(a) no cache s", "(b) stage 1 s", "(c) stage 1+2 s", "(d) shared prefix s"]
     assert header[6:9] == ["(a)/(b)", "(a)/(c)", "(a)/(d)"]
@@ -41,7 +42,7 @@ def test_step_runs_rl_four_ways_and_prints_the_table(tmp_path):
     assert no_cache > stage1 == shared == 2  # re-encoded for every sequence vs once per video (2 prompts per step)
     phases = table_rows(out, "| frames | config")
     assert [r[1] for r in phases[1:]] == ["(a) no cache", "(b) stage 1", "(c) stage 1+2", "(d) shared prefix"]
-    assert "command: `python bench.py step --frames 8 --steps 2" in out
+    assert "command: `python bench.py step --frames 8 --steps 2 --group-size 2" in out
 
 
 def test_prefill_tiny_prints_throughput_and_mfu():
@@ -84,10 +85,11 @@ def test_prefill_and_capacity_need_neither_decord_nor_pyav():
 
 
 def test_memory_grpo_step_reports_each_ranks_share():
-    """One GRPO step at the 7B's width (one decoder layer and a small vocabulary, to stay small) on 1 and 2 ranks:
-    FSDP2 gives each of 2 ranks half the gradients and optimizer state of one process."""
+    """One GRPO step (a narrow LLM of one decoder layer and a small vocabulary, to stay fast; BENCHMARKS.md
+    has the 7B's width) on 1 and 2 ranks: FSDP2 gives each of 2 ranks half the gradients and optimizer
+    state of one process."""
     out = run_bench("memory", "--grpo-step", "--ranks", "1", "2", "--layers", "1", "--vocab-size", "1024",
-                    "--frames", "1", "--response-len", "8")
+                    "--width", "narrow", "--frames", "4", "--response-len", "8")
     header, *rows = table_rows(out, "| ranks")
     assert header[:8] == ["ranks", "rank", "params", "grads", "optimizer state", "params + grads + optimizer",
                           "reference", "cache"]

@@ -43,7 +43,7 @@ from tqdm import tqdm
 import data
 import errors
 import grading
-import train
+import runs
 import video
 from data import Record
 from video import FrameSampling, VideoError
@@ -266,7 +266,7 @@ def _check_settings(out_dir: Path, settings: dict, resuming: bool) -> None:
     """Write settings.json; when resuming, first make sure the earlier part used the same settings."""
     path = out_dir / "settings.json"
     if resuming:
-        train.check_settings(path, settings, ignore=_RESUMABLE, holds="predictions",
+        runs.check_settings(path, settings, ignore=_RESUMABLE, holds="predictions",
                              remedy="use another output folder or delete it")
     path.write_text(json.dumps(settings, indent=2) + "\n")
 

@@ -40,6 +40,7 @@ import grading
 import model as M
 import mrsp
 import rollout
+import runs
 import train
 import video
 
@@ -687,7 +688,7 @@ def main(argv=None):
     start_step = (train.load_trainer_state(resume_from, models.policy, models.optimizer, ps)["step"]
                   if resume_from else 0)
     engine = start_engine(args, models.policy, start, max_model_len, ps)
-    log = train.MetricsLog(out, enabled=ps.rank == 0, resume_step=start_step, report_to=args.report_to)
+    log = runs.MetricsLog(out, enabled=ps.rank == 0, resume_step=start_step, report_to=args.report_to)
 
     from tqdm import tqdm
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=ps.rank != 0, desc="grpo")
@@ -731,7 +732,7 @@ def main(argv=None):
     weights = train.full_state_dict(models.policy, ps)
     if ps.rank == 0:
         models.policy.save(out / "final", weights)
-        train.plot_metrics(log.path, ["reward", "accuracy", "accuracy_*", "no_signal_share", "format", "kl",
+        runs.plot_metrics(log.path, ["reward", "accuracy", "accuracy_*", "no_signal_share", "format", "kl",
                                       "response_len"], out / "rl_curves.png", f"GRPO: {args.data}")
         print(f"wrote {out / 'final'} and {out / 'rl_curves.png'}")
     log.close()

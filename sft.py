@@ -21,6 +21,7 @@ import data
 import errors
 import model as M
 import mrsp
+import runs
 import train
 import video
 
@@ -108,7 +109,7 @@ def main(argv=None):
     mix = [video.FrameSampling(num_frames=n, max_frames=args.max_frames) for n in args.mix_num_frames or []]
     cache = train.embedding_cache(model, args, ps) if args.embed_cache else None
     prompts = train.VideoPrompts(model, sampling, ps, cache, args.decode_workers)
-    log = train.MetricsLog(out, enabled=ps.rank == 0, resume_step=start_step, report_to=args.report_to)
+    log = runs.MetricsLog(out, enabled=ps.rank == 0, resume_step=start_step, report_to=args.report_to)
 
     # ---- train ----
     from tqdm import tqdm
@@ -162,7 +163,7 @@ def main(argv=None):
     weights = train.full_state_dict(model, ps)
     if ps.rank == 0:
         model.save(out / "final", weights)
-        train.plot_metrics(log.path, ["loss", "grad_norm", "lr"], out / "sft_curves.png", f"SFT: {args.data}")
+        runs.plot_metrics(log.path, ["loss", "grad_norm", "lr"], out / "sft_curves.png", f"SFT: {args.data}")
         print(f"wrote {out / 'final'}")
     log.close()
     train.shutdown(ps)

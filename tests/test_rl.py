@@ -19,6 +19,7 @@ import model as M
 import mrsp
 import rl
 import rollout
+import runs
 import train
 import video
 import vila
@@ -235,7 +236,7 @@ def test_killed_run_resumes_to_the_same_metrics(easy_task, tmp_path):
 
     # the same run, killed (SIGKILL) once its first checkpoint is complete, then resumed
     proc = subprocess.Popen(args + ["--out", str(tmp_path / "killed")], **quiet)
-    while train.latest_checkpoint(tmp_path / "killed") is None and proc.poll() is None:
+    while runs.latest_checkpoint(tmp_path / "killed") is None and proc.poll() is None:
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -362,9 +363,9 @@ def test_ctrl_c_ends_both_ranks_within_seconds_and_leaves_only_complete_checkpoi
                                       process_group=ranks[0].pid if ranks else 0))
     try:
         deadline = time.monotonic() + 240
-        while train.latest_checkpoint(out) is None and time.monotonic() < deadline:
+        while runs.latest_checkpoint(out) is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert train.latest_checkpoint(out) is not None, (tmp_path / "rank0.log").read_text()[-3000:]
+        assert runs.latest_checkpoint(out) is not None, (tmp_path / "rank0.log").read_text()[-3000:]
         # one kill for the group, as the terminal does: signalled one after the other, rank 0 could end and
         # break rank 1's collective before rank 1 had its own SIGINT (CI saw rank 1 end by the broken link)
         os.killpg(ranks[0].pid, signal.SIGINT)
@@ -378,7 +379,7 @@ def test_ctrl_c_ends_both_ranks_within_seconds_and_leaves_only_complete_checkpoi
     assert seconds < 20, seconds
     assert not list(out.glob("*.tmp-*")) and not list(out.glob("*.old-*"))
     for checkpoint in out.glob("checkpoint-*"):
-        assert M.is_complete_checkpoint(checkpoint) and (checkpoint / train.TRAINER_STATE).exists(), checkpoint
+        assert M.is_complete_checkpoint(checkpoint) and (checkpoint / runs.TRAINER_STATE).exists(), checkpoint
 
 
 def test_two_mini_batches_make_the_ratio_clip_bite(easy_task, tmp_path):

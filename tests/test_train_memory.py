@@ -7,6 +7,7 @@ from torch.distributed.tensor import DTensor
 
 import model as M
 import mrsp
+import runs
 import train
 from dist import run_ranks
 
@@ -171,7 +172,7 @@ def test_checkpoint_optimizer_state_is_written_in_per_rank_shards_and_resumes(ti
         assert 0.45 < rank["shard_bytes"] / rank["adamw_bytes"] < 0.55, rank
         assert rank["resumed"] == rank["whole"]
     assert ranks[0]["files"] == ["config.json", "llm", "mm_projector", "optimizer", "trainer_state.json", "vision_tower"]
-    assert train.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
+    assert runs.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
     assert (tmp_path / "checkpoint-1" / "trainer_state.json").stat().st_size < 0.01 * ranks[0]["adamw_bytes"]
 
 

@@ -5,8 +5,9 @@ reference log-probs, and the policy update. MR-SP makes that affordable in two s
 
 Stage 1, video encoding. The frames of a video are split across the ranks of a sequence-parallel (SP)
 group; each rank decodes and encodes only its share (`stage1_share`) with the (frozen) vision tower, and
-an all-gather rebuilds the whole video embedding on every rank (`stage1_encode`). The result is cached (`VideoEmbeddingCache`) and reused
-by rollout and by every training pass, so the vision tower runs once per video, not once per pass.
+an all-gather rebuilds the whole video embedding on every rank (`stage1_encode`). The result is cached
+(`VideoEmbeddingCache`) and reused by rollout and by every training pass, so the vision tower runs once
+per video, not once per pass.
 
 Stage 2, the long sequence. Every SP rank holds the same batch but runs the LLM on a contiguous 1/sp
 slice of the sequence (`shard_sequence`), with global position ids. Only attention needs the whole

@@ -651,7 +651,13 @@ def llm_positions(prompt_lens: list[int], episodes_by_group, shared_prefix: bool
 def step_metrics(step: int, episodes_by_group: list[list[Episode]], prompt_lens: list[int], stats: dict,
                  timer: PhaseTimer, models: Models, before: dict, types: list[str], args,
                  ps: mrsp.ParallelState) -> dict:
-    """The step's row of metrics.jsonl, reduced over the data-parallel ranks (means, and sums of counts)."""
+    """The step's row of metrics.jsonl, reduced over the data-parallel ranks (means, and sums of counts):
+    reward, accuracy, format, response_len; no_signal_groups of groups (all G rewards equal: zero
+    advantage) and their share; accuracy_<type> per --type-label value (from correct/<type> and
+    responses/<type>); loss, kl, clip_frac, grad_norm, tis_* (`update_policy`); time_<phase>; vision_runs
+    (tower runs in all passes); llm_positions (rollout and training passes); old_logprobs_reused (1: the
+    on-policy update's forward gave them); logprob_gap_max (largest |engine - trainer| log-prob of a sampled
+    token); skipped_records; the cache's bytes and entries (fullest rank) and hits and misses (since start)."""
     episodes = [e for g in episodes_by_group for e in g]
     rewards = torch.tensor([[e.reward for e in g] for g in episodes_by_group])              # [N, G]
     passes = 1 + (not stats["old_logprobs_reused"]) + (models.reference is not None)      # forward passes

@@ -375,18 +375,19 @@ def sum_over_ranks(x: torch.Tensor, group) -> torch.Tensor:
 
 # ---- stage 1: frame-sharded video encoding ----
 
-@torch.no_grad()
 def stage1_share(model: VideoLM, num_frames: int, sp_group) -> slice:
     """The frames (of a video's `num_frames` sampled ones) this rank encodes in MR-SP stage 1: its
     contiguous share of the vision tower's steps (`split_evenly`), on step boundaries. A step is what the
     tower encodes on its own: a frame (VILA) or a pair of frames (Qwen2.5-VL, whose attention never
     crosses pairs). stage1_share(VILA, 7, sp=2) -> slice(0, 4) on rank 0, slice(4, 7) on rank 1;
-    stage1_share(Qwen, 7, sp=2) -> slice(0, 4) (pairs 0 and 1), slice(4, 7) (pair 2 and the half pair 3)."""
+    stage1_share(Qwen, 7, sp=2) -> slice(0, 4) (pairs 0 and 1), slice(4, 7) (pair 2 and the half pair 3);
+    a rank with no step gets an empty slice: stage1_share(Qwen, 1, sp=2) -> slice(1, 1) on rank 1."""
     fps = model.config.frames_per_step
     steps = split_evenly(-(-num_frames // fps), group_size(sp_group))[group_rank(sp_group)]
-    return slice(steps.start * fps, min(steps.stop * fps, num_frames))
+    return slice(min(steps.start * fps, num_frames), min(steps.stop * fps, num_frames))
 
 
+@torch.no_grad()
 def stage1_encode(model: VideoLM, frames, sp_group, num_frames: int | None = None,
                   chunk_size: int = 32) -> torch.Tensor:
     """MR-SP stage 1: frames [T, H, W, 3] -> video embeddings [steps * tokens_per_step, D] on every SP rank.

@@ -252,6 +252,13 @@ def test_single_process_without_torchrun(monkeypatch):
         mrsp.init_distributed(sp_size=2)
 
 
+def test_stage1_encode_records_no_graph(tiny_model):
+    """Stage 1 runs without autograd even where the tower could train: the embeddings are cached, and a
+    graph kept with them would hold the tower's activations of every cached video."""
+    assert all(p.requires_grad for p in tiny_model.vision_tower.parameters())
+    assert not mrsp.stage1_encode(tiny_model, example_frames(3), None).requires_grad
+
+
 def test_shard_sequence_pads_at_the_end_with_global_positions(tiny_model):
     batch = example_batch(tiny_model)
     B, S, _ = batch.inputs_embeds.shape

@@ -194,7 +194,8 @@ def sp_job(folder: str) -> dict:
     ps = mrsp.init_distributed(sp_size=int(os.environ["WORLD_SIZE"]))
     model = M.VideoLM.load(folder, attn_implementation="sdpa").eval()
     model.freeze_vision()
-    out = {"stage1": mrsp.stage1_encode(model, frames(7), ps.sp_group)}   # 4 pairs, the last one half
+    out = {"stage1": mrsp.stage1_encode(model, frames(7), ps.sp_group),   # 4 pairs, the last one half
+           "stage1_1": mrsp.stage1_encode(model, frames(1), ps.sp_group)}  # 1 half pair: rank 1 has none
     video = model.encode_video(frames(5, seed=2))
     prompt = lambda: model.prompt("", video, "Question: How many scenes are red?", np.arange(5) * 0.5)
     mrsp.enable_ulysses(model, ps.sp_group)
@@ -218,7 +219,9 @@ def test_sequence_parallel_equals_one_process(hub_folder):
     model = M.VideoLM.load(hub_folder, attn_implementation="sdpa").eval()
     model.freeze_vision()
     with torch.no_grad():
-        torch.testing.assert_close(ranks[0]["stage1"], model.encode_video(frames(7)), rtol=1e-5, atol=1e-5)
+        for rank in ranks:
+            torch.testing.assert_close(rank["stage1"], model.encode_video(frames(7)), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(rank["stage1_1"], model.encode_video(frames(1)), rtol=1e-5, atol=1e-5)
         video = model.encode_video(frames(5, seed=2))
     prompt = lambda: model.prompt("", video, "Question: How many scenes are red?", np.arange(5) * 0.5)
     M.enable_shared_prefix(model)

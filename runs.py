@@ -30,7 +30,8 @@ import model as M
 
 # Flags that do not change a run's results: a resumed run may set them otherwise.
 RESUMABLE = ("out", "resume", "overwrite", "save_every", "grad_checkpointing", "embed_cache_gb",
-             "embed_cache_offload", "embed_cache_dir", "gpu_memory_utilization", "engine_sleep", "report_to")
+             "embed_cache_offload", "embed_cache_dir", "gpu_memory_utilization", "engine_sleep", "report_to",
+             "decode_workers")
 
 
 def check_settings(path, settings: dict, ignore=(), holds: str = "results",

@@ -21,7 +21,9 @@ import json
 import logging
 import math
 import os
+import queue
 import re
+import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -602,26 +604,45 @@ class FramePrefetcher:
     Threads, not processes: decord and PyAV decode outside the GIL, the frames need no copy between
     processes, and `decoder_counts` stays in this process. Memory is bounded: `prefetch` keeps only the
     reads of the paths it is given (the current and the next batch), and drops any earlier read that was
-    never claimed (a record replaced, or its embeddings found in a cache).
+    never claimed (a record replaced, or its embeddings found in a cache). The threads are daemons: a run
+    that ends (an error, Ctrl-C) exits at once, not after the reads still queued (a ThreadPoolExecutor's
+    threads are joined at exit, each finishing its queue first: up to two batches of long videos).
     """
 
     def __init__(self, image_size: int, workers: int, share: Callable[[int], slice] | None = None):
         self.image_size, self.share = image_size, share  # share: see `load_frames`
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="decode") if workers > 0 else None
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()  # (Future, path, sampling) to read, in order
+        self.threads = [threading.Thread(target=self._work, name=f"decode-{k}", daemon=True) for k in range(workers)]
+        for thread in self.threads:
+            thread.start()
         self.pending: dict[tuple, Future] = {}  # (path, sampling key) -> the read
         self.waited = 0.0
         self.frames_read = 0  # frames decoded for the reads handed out so far
 
+    def _work(self) -> None:
+        """A worker thread: read what is queued, in order; a read cancelled while queued is skipped."""
+        while True:
+            read, path, sampling = self.queue.get()
+            if read.set_running_or_notify_cancel():
+                try:
+                    read.set_result(load_frames(path, self.image_size, sampling, self.share))
+                except BaseException as e:  # handed to whoever waits for this read
+                    read.set_exception(e)
+
+    def _submit(self, path, sampling: FrameSampling) -> Future:
+        read = Future()
+        self.queue.put((read, path, sampling))
+        return read
+
     def prefetch(self, reads) -> None:
         """Start these reads ((path, sampling) pairs, in this order) unless already started; forget the
         reads of any others."""
-        if self.pool is None:
+        if not self.threads:
             return
         wanted = {(os.path.abspath(path), sampling.key()): (path, sampling) for path, sampling in reads}
         for key in self.pending.keys() - wanted.keys():
             self.pending[key].cancel()  # a queued read no longer wanted never starts (a running one ends)
-        self.pending = {key: self.pending.get(key) or self.pool.submit(load_frames, path, self.image_size, sampling,
-                                                                          self.share)
+        self.pending = {key: self.pending.get(key) or self._submit(path, sampling)
                         for key, (path, sampling) in wanted.items()}
 
     def load_frames(self, path, sampling: FrameSampling) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,8 @@
 """Tests for reading ahead (video.FramePrefetcher, --decode-workers): the frames, the errors and the
 training run are those of reading each video when the step needs it."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import mrsp
 import rl
 import train
 import video
+from conftest import ROOT
 from test_decode import ScriptedEngine, cut_webm
 from video import FramePrefetcher, FrameSampling, VideoError
 
@@ -57,6 +60,19 @@ def test_a_failing_worker_is_an_error_naming_the_file(clips, monkeypatch):
     reader.prefetch([(paths[0], FrameSampling(num_frames=4))])
     with pytest.raises(RuntimeError, match=f"^{paths[0]}: the background read of this video failed: ZeroDivision"):
         reader.load_frames(paths[0], FrameSampling(num_frames=4))
+
+
+def test_a_run_that_ends_does_not_wait_for_the_reads_still_queued():
+    """A process whose main thread ends (an error, Ctrl-C) while reads are queued exits at once: here each
+    read would take an hour (load_frames replaced by a sleep, in the child process only)."""
+    code = ("import time, video\n"
+            "video.load_frames = lambda *args: time.sleep(3600)\n"
+            "reader = video.FramePrefetcher(32, 2)\n"
+            "reader.prefetch([(f'v{k}.mp4', video.FrameSampling(num_frames=4)) for k in range(4)])\n"
+            "time.sleep(0.5)  # both workers are inside a read, two more reads queued\n"
+            "raise SystemExit(3)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
 
 
 def test_a_video_whose_embeddings_are_cached_is_not_read_ahead(tiny_model, clips):

@@ -310,7 +310,7 @@ def _answer_batch(model, engine, batch: list[Record], sampling, subtitles, cache
         try:
             prompt = _prompt(model, record, sampling, subtitles, cache, reader)
             if max_len is not None and len(prompt) >= max_len:
-                raise PromptTooLong(f"the prompt has {len(prompt)} positions, the engine's max_model_len is "
+                raise PromptTooLong(f"the prompt has {len(prompt)} tokens, the engine's max_model_len is "
                                     f"{max_len} (use fewer frames or a larger --max-model-len)")
             prompts.append(prompt)
             asked.append(record)
@@ -403,7 +403,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["torch", "vllm"], default="torch",
                    help="rollout engine; vllm is much faster on long runs but takes a while to start")
     p.add_argument("--max-model-len", type=int, default=8192,
-                   help="longest prompt + response in positions; a longer prompt is reported as an error")
+                   help="longest prompt + response in tokens; a longer prompt is reported as an error")
     p.add_argument("--device", default="cuda" if cuda else "cpu", help="device of the model")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16" if cuda else "float32",
                    help="model weights' dtype")

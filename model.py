@@ -702,8 +702,9 @@ def main(argv=None):
     init.add_argument("--family", choices=sorted(FAMILIES), default="vila",
                       help="vila: SigLIP -> projector -> Qwen2 in the VILA release layout (LongVILA-R1); "
                            "qwen2_5_vl: a Qwen2.5-VL in the Hugging Face layout (--preset only)")
-    init.add_argument("--preset", choices=sorted(vila.PRESETS), default="tiny",
-                      help="sizes of a randomly initialised model (ignored with --llm/--vision-tower)")
+    init.add_argument("--preset", choices=sorted({p for f in FAMILIES.values() for p in f.presets}), default="tiny",
+                      help="sizes of a randomly initialised model, one of its --family's (ignored with "
+                           "--llm/--vision-tower)")
     init.add_argument("--data", nargs="+", default=[],
                       help="record files (.jsonl) whose text trains the preset's tokenizer")
     init.add_argument("--vocab-size", type=int, default=None, help="tokenizer size (default: the preset's)")
@@ -744,6 +745,8 @@ def main(argv=None):
             if not args.data:
                 ap.error("a preset model trains its tokenizer on your records: pass --data FILE.jsonl")
             family = family_of(args.family)
+            if args.preset not in family.presets:
+                ap.error(f"--preset {args.preset}: the {args.family} family has {', '.join(sorted(family.presets))}")
             vocab = args.vocab_size or family.presets[args.preset]["vocab_size"]
             tokenizer = train_tokenizer(tokenizer_corpus(args.data, question_prompt), vocab, args.family)
             model = build_from_preset(args.preset, tokenizer, args.seed, family=args.family)

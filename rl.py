@@ -657,7 +657,8 @@ def step_metrics(step: int, episodes_by_group: list[list[Episode]], prompt_lens:
     responses/<type>); loss, kl, clip_frac, grad_norm, tis_* (`update_policy`); time_<phase>; vision_runs
     (tower runs in all passes); llm_positions (rollout and training passes); old_logprobs_reused (1: the
     on-policy update's forward gave them); logprob_gap_max (largest |engine - trainer| log-prob of a sampled
-    token); skipped_records; the cache's bytes and entries (fullest rank) and hits and misses (since start)."""
+    token); skipped_records; the cache's bytes and entries (fullest rank) and hits and misses (since start);
+    video_wait_s (the step's wait for frames) and videos_decord / videos_pyav (files each reader read)."""
     episodes = [e for g in episodes_by_group for e in g]
     rewards = torch.tensor([[e.reward for e in g] for g in episodes_by_group])              # [N, G]
     passes = 1 + (not stats["old_logprobs_reused"]) + (models.reference is not None)      # forward passes
@@ -707,7 +708,7 @@ def main(argv=None):
 
         # ---- 2. MR-SP stage 1: encode each video once (cached); an unreadable one is replaced ----
         with torch.no_grad():
-            recs, prompts = models.policy_prompt.for_batch(recs, records)       # [L_i, D] each
+            recs, prompts = models.policy_prompt.for_batch(recs, records)       # a model.Prompt each
         timer.lap("encode")
 
         # ---- 3. rollout: G responses per prompt, one prefill each; the SP group's engines share the prompts ----

@@ -51,8 +51,10 @@ PROBLEM_TYPES = ("multiple_choice", "numerical", "free_form")
 
 # ---- records ----
 # The public sets' files are read as they are published; each layout has one function that reads its row:
-#   LongVideo-Reason (`_lvr_record`): problem_id (an int in the release), data_type "video", videos
-#     ("<name>.mp4", or a one-element list, relative to the video folder), problem (the question with its
+#   LongVideo-Reason (`_lvr_record`): problem_id (an int in the release), data_type ("video", "image" or
+#     "text"; told from the fields when absent), videos ("<name>.mp4", or a one-element list, relative to the
+#     video folder) or images (one picture, the same way; no videos and no images: a text question),
+#     problem (the question with its
 #     options embedded as "A. ..." lines, or the question alone), problem_type ("multiple choice",
 #     "numerical", "general", "free-form", or a reasoning perspective such as "temporal"), reasoning, answer
 #     ("<answer>B</answer>" or "B"). An `options` list and `subtitles` (text, or an .srt path relative to the
@@ -81,15 +83,19 @@ class _FieldError(Exception):
         self.field, self.reason = field, reason
 
 
+DATA_TYPES = ("text", "image", "video")  # the release's data_type: what a question is asked about
+
+
 @dataclass
 class Record:
-    """One video question. `answer` is normalised: an option letter for multiple choice, the number as
-    text for numerical, plain text for free form. `video` is an absolute path; `subtitles` is inline text
-    or an .srt file's absolute path (see `subtitle_text`). `labels` holds the row's other string fields
-    (duration, category, ...) for eval's breakdowns."""
+    """One question, about a video, an image, or neither (text only). `answer` is normalised: an option
+    letter for multiple choice, the number as text for numerical, plain text for free form. `video` and
+    `image` are absolute paths (at most one is set); `subtitles` is inline text or an .srt file's absolute
+    path (see `subtitle_text`). `labels` holds the row's other string fields (duration, category, ...) for
+    eval's breakdowns."""
 
     problem_id: str
-    video: str
+    video: str | None
     problem: str
     options: list[str]
     problem_type: str
@@ -97,6 +103,17 @@ class Record:
     answer: str
     subtitles: str | None = None
     labels: dict = field(default_factory=dict)
+    image: str | None = None
+
+    @property
+    def data_type(self) -> str:
+        """"video", "image" or "text", as the release's data_type names the kinds."""
+        return "video" if self.video else "image" if self.image else "text"
+
+    @property
+    def media(self) -> str | None:
+        """The file the question is about (the video or the image), None for a text question."""
+        return self.video or self.image
 
 
 @dataclass
@@ -127,7 +144,7 @@ class Folders:
 # as "temporal") leaves the form to the options: multiple choice when there are some, free form otherwise.
 _FORMS = {"multiple choice": "multiple_choice", "numerical": "numerical", "numeric": "numerical",
           "free form": "free_form", "open ended": "free_form"}
-_LVR_FIELDS = {"problem_id", "data_type", "videos", "problem", "options", "problem_type", "reasoning", "answer",
+_LVR_FIELDS = {"problem_id", "data_type", "videos", "images", "problem", "options", "problem_type", "reasoning", "answer",
                "subtitles"}
 _VIDEOMME_LABELS = ("duration", "domain", "sub_category", "task_type")
 _MISSING = object()
@@ -236,11 +253,38 @@ def _is_srt_path(subtitles: str | None) -> bool:
     return bool(subtitles) and "\n" not in subtitles and subtitles.strip().lower().endswith(".srt")
 
 
+def _one_path(row: dict, name: str) -> str | None:
+    """A row's `videos` / `images`: one path, a one-element list, or absent (None, "" and [] too) -> the
+    path or None. A record is about one file: more is a bad row."""
+    value = _get(row, name, (str, list, type(None)), default=None)
+    if isinstance(value, list):
+        if len(value) > 1 or not all(isinstance(v, str) for v in value):
+            raise _FieldError(name, f"expected one path, got {value!r:.80} (a record asks about one file)")
+        value = value[0] if value else None
+    return value or None
+
+
+def _media(row: dict, folders: Folders) -> tuple[str | None, str | None]:
+    """(video, image) absolute paths of a LongVideo-Reason row, checked against its data_type: a row with
+    neither is a text question; with both, a bad row (no family here reads both in one prompt)."""
+    videos, images = _one_path(row, "videos"), _one_path(row, "images")
+    if videos and images:
+        raise _FieldError("images", "a record with both images and videos is not supported: one video, one "
+                                    "image, or neither (a text question)")
+    found = "video" if videos else "image" if images else "text"
+    data_type = _get(row, "data_type", (str,), default=found)
+    if data_type not in DATA_TYPES:
+        raise _FieldError("data_type", f"{data_type!r} is not one of {', '.join(DATA_TYPES)}")
+    if data_type != found:
+        raise _FieldError("data_type", f"{data_type!r}, but the row has " + (
+            f"a{'n' * (found == 'image')} {found}" if found != "text" else "no videos and no images"))
+    video = folders.resolve(folders.video_dir, videos, "videos") if videos else None
+    return video, folders.resolve(folders.video_dir, images, "images") if images else None
+
+
 def _lvr_record(row: dict, folders: Folders) -> Record:
     """One LongVideo-Reason row (see the section's comment) as a Record; raises _FieldError."""
-    data_type = _get(row, "data_type", (str,), default="video")
-    if data_type != "video":
-        raise _FieldError("data_type", f"{data_type!r}: only video questions are read")
+    video, image = _media(row, folders)
     problem = _get(row, "problem", (str,))
     options = _get(row, "options", (list,), default=None)
     options_field = "options" if options is not None else "problem"
@@ -251,12 +295,9 @@ def _lvr_record(row: dict, folders: Folders) -> Record:
     if problem_type == "multiple_choice" and not options:
         raise _FieldError(options_field, f"no options, but problem_type is {kind!r}" + (
             " (the release embeds them in the problem as lines 'A. ...')" if options_field == "problem" else ""))
-    videos = _get(row, "videos", (str, list))
-    if isinstance(videos, list):
-        if len(videos) != 1 or not isinstance(videos[0], str):
-            raise _FieldError("videos", f"expected one video path, got {videos!r:.80}")
-        videos = videos[0]
     subtitles = _get(row, "subtitles", (str, type(None)), default=None)
+    if subtitles and not video:
+        raise _FieldError("subtitles", "only a video record has subtitles")
     if _is_srt_path(subtitles):
         subtitles = folders.resolve(folders.subtitle_dir, subtitles.strip(), "subtitles")
     labels = {k: v for k, v in row.items() if k not in _LVR_FIELDS and isinstance(v, str)}
@@ -264,7 +305,8 @@ def _lvr_record(row: dict, folders: Folders) -> Record:
         labels["category"] = kind.strip()  # the perspective: temporal, goal, plot, spatial
     return Record(
         problem_id=str(_get(row, "problem_id", (str, int))),
-        video=folders.resolve(folders.video_dir, videos, "videos"),
+        video=video,
+        image=image,
         problem=problem,
         options=options,
         problem_type=problem_type,
@@ -763,20 +805,23 @@ def cmd_check(args) -> int:
     for e in bad_rows:
         print(f"error: {e}")
     print(f"{len(records)} good records, {len(bad_rows)} bad, in {args.file}")
-    for problem_type, n in sorted(Counter(r.problem_type for r in records).items()):
-        print(f"  problem_type {problem_type}: {n}")
+    for key in ("data_type", "problem_type"):
+        for value, n in sorted(Counter(getattr(r, key) for r in records).items()):
+            print(f"  {key} {value}: {n}")
     for (label, value), n in sorted(Counter(kv for r in records for kv in r.labels.items()).items()):
         print(f"  {label} {value}: {n}")
+    videos = [r for r in records if r.video]
     if args.decode:
-        bad_records = check_videos(records, video.FrameSampling.from_args(args), args.workers)
+        bad_records = check_videos(videos, video.FrameSampling.from_args(args), args.workers) if videos else 0
     else:
-        opened = video.check_videos_open([r.video for r in records], video.video_check_file(args.file))
+        opened = video.check_videos_open([r.video for r in videos], video.video_check_file(args.file))
         video.save_video_check(video.video_check_file(args.file), opened)
         for problem in filter(None, opened.values()):
             print(f"unreadable         {problem}")
-        bad_records = sum(opened[r.video] is not None for r in records)
+        bad_records = sum(opened[r.video] is not None for r in videos)
         print(f"{len(opened)} videos: {sum(p is not None for p in opened.values())} missing or unreadable "
               f"({bad_records} record{'s' * (bad_records != 1)})")
+    bad_records += check_images(records)
     usable = len(records) - bad_records
     return int(not usable or (bool(bad_rows or bad_records) and not args.skip_bad))
 
@@ -820,6 +865,19 @@ def check_videos(records: list[Record], sampling: video.FrameSampling, workers: 
     bad_records = sum(read_with[r.video] is None for r in records)
     print(f"{len(paths)} videos: {counts['decord']} read with decord, {counts['pyav']} with PyAV, "
           f"{counts[None]} unreadable ({bad_records} record{'s' * (bad_records != 1)})")
+    return bad_records
+
+
+def check_images(records: list[Record]) -> int:
+    """Open every image record's image as a run will, print one line per image that cannot be read (missing,
+    corrupt, CMYK / 16-bit / palette), and a count; returns how many records have such an image."""
+    problems = {path: video.image_problem(path) for path in dict.fromkeys(r.image for r in records if r.image)}
+    for problem in filter(None, problems.values()):
+        print(f"unreadable         {problem}")
+    bad_records = sum(problems[r.image] is not None for r in records if r.image)
+    if problems:
+        print(f"{len(problems)} images: {sum(p is not None for p in problems.values())} missing or unreadable "
+              f"({bad_records} record{'s' * (bad_records != 1)})")
     return bad_records
 
 

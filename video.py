@@ -753,4 +753,4 @@ def load_image(path, image_size: int) -> np.ndarray:
     and normalisation, which the vision encoders do)."""
     from PIL import Image
     image = _open_image(str(path)).convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return np.asarray(image, dtype=np.uint8)[None]                                # [1, S, S, 3]
+    return np.array(image, dtype=np.uint8)[None]                                  # [1, S, S, 3]

@@ -17,6 +17,7 @@ Everything that turns files on disk into what the model sees lives here:
 
 Run it:
     python data.py synth --out data/synth --n 200 --seed 0            # videos/, train.jsonl, test.jsonl
+    python data.py synth --out data/mixed --n 200 --images 100 --texts 100   # + image and text questions
     python data.py check data/synth/train.jsonl                        # validate the rows, open every video
     python data.py check data/synth/train.jsonl --decode               # ... and read their sampled frames
     python data.py check Video-MME/videomme/test-00000-of-00001.parquet   # videos in Video-MME/data/
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 import errors
@@ -772,8 +774,46 @@ def synth_record(index: int, category: str, answer_pos: int, rng: np.random.Gene
     return record, scene_frames(scenes, args.frames_per_scene, args.size, rng)
 
 
+def synth_image_record(index: int, answer_pos: int, rng: np.random.Generator, args) -> tuple[dict, np.ndarray]:
+    """An image question of the mixed task: a picture of one palette colour (with the videos' pixel noise)
+    and "What colour is the picture?"; the record (LongVideo-Reason's fields, data_type "image") and the
+    picture uint8 [size, size, 3] (images/synth-<index>.png beside the record file)."""
+    colour = str(rng.choice(list(PALETTE)))
+    options = [str(o) for o in rng.choice(_other_colours(colour), size=3, replace=False)]
+    return _mixed_record(index, "image", "What colour is the picture?", colour, options, answer_pos,
+                         f"The picture is {colour}.", "general", args), scene_frames([colour], 1, args.size, rng)[0]
+
+
+def synth_text_record(index: int, answer_pos: int, rng: np.random.Generator, args) -> dict:
+    """A text question of the mixed task, arithmetic over numbers written in the prompt: "What is 3 + 4?"
+    (a numerical answer, or four options of nearby sums)."""
+    a, b = (int(x) for x in rng.integers(1, 10, size=2))
+    truth = a + b
+    options = [str(o) for o in rng.choice([k for k in range(2, 19) if k != truth], size=3, replace=False)]
+    return _mixed_record(index, "text", f"What is {a} + {b}?", str(truth), options, answer_pos,
+                         f"{a} + {b} = {truth}.", "numerical", args)
+
+
+def _mixed_record(index: int, data_type: str, problem: str, truth: str, options: list[str], answer_pos: int,
+                  reasoning: str, open_type: str, args) -> dict:
+    """A record of the mixed task as written to JSONL, in the form --answers asks (see synth_record)."""
+    options.insert(answer_pos, truth)
+    if args.answers == "open":
+        problem_type, answer = open_type, truth
+    else:
+        problem += "".join(f"\n{option_letter(i)}. {o}" for i, o in enumerate(options))
+        problem_type, answer = "multiple choice", option_letter(answer_pos)
+    record = {"problem_id": index, "data_type": data_type, "problem": problem, "problem_type": problem_type,
+              "reasoning": reasoning, "answer": f"<answer>{answer}</answer>",
+              "category": "picture colour" if data_type == "image" else "arithmetic"}
+    if data_type == "image":
+        record["images"] = [f"images/synth-{index:06d}.png"]
+    return record
+
+
 def cmd_synth(args) -> int:
-    """Write args.n videos and their questions to args.out/{videos/, train.jsonl, test.jsonl}."""
+    """Write args.n videos and their questions (and args.images image questions, args.texts text questions)
+    to args.out/{videos/, images/, train.jsonl, test.jsonl}; each kind is split into train and test alike."""
     if args.min_scenes < 2 or args.max_scenes < args.min_scenes:
         raise errors.UsageError("need 2 <= --min-scenes <= --max-scenes (an 'after' question needs two scenes)")
     if args.size % 2:
@@ -788,8 +828,20 @@ def cmd_synth(args) -> int:
         record, frames = synth_record(i, str(categories[i % 4]), int(answer_pos[i % 4]), rng, args)
         write_mp4(out / record["videos"], frames, args.video_fps)
         records.append(record)
-    n_test = round(args.n * args.test_frac)  # one video per record, so the split never shares a video
-    for name, part in (("train", records[:args.n - n_test]), ("test", records[args.n - n_test:])):
+    kinds = [records, [], []]  # video, image, text questions; one file each, so no split shares a file
+    if args.images:
+        (out / "images").mkdir(exist_ok=True)
+    for i in range(args.images):  # a separate stream after the videos': --images never changes the videos
+        record, picture = synth_image_record(args.n + i, i % 4, rng, args)
+        Image.fromarray(picture).save(out / record["images"][0])
+        kinds[1].append(record)
+    kinds[2] = [synth_text_record(args.n + args.images + i, i % 4, rng, args) for i in range(args.texts)]
+    parts = {"train": [], "test": []}
+    for kind in kinds:
+        n_test = round(len(kind) * args.test_frac)
+        parts["train"] += kind[:len(kind) - n_test]
+        parts["test"] += kind[len(kind) - n_test:]
+    for name, part in parts.items():
         with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in part)
         print(f"wrote {len(part)} records to {out / name}.jsonl")
@@ -912,6 +964,10 @@ def main(argv=None) -> int:
     p.add_argument("--video-fps", type=float, default=4.0, help="frame rate of the written videos")
     p.add_argument("--size", type=int, default=64, help="frame width and height in pixels (even)")
     p.add_argument("--test-frac", type=float, default=0.2, help="fraction of videos in test.jsonl")
+    p.add_argument("--images", type=int, default=0,
+                   help="also write this many image questions (a picture of one colour: which colour?)")
+    p.add_argument("--texts", type=int, default=0,
+                   help="also write this many text questions (arithmetic: what is 3 + 4?)")
     p.add_argument("--answers", choices=["choice", "open"], default="choice",
                    help="choice: four lettered options; open: answer with the colour name or the count "
                         "(no options; the same videos and questions)")

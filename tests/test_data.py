@@ -622,7 +622,7 @@ def test_sft_and_rl_train_on_the_release_skipping_bad_rows_and_missing_videos(re
     err = capsys.readouterr().err
     assert f"skipped: {path} row 6, field 'answer': 'E' is not one of the 4 options" in err
     assert f"{path}: 6 records, 1 skipped" in err
-    assert f"{path}: 5 records with a readable video; skipped 1 whose video is missing, 0 whose video cannot" in err
+    assert f"{path}: 5 records with a readable video or image (or none); skipped 1 whose file is missing, 0 whose file cannot" in err
     assert len((tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()) == 1
     assert video.video_check_file(path).is_file()
     rl.main(common + ["--out", str(tmp_path / "rl"), "--batch-size", "2", "--group-size", "2",
@@ -639,7 +639,7 @@ def test_a_run_with_fewer_usable_records_than_a_batch_stops_saying_what_was_lost
                               strict=False, batch_size=5)
     assert [r.problem_id for r in train.load_training_records(args, mrsp.ParallelState())] == ["0", "1", "2", "3", "4"]
     with pytest.raises(RecordError, match=r"5 usable records, fewer than one batch \(6 on each of 1 data-parallel "
-                                          r"ranks\): 1 bad rows, 1 records whose video is missing, 0 whose"):
+                                          r"ranks\): 1 bad rows, 1 records whose video or image is missing, 0 whose"):
         train.load_training_records(argparse.Namespace(**{**vars(args), "batch_size": 6}), mrsp.ParallelState())
     with pytest.raises(RecordError, match="row 6, field 'answer'"):
         train.load_training_records(argparse.Namespace(**{**vars(args), "strict": True}), mrsp.ParallelState())

@@ -225,3 +225,45 @@ def test_sequence_parallel_image_and_text_equal_one_process(vila_folder, hub_fol
                     for n, p in model.llm.named_parameters():
                         torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6,
                                                    msg=f"{model.family.name} {media} {name} {n}")
+
+
+# ---- one loop for all kinds ----
+
+def test_mixed_sft_rl_eval_with_bad_images_skipped(tmp_path, capsys, caplog):
+    """The mixed task (data.py synth --images --texts) through SFT, GRPO and eval on a tiny VILA, as the
+    command lines run them: a CMYK and a missing image are named and skipped; in RL's step (all 9 good
+    records once) the vision tower runs once per video and per image and never for a text question; eval
+    reports accuracy per kind."""
+    import json
+    import data
+    import eval as evaluation
+    import rl
+    import sft
+    root = tmp_path / "data"
+    data.main(["synth", "--out", str(root), "--n", "4", "--images", "4", "--texts", "4", "--seed", "1",
+               "--max-scenes", "3", "--test-frac", "0.25", "--answers", "open"])
+    Image.new("CMYK", (16, 16)).save(root / "images" / "cmyk.jpg")
+    bad = [{"problem_id": f"bad-{name}", "images": f"images/{name}", "problem": "What colour is the picture?",
+            "problem_type": "general", "answer": "red"} for name in ("cmyk.jpg", "gone.png")]
+    train, test = root / "train.jsonl", root / "test.jsonl"
+    with open(train, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in bad)
+    M.main(["init", "--out", str(tmp_path / "init"), "--data", str(train), "--question-prompt", "plain"])
+    frames = ["--num-frames", "2"]
+    sft.main(["--init", str(tmp_path / "init"), "--data", str(train), "--out", str(tmp_path / "sft"), "--steps", "2",
+              "--batch-size", "3", "--save-every", "0", *frames])
+    assert f"skipped: {root / 'images' / 'cmyk.jpg'}: pixel mode CMYK is not read" in caplog.text
+    assert f"skipped: {root / 'images' / 'gone.png'}: image file not found" in caplog.text
+    err = capsys.readouterr().err
+    assert "9 records with a readable video or image (or none); skipped 1 whose file is missing, 1 whose file " \
+           "cannot be read" in err
+    rl.main(["--init", str(tmp_path / "sft" / "final"), "--data", str(train), "--out", str(tmp_path / "rl"),
+             "--steps", "1", "--batch-size", "9", "--group-size", "2", "--max-new-tokens", "6", "--engine", "torch",
+             "--micro-batch-size", "6", "--save-every", "0", *frames])
+    row = json.loads((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["vision_runs"] == 6 and row["skipped_records"] == 0     # 3 videos + 3 images, each once
+    assert evaluation.main(["--checkpoint", str(tmp_path / "rl" / "final"), "--data", str(test), "--out",
+                            str(tmp_path / "eval"), "--max-new-tokens", "6", "--engine", "torch", *frames]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert {kind: b["n"] for kind, b in report["by_data_type"].items()} == {"video": 1, "image": 1, "text": 1}
+    assert report["errors"]["count"] == 0

@@ -510,8 +510,9 @@ def load_records(path, video_dir=None, subtitle_dir=None, allow_absolute_paths=F
 def add_folder_args(parser) -> None:
     """--video-dir, --subtitle-dir, --allow-absolute-paths: where a record file's paths lead."""
     parser.add_argument("--video-dir", default=None,
-                        help="folder the videos are in (LongVideo-Reason's `videos`, Video-MME's <videoID>.mp4); "
-                             "None: the data file's folder, or Video-MME's data/ beside its videomme/ folder")
+                        help="folder the videos and images are in (LongVideo-Reason's `videos` and `images`, "
+                             "Video-MME's <videoID>.mp4); None: the data file's folder, or Video-MME's data/ beside "
+                             "its videomme/ folder")
     parser.add_argument("--subtitle-dir", default=None,
                         help="folder the .srt files are in; None: the video folder, or Video-MME's subtitle/")
     parser.add_argument("--allow-absolute-paths", action="store_true",

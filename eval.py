@@ -209,8 +209,8 @@ def build_report(records: list[Record], predictions: dict[str, dict], record_err
 
     Keys: accuracy, n, correct; accuracy_answered and n_answered (errors left out); by_<label> for every
     label and by_data_type (video, image, text), each value -> {accuracy, correct, n}; format_compliance
-    (fraction of answered questions with a well-formed <think>...</think><answer>...</answer>); extraction (answered questions by `how`);
-    truncated (responses cut at the length limit); errors {count, items: [{problem_id or line, reason}]};
+    (fraction of answered questions with a well-formed <think>...</think><answer>...</answer>); extraction
+    (answered questions by `how`); truncated (responses cut at the length limit); errors {count, items: [{problem_id or line, reason}]};
     decoders (answered videos by the reader that decoded them: {"decord": 950, "pyav": 50}); settings. Predictions of problem_ids not in `records` are ignored.
     """
     rows = [predictions[r.problem_id] for r in records if r.problem_id in predictions]
@@ -370,7 +370,7 @@ def evaluate(model, engine, records: list[Record], sampling: FrameSampling, out_
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             reader.prefetch((r.video, sampling) for r in todo[start:start + 2 * batch_size]  # this batch, the next
-                            if r.video and r.video not in cache)  # the last video's embeddings are kept: not read again
+                            if r.video and r.video not in cache)  # the last video's embeddings are kept
             for row in _answer_batch(model, engine, batch, sampling, subtitles, cache, strict,
                                      generate_kw, reader):
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")

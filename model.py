@@ -22,7 +22,7 @@ A family (vila.VilaFamily, qwen_vl.QwenVLFamily) provides:
                                             engine input); media "video", "image" (one frame) or "text" (None)
     chat_text(tokenizer, before, after, media)  the chat template's text on either side of the media
     prompt_length(model, before, after, num_frames, media) -> L without building it
-    image_setting(model)                    how an image becomes a frame (the cache key), or ValueError
+    image_setting(model)                    how an image becomes a frame (the cache key), or CheckpointError
     load(...), write(...), is_complete(path), llm_folder(path), engine_weight_name(name), build(...),
     describe(model)
 
@@ -403,7 +403,7 @@ class VideoLM(nn.Module):
     def image_frames(self, path):
         """An image record's picture as the one frame `encode_video` takes: uint8 [1, S, S, 3], S the tower's
         size. Its embeddings are [tokens_per_step, D] (Qwen2.5-VL's pair: the picture twice, as its image
-        processor makes one). A setting the family cannot read an image under is a ValueError
+        processor makes one). A setting the family cannot read an image under is a CheckpointError
         (`family.image_setting`)."""
         import video
         self.family.image_setting(self)

@@ -19,8 +19,9 @@ position on all three axes; the video token of pair t, row h, column w sits at
 where Lb is the number of text tokens before the video, and the text after the video starts one past the
 largest video position on any axis. An image is one temporal patch (the picture twice, as Qwen's image
 processor makes it) between <|vision_start|><|image_pad|>...<|vision_end|>: its tokens sit at
-(Lb, Lb + h, Lb + w), no seconds. A text prompt's positions are 0..L-1 on all three axes. transformers' `get_rope_index` has changed between versions (in 5.19
-the text after a video starts elsewhere), so the positions are computed here, never taken from it.
+(Lb, Lb + h, Lb + w), no seconds. A text prompt's positions are 0..L-1 on all three axes. transformers'
+`get_rope_index` has changed between versions (in 5.19 the text after a video starts elsewhere), so the
+positions are computed here, never taken from it.
 
 A checkpoint is the Hugging Face folder as `Qwen2_5_VLForConditionalGeneration.save_pretrained` and the Hub
 write it: config.json (model_type qwen2_5_vl, vision_config, text_config or top-level text keys with

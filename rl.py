@@ -216,8 +216,8 @@ def engine_max_model_len(model: M.VideoLM, records: list[data.Record], sampling:
     """The engine's max_model_len, settled before the first step: the longest prompt among the first
     PROMPT_SCAN records of each kind (video, image, text) plus --max-new-tokens must fit in --max-model-len,
     or the run is refused now with the numbers (not mid-step, after the models and the engine have loaded).
-    Without --max-model-len it is that sum plus TEXT_SLACK. Lengths count tokens (the KV cache's unit), not positions, which M-RoPE
-    spaces differently. A 7B VILA prompt of 256 frames is 256 x (256 + 1) ~ 66k tokens.
+    Without --max-model-len it is that sum plus TEXT_SLACK. Lengths count tokens (the KV cache's unit), not
+    positions, which M-RoPE spaces differently. A 7B VILA prompt of 256 frames is 256 x (256 + 1) ~ 66k tokens.
 
     Example (tiny VILA model, 4 tokens per frame + 1 separator, 8 frames, 80 text tokens, 64 new tokens):
     needs 8 x 5 + 80 + 64 = 184; --max-model-len 150 raises, no flag gives 184 + 512 = 696.

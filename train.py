@@ -720,8 +720,8 @@ class VideoPrompts:
     def for_batch(self, recs: list[data.Record], records: list[data.Record]):
         """(records, their Prompts) for one step's batch.
 
-        A record whose video, image or subtitle file cannot be read is reported once and replaced by the next
-        readable record of `records` (counted in `self.skipped`); its files are remembered in
+        A record whose video, image or subtitle file cannot be read is reported once and replaced by the
+        next readable record of `records` (counted in `self.skipped`); its files are remembered in
         `self.unreadable` ((video or image, subtitles) -> reason) and not tried again. The batch keeps its size on
         every rank, so the collectives stay in step, and a long run is not lost to one corrupt file. For a
         file that always fails, a resumed run makes the same replacement.
@@ -845,8 +845,8 @@ def load_training_records(args, ps: mrsp.ParallelState) -> list[data.Record]:
     first one stops the run). Then every video and image is opened once, each rank checking its share, and
     records whose file is missing or unreadable (an image in a mode we do not read too) are skipped; the
     videos' result is kept beside the data (`video.video_check_file`), so a restarted run does not open
-    every video again. Fewer usable records
-    than one batch (--batch-size on each data-parallel rank) stop the run, saying what was lost."""
+    every video again. Fewer usable records than one batch (--batch-size on each data-parallel rank) stop
+    the run, saying what was lost."""
     records, errors = data.load_records_report(args.data, **data.folder_args(args))
     if errors and args.strict:
         raise errors[0]

@@ -226,7 +226,8 @@ class VilaFamily:
         cfg = model.config
         before, after = VilaFamily.chat_text(model.tokenizer, text_before, text_after, media)
         if media == "video":
-            rows = num_frames // cfg.temporal_pool * (cfg.tokens_per_frame + len(model.encode_text(cfg.frame_separator)))
+            per_step = cfg.tokens_per_frame + len(model.encode_text(cfg.frame_separator))
+            rows = num_frames // cfg.temporal_pool * per_step
         else:
             rows = (cfg.tokens_per_frame + len(model.encode_text(cfg.image_separator))) * (media == "image")
         return len(model.encode_text(before)) + len(model.encode_text(after)) + rows
@@ -234,7 +235,7 @@ class VilaFamily:
     @staticmethod
     def image_rows(model, image_embeds: torch.Tensor) -> torch.Tensor:
         """One image's embeddings [tpf, D] -> its rows in the prompt: the tokens, then the embedding of
-        `image_separator` ("\n"), as the release's image encoder (BasicImageEncoder) lays an image out: a
+        `image_separator` ("\\n"), as the release's image encoder (BasicImageEncoder) lays an image out: a
         one-frame video's rows under the basic video encoder, never pooled by TSP -> [tpf + s, D]."""
         cfg = model.config
         if len(image_embeds) != cfg.tokens_per_frame:
@@ -249,10 +250,11 @@ class VilaFamily:
         tiling (up to 12 448-px tiles and a thumbnail per image) is not implemented: refused here."""
         aspect = model.release_config.get("image_aspect_ratio", "resize")
         if aspect != "resize":
-            raise ValueError(f"image_aspect_ratio {aspect!r}: images are read only as 'resize' (the picture "
-                             "resized whole to the tower's size); this checkpoint's dynamic tiling of images is "
-                             "not implemented. Set \"image_aspect_ratio\": \"resize\" in its config.json to "
-                             "train or evaluate on image records (its videos are read the same either way)")
+            where = model.source / "config.json" if model.source is not None else "config.json"
+            raise CheckpointError(f"{where}: image_aspect_ratio {aspect!r}: images are read only as 'resize' (the "
+                                  "picture resized whole to the tower's size); this checkpoint's dynamic tiling of "
+                                  "images is not implemented. Set \"image_aspect_ratio\": \"resize\" in its "
+                                  "config.json to train or evaluate on image records (its videos read the same)")
         return f"image-resize-{model.config.image_size}"
 
     @staticmethod
@@ -309,7 +311,7 @@ class VilaFamily:
             if token in text_before + text_after:
                 raise ValueError(f"the prompt text contains the media placeholder {token!r}")
         placeholder = PLACEHOLDERS[media]
-        user = (text_before + (placeholder or "") + text_after).strip()
+        user = (text_before + placeholder + text_after).strip()
         text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                              add_generation_prompt=True)
         if not placeholder:

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2VLImageProces
 
 import model as M
 import mrsp
+from checkpoint import CheckpointError
 from dist import allreduce_gradients, run_ranks
 from test_qwen_vl import hf_model, hub_folder  # noqa: F401  (module fixtures: a Qwen2.5-VL written by transformers)
 from test_release import reference_video_embeds, write_release_checkpoint
@@ -103,7 +104,7 @@ def test_vila_image_and_text_logprobs_equal_the_release_prompt_through_its_llm(v
 def test_vila_refuses_images_under_dynamic_tiling(tmp_path, tiny_tokenizer, picture):
     folder = write_release_checkpoint(tmp_path / "ckpt", tiny_tokenizer, image_aspect_ratio="dynamic")
     model = M.VideoLM.load(folder)   # its videos are read as ever
-    with pytest.raises(ValueError, match="image_aspect_ratio 'dynamic': images are read only as 'resize'"):
+    with pytest.raises(CheckpointError, match="image_aspect_ratio .dynamic.: images are read only as .resize."):
         model.image_frames(picture)
 
 

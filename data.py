@@ -56,11 +56,11 @@ PROBLEM_TYPES = ("multiple_choice", "numerical", "free_form")
 #   LongVideo-Reason (`_lvr_record`): problem_id (an int in the release), data_type ("video", "image" or
 #     "text"; told from the fields when absent), videos ("<name>.mp4", or a one-element list, relative to the
 #     video folder) or images (one picture, the same way; no videos and no images: a text question),
-#     problem (the question with its
-#     options embedded as "A. ..." lines, or the question alone), problem_type ("multiple choice",
-#     "numerical", "general", "free-form", or a reasoning perspective such as "temporal"), reasoning, answer
-#     ("<answer>B</answer>" or "B"). An `options` list and `subtitles` (text, or an .srt path relative to the
-#     subtitle folder) are read too; every other string field is a label for eval's breakdowns.
+#     problem (the question with its options embedded as "A. ..." lines, or the question alone),
+#     problem_type ("multiple choice", "numerical", "general", "free-form", or a reasoning perspective such
+#     as "temporal"), reasoning, answer ("<answer>B</answer>" or "B"). An `options` list and `subtitles`
+#     (text, or an .srt path relative to the subtitle folder) are read too; every other string field is a
+#     label for eval's breakdowns.
 #   Video-MME (`_videomme_record`): the Hub's columns video_id, duration, domain, sub_category, url, videoID,
 #     question_id, task_type, question, options (["A. ...", ...]), answer; the video is <videoID>.mp4 in the
 #     video folder, the subtitles <videoID>.srt in the subtitle folder when that file exists.
@@ -146,8 +146,8 @@ class Folders:
 # as "temporal") leaves the form to the options: multiple choice when there are some, free form otherwise.
 _FORMS = {"multiple choice": "multiple_choice", "numerical": "numerical", "numeric": "numerical",
           "free form": "free_form", "open ended": "free_form"}
-_LVR_FIELDS = {"problem_id", "data_type", "videos", "images", "problem", "options", "problem_type", "reasoning", "answer",
-               "subtitles"}
+_LVR_FIELDS = {"problem_id", "data_type", "videos", "images", "problem", "options", "problem_type", "reasoning",
+               "answer", "subtitles"}
 _VIDEOMME_LABELS = ("duration", "domain", "sub_category", "task_type")
 _MISSING = object()
 _ANSWER_TAG = re.compile(r"\s*<answer>((?:(?!</?answer>).)*)</answer>\s*", re.DOTALL)

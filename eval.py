@@ -210,8 +210,9 @@ def build_report(records: list[Record], predictions: dict[str, dict], record_err
     Keys: accuracy, n, correct; accuracy_answered and n_answered (errors left out); by_<label> for every
     label and by_data_type (video, image, text), each value -> {accuracy, correct, n}; format_compliance
     (fraction of answered questions with a well-formed <think>...</think><answer>...</answer>); extraction
-    (answered questions by `how`); truncated (responses cut at the length limit); errors {count, items: [{problem_id or line, reason}]};
-    decoders (answered videos by the reader that decoded them: {"decord": 950, "pyav": 50}); settings. Predictions of problem_ids not in `records` are ignored.
+    (answered questions by `how`); truncated (responses cut at the length limit); errors {count, items:
+    [{problem_id or line, reason}]}; decoders (answered videos by the reader that decoded them: {"decord":
+    950, "pyav": 50}); settings. Predictions of problem_ids not in `records` are ignored.
     """
     rows = [predictions[r.problem_id] for r in records if r.problem_id in predictions]
     answered = [r for r in rows if r.get("error") is None]

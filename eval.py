@@ -208,10 +208,11 @@ def build_report(records: list[Record], predictions: dict[str, dict], record_err
     lines of the record file. Error rows and malformed lines count as wrong.
 
     Keys: accuracy, n, correct; accuracy_answered and n_answered (errors left out); by_<label> for every
-    label, each value -> {accuracy, correct, n}; format_compliance (fraction of answered questions with
-    a well-formed <think>...</think><answer>...</answer>); extraction (answered questions by `how`);
-    truncated (responses cut at the length limit); errors {count, items: [{problem_id or line, reason}]};
-    decoders (answered videos by the reader that decoded them: {"decord": 950, "pyav": 50}); settings. Predictions of problem_ids not in `records` are ignored.
+    label and by_data_type (video, image, text), each value -> {accuracy, correct, n}; format_compliance
+    (fraction of answered questions with a well-formed <think>...</think><answer>...</answer>); extraction
+    (answered questions by `how`); truncated (responses cut at the length limit); errors {count, items:
+    [{problem_id or line, reason}]}; decoders (answered videos by the reader that decoded them: {"decord":
+    950, "pyav": 50}); settings. Predictions of problem_ids not in `records` are ignored.
     """
     rows = [predictions[r.problem_id] for r in records if r.problem_id in predictions]
     answered = [r for r in rows if r.get("error") is None]
@@ -223,6 +224,9 @@ def build_report(records: list[Record], predictions: dict[str, dict], record_err
     for row in rows:
         for label, value in row["labels"].items():
             by_label[label][value].append(row)
+    kinds = {r.problem_id: r.data_type for r in records}
+    for row in rows:  # by kind (video, image, text), whatever the labels say
+        by_label["data_type"][kinds[row["problem_id"]]].append(row)
     for label in sorted(by_label):
         report[f"by_{label}"] = {value: _breakdown(group) for value, group in sorted(by_label[label].items())}
     report["format_compliance"] = sum(r["format_ok"] for r in answered) / len(answered) if answered else 0.0
@@ -277,18 +281,20 @@ class PromptTooLong(ValueError):
 
 def _prompt(model, record: Record, sampling: FrameSampling, subtitles: bool, cache: dict,
             reader: video.FramePrefetcher):
-    """The model.Prompt of one record. `cache` keeps the last video's embeddings: VideoMME asks three
-    questions about each video, one after another. `reader` reads the frames (or has them read ahead)."""
-    if record.video not in cache:
+    """The model.Prompt of one record. `cache` keeps the last video's (or image's) embeddings: VideoMME asks
+    three questions about each video, one after another. `reader` reads the frames (or has them read ahead).
+    An image is encoded as one frame; a text question has no media."""
+    if record.media is not None and record.media not in cache:
         cache.clear()
-        frames, timestamps = reader.load_frames(record.video, sampling)
+        frames, timestamps = reader.load_frames(record.video, sampling) if record.video else \
+            (model.image_frames(record.image), None)
         with torch.no_grad():
-            cache[record.video] = (model.encode_video(frames), timestamps)   # [steps * tps, D]
-    video_embeds, timestamps = cache[record.video]
+            cache[record.media] = (model.encode_video(frames), timestamps)   # [steps * tps, D]
+    media_embeds, timestamps = cache[record.media] if record.media is not None else (None, None)
     subs = data.subtitle_text(record, timestamps) if subtitles else None
     before, after = model.user_turn(record, subs)
     with torch.no_grad():
-        return model.prompt(before, video_embeds, after, timestamps)
+        return model.prompt(before, media_embeds, after, timestamps, media=record.data_type)
 
 
 def _prediction_row(record: Record, response: str | None, finish_reason: str | None = None,
@@ -298,7 +304,7 @@ def _prediction_row(record: Record, response: str | None, finish_reason: str | N
             "prediction": prediction, "correct": correct, "how": how,
             "format_ok": error is None and grading.is_well_formed(response), "labels": record.labels,
             "finish_reason": finish_reason, "error": error, "response": response,
-            "decoder": None if error else video.decoder_of(record.video)}
+            "decoder": None if error or not record.video else video.decoder_of(record.video)}
 
 
 def _answer_batch(model, engine, batch: list[Record], sampling, subtitles, cache, strict,
@@ -365,7 +371,7 @@ def evaluate(model, engine, records: list[Record], sampling: FrameSampling, out_
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             reader.prefetch((r.video, sampling) for r in todo[start:start + 2 * batch_size]  # this batch, the next
-                            if r.video not in cache)  # the last video's embeddings are kept: not read again
+                            if r.video and r.video not in cache)  # the last video's embeddings are kept
             for row in _answer_batch(model, engine, batch, sampling, subtitles, cache, strict,
                                      generate_kw, reader):
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -18,9 +18,11 @@ A family (vila.VilaFamily, qwen_vl.QwenVLFamily) provides:
 
     name, position_axes (1 or 3), needs_timestamps, special_tokens, chat_template, presets
     encode_frames(model, frames)            uint8 [t, H, W, 3] -> [ceil(t / frames_per_step) * tokens_per_step, D]
-    prompt(model, before, video, after, timestamps) -> (embeds [L, D], positions [L] or [3, L], engine input)
-    chat_text(tokenizer, before, after)     the chat template's text on either side of the video
-    prompt_length(model, before, after, num_frames) -> L without building it
+    prompt(model, before, media_embeds, after, timestamps, media) -> (embeds [L, D], positions [L] or [3, L],
+                                            engine input); media "video", "image" (one frame) or "text" (None)
+    chat_text(tokenizer, before, after, media)  the chat template's text on either side of the media
+    prompt_length(model, before, after, num_frames, media) -> L without building it
+    image_setting(model)                    how an image becomes a frame (the cache key), or CheckpointError
     load(...), write(...), is_complete(path), llm_folder(path), engine_weight_name(name), build(...),
     describe(model)
 
@@ -57,6 +59,7 @@ log = logging.getLogger("model")
 FAMILIES = {f.name: f for f in (vila.VilaFamily, qwen_vl.QwenVLFamily)}
 
 IGNORE = -100  # target id of positions that carry no loss (prompt, video, padding)
+MEDIA = ("video", "image", "text")  # what a prompt holds: data.Record.data_type
 
 SPECIAL_TEXT_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
 CHATML_TEXT = "system\nYou are a helpful assistant.\nuser\nassistant\n"  # its words, for a tokenizer corpus
@@ -397,6 +400,15 @@ class VideoLM(nn.Module):
                           else encode(chunk))
         return torch.cat(chunks)                                                  # [steps * tps, D]
 
+    def image_frames(self, path):
+        """An image record's picture as the one frame `encode_video` takes: uint8 [1, S, S, 3], S the tower's
+        size. Its embeddings are [tokens_per_step, D] (Qwen2.5-VL's pair: the picture twice, as its image
+        processor makes one). A setting the family cannot read an image under is a CheckpointError
+        (`family.image_setting`)."""
+        import video
+        self.family.image_setting(self)
+        return video.load_image(path, self.config.image_size)
+
     # ---- text and splicing ----
 
     def embed_ids(self, ids) -> torch.Tensor:
@@ -406,17 +418,26 @@ class VideoLM(nn.Module):
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def prompt(self, text_before: str, video_embeds: torch.Tensor, text_after: str, timestamps=None) -> Prompt:
-        """The chat prompt with the video in it: rollout, every training pass and eval use this.
+    def prompt(self, text_before: str, media_embeds: torch.Tensor | None, text_after: str, timestamps=None,
+               media: str = "video") -> Prompt:
+        """The chat prompt with its video (or image, or nothing) in it: rollout, every training pass and eval
+        use this.
 
-        `text_before` + video + `text_after` is the user's turn (data.build_prompt writes it); the family
-        wraps it in the chat template, turns the video embeddings into rows and gives every row its
-        positions (Qwen2.5-VL's need the sampled frames' `timestamps`, in seconds). Text embeddings are
-        looked up now, from the current LLM, so cached video embeddings stay valid while the LLM trains.
+        `text_before` + media + `text_after` is the user's turn (data.build_prompt writes it); the family
+        wraps it in the chat template, turns the media embeddings into rows and gives every row its
+        positions (a Qwen2.5-VL video's need the sampled frames' `timestamps`, in seconds). `media` is the
+        record's data_type: "video" (encode_video of its frames), "image" (encode_video of the picture as one
+        frame), "text" (no embeddings: the LLM alone). Text embeddings are looked up now, from the current
+        LLM, so cached media embeddings stay valid while the LLM trains.
         """
-        if self.family.needs_timestamps and timestamps is None:
+        if media not in MEDIA:
+            raise ValueError(f"media {media!r} is not one of {', '.join(MEDIA)}")
+        if (media_embeds is None) != (media == "text"):
+            raise ValueError(f"a {media} prompt takes {'no' if media == 'text' else 'its'} media embeddings")
+        if media == "video" and self.family.needs_timestamps and timestamps is None:
             raise ValueError(f"{self.family.name} prompts need the sampled frames' timestamps (M-RoPE time axis)")
-        embeds, positions, engine_input = self.family.prompt(self, text_before, video_embeds, text_after, timestamps)
+        embeds, positions, engine_input = self.family.prompt(self, text_before, media_embeds, text_after, timestamps,
+                                                             media=media)
         return Prompt(embeds, positions, engine_input)
 
     def position_arg(self, positions: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,11 @@ position on all three axes; the video token of pair t, row h, column w sits at
     (Lb + floor(t * s), Lb + h, Lb + w),   s = tokens_per_second x seconds per pair
 
 where Lb is the number of text tokens before the video, and the text after the video starts one past the
-largest video position on any axis. transformers' `get_rope_index` has changed between versions (in 5.19
-the text after a video starts elsewhere), so the positions are computed here, never taken from it.
+largest video position on any axis. An image is one temporal patch (the picture twice, as Qwen's image
+processor makes it) between <|vision_start|><|image_pad|>...<|vision_end|>: its tokens sit at
+(Lb, Lb + h, Lb + w), no seconds. A text prompt's positions are 0..L-1 on all three axes. transformers'
+`get_rope_index` has changed between versions (in 5.19 the text after a video starts elsewhere), so the
+positions are computed here, never taken from it.
 
 A checkpoint is the Hugging Face folder as `Qwen2_5_VLForConditionalGeneration.save_pretrained` and the Hub
 write it: config.json (model_type qwen2_5_vl, vision_config, text_config or top-level text keys with
@@ -39,8 +42,10 @@ import torch.nn as nn
 from checkpoint import CheckpointError, from_pretrained, read_json, shard_numel, write_tokenizer
 
 VIDEO_PAD, VISION_START, VISION_END = "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"
+PLACEHOLDERS = {"video": VIDEO_PAD, "image": IMAGE_PAD}  # a prompt's media -> its pad token (text: none)
 # Qwen2.5-VL's vision tokens, as its tokenizer holds them (single special tokens)
-VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", IMAGE_PAD, VIDEO_PAD]
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # Qwen2.5-VL's preprocessor_config.json image_mean
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]  # and image_std
 DEFAULT_FRAME_SIZE = 448  # 16 x 16 merged tokens per frame pair, as LongVILA-R1's 448-px SigLIP frames
@@ -196,55 +201,79 @@ class QwenVLFamily:
         return tower(hidden_states=rows, grid_thw=grid).pooler_output                          # [k * tps, D]
 
     @staticmethod
-    def chat_text(tokenizer, text_before: str, text_after: str) -> tuple[str, str]:
-        """The chat text on either side of the video's rows: `before` ends with <|vision_start|>, `after`
+    def chat_text(tokenizer, text_before: str, text_after: str, media: str = "video") -> tuple[str, str]:
+        """The chat text on either side of the media's rows: `before` ends with <|vision_start|>, `after`
         starts with <|vision_end|>. With text_before = "":
             "<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n<|vision_start|>"
             | video rows | "<|vision_end|>Question: ...<|im_end|>\\n<|im_start|>assistant\\n"
+        An image's the same around <|image_pad|>; a text prompt is all `before`, `after` empty.
         """
-        if VIDEO_PAD in text_before + text_after:
-            raise ValueError(f"the prompt text contains the video placeholder {VIDEO_PAD!r}")
-        parts = ([{"type": "text", "text": text_before}] if text_before else []) + [{"type": "video"}] + \
+        for pad in PLACEHOLDERS.values():
+            if pad in text_before + text_after:
+                raise ValueError(f"the prompt text contains the media placeholder {pad!r}")
+        parts = ([{"type": "text", "text": text_before}] if text_before else []) + \
+            ([{"type": media}] if media != "text" else []) + \
             ([{"type": "text", "text": text_after}] if text_after else [])
         text = tokenizer.apply_chat_template([{"role": "user", "content": parts}], tokenize=False,
                                              add_generation_prompt=True)
-        if text.count(VIDEO_PAD) != 1:
-            raise ValueError(f"the chat template put {text.count(VIDEO_PAD)} {VIDEO_PAD} in a one-video turn")
-        before, after = text.split(VIDEO_PAD)
+        if media == "text":
+            return text, ""
+        pad = PLACEHOLDERS[media]
+        if text.count(pad) != 1:
+            raise ValueError(f"the chat template put {text.count(pad)} {pad} in a one-{media} turn")
+        before, after = text.split(pad)
         return before, after
 
     @staticmethod
-    def prompt(model, text_before: str, video_embeds: torch.Tensor, text_after: str, timestamps):
-        """The chat prompt around the video -> (embeddings [L, D], M-RoPE positions [3, L], a function making
-        the vLLM request: the prompt's token ids with one <|video_pad|> per video row, and the video as
-        embeddings with its grid and seconds per pair, so vLLM computes the same positions from them)."""
+    def prompt(model, text_before: str, media_embeds: torch.Tensor | None, text_after: str, timestamps,
+               media: str = "video"):
+        """The chat prompt around the media -> (embeddings [L, D], M-RoPE positions [3, L], a function making
+        the vLLM request: the prompt's token ids with one pad token per media row, and the media as
+        embeddings with its grid (and a video's seconds per pair), so vLLM computes the same positions).
+        An image is one pair's rows at time 0; a text prompt (no embeddings) is the chat text alone."""
         cfg = model.config
-        before, after = QwenVLFamily.chat_text(model.tokenizer, text_before, text_after)
+        before, after = QwenVLFamily.chat_text(model.tokenizer, text_before, text_after, media)
         ids_before, ids_after = model.encode_text(before), model.encode_text(after)
-        pairs, g = len(video_embeds) // cfg.tokens_per_step, cfg.merged_grid
-        seconds = seconds_per_pair(timestamps, cfg.temporal_patch_size)
-        positions = mrope_positions(len(ids_before), pairs, g, len(ids_after), seconds, cfg.tokens_per_second)
         embeds_before = model.embed_ids(ids_before)                                            # [Lb, D]
-        embeds = torch.cat([embeds_before, video_embeds.to(embeds_before.dtype), model.embed_ids(ids_after)])
-        video_pad = model.tokenizer.convert_tokens_to_ids(VIDEO_PAD)
+        if media == "text":
+            ids = ids_before + ids_after
+            positions = torch.arange(len(ids)).expand(3, len(ids))                             # [3, L]
+            return embeds_before, positions.to(embeds_before.device), lambda: {"prompt_token_ids": ids}
+        pairs, g = len(media_embeds) // cfg.tokens_per_step, cfg.merged_grid
+        if media == "image" and pairs != 1:
+            raise ValueError(f"an image is one temporal patch of {cfg.tokens_per_step} rows, got {len(media_embeds)}")
+        # a video's time axis counts seconds; an image's single patch sits at time 0 whatever the scale
+        seconds = seconds_per_pair(timestamps, cfg.temporal_patch_size) if media == "video" else 0.0
+        positions = mrope_positions(len(ids_before), pairs, g, len(ids_after), seconds, cfg.tokens_per_second)
+        embeds = torch.cat([embeds_before, media_embeds.to(embeds_before.dtype), model.embed_ids(ids_after)])
+        pad = model.tokenizer.convert_tokens_to_ids(PLACEHOLDERS[media])
 
-        def engine_input() -> dict:  # made only for a rollout: the training passes never copy the video to the host
-            return {"prompt_token_ids": ids_before + [video_pad] * len(video_embeds) + ids_after,
-                    "multi_modal_data": {"video": {
-                        "video_embeds": video_embeds.detach().cpu(),
-                        "video_grid_thw": torch.tensor([pairs, g * cfg.merge_size, g * cfg.merge_size]),  # patches
-                        "second_per_grid_ts": torch.tensor([seconds], dtype=torch.float32)}}}
+        def engine_input() -> dict:  # made only for a rollout: the training passes never copy the media to the host
+            # in patches, one row per item: vLLM reads {media}_grid_thw as (number of videos or images, 3)
+            grid = torch.tensor([[pairs, g * cfg.merge_size, g * cfg.merge_size]])            # [1, 3]
+            data = {f"{media}_embeds": media_embeds.detach().cpu(), f"{media}_grid_thw": grid}
+            if media == "video":
+                data["second_per_grid_ts"] = torch.tensor([seconds], dtype=torch.float32)
+            return {"prompt_token_ids": ids_before + [pad] * len(media_embeds) + ids_after,
+                    "multi_modal_data": {media: data}}
         return embeds, positions.to(embeds.device), engine_input
 
     @staticmethod
-    def prompt_length(model, text_before: str, text_after: str, num_frames: int) -> int:
+    def prompt_length(model, text_before: str, text_after: str, num_frames: int, media: str = "video") -> int:
         """Tokens of the prompt for `num_frames` frames, without building it: text + ceil(frames / 2) x
-        tokens per pair. (Its positions end lower or higher than its length: M-RoPE positions are not
-        token indices. The KV cache and vLLM's max_model_len count tokens.)"""
+        tokens per pair (an image: one pair; text: none). (Its positions end lower or higher than its
+        length: M-RoPE positions are not token indices. The KV cache and vLLM's max_model_len count tokens.)"""
         cfg = model.config
-        before, after = QwenVLFamily.chat_text(model.tokenizer, text_before, text_after)
-        pairs = -(-num_frames // cfg.temporal_patch_size)
+        before, after = QwenVLFamily.chat_text(model.tokenizer, text_before, text_after, media)
+        pairs = {"video": -(-num_frames // cfg.temporal_patch_size), "image": 1, "text": 0}[media]
         return len(model.encode_text(before)) + len(model.encode_text(after)) + pairs * cfg.tokens_per_step
+
+    @staticmethod
+    def image_setting(model) -> str:
+        """How an image becomes frames, for the embedding cache's key: resized whole to the square the
+        frames take (config.json frame_size), as this project reads video frames; Qwen's own processor
+        would keep the aspect ratio (smart_resize), so a checkpoint trained on that sees a squeezed picture."""
+        return f"image-resize-{model.config.image_size}"
 
     # ---- on disk ----
 
@@ -408,8 +437,8 @@ def _check_tokenizer(path: Path, tokenizer, config: dict, rows: int) -> None:
     if len(tokenizer) > rows:
         raise CheckpointError(f"{path}: the tokenizer has {len(tokenizer):,} tokens, the LLM's input embedding "
                               f"{rows:,} rows: the tokenizer files and the weights are of different models")
-    for key, token in (("video_token_id", VIDEO_PAD), ("vision_start_token_id", VISION_START),
-                       ("vision_end_token_id", VISION_END)):
+    for key, token in (("video_token_id", VIDEO_PAD), ("image_token_id", IMAGE_PAD),
+                       ("vision_start_token_id", VISION_START), ("vision_end_token_id", VISION_END)):
         if key in config and tokenizer.convert_tokens_to_ids(token) != config[key]:
             raise CheckpointError(f"{path / 'config.json'}: {key} {config[key]} but the tokenizer has {token} at "
                                   f"{tokenizer.convert_tokens_to_ids(token)}")

@@ -202,25 +202,31 @@ TEXT_SLACK = 512    # positions a derived --max-model-len leaves for later recor
 def prompt_length(model: M.VideoLM, record: data.Record, sampling: video.FrameSampling) -> tuple[int, int]:
     """(frames, tokens) of `record`'s chat prompt, without decoding a frame (the family counts the tokens:
     text + frame steps x tokens per step, VILA's separators included). The frame count is the sampling's
-    bound with --num-frames (no file opened) and the container's count with --fps; an .srt counts every cue."""
-    frames = (min(sampling.num_frames, sampling.max_frames) if sampling.fps is None
-              else len(video.frame_timestamps(record.video, sampling)))
+    bound with --num-frames (no file opened) and the container's count with --fps; an .srt counts every cue.
+    An image is one frame, a text question none."""
+    if record.data_type != "video":
+        frames = int(record.data_type == "image")
+    else:
+        frames = (min(sampling.num_frames, sampling.max_frames) if sampling.fps is None
+                  else len(video.frame_timestamps(record.video, sampling)))
     before, after = model.user_turn(record, data.subtitle_text(record))
-    return frames, model.family.prompt_length(model, before, after, frames)
+    return frames, model.family.prompt_length(model, before, after, frames, media=record.data_type)
 
 
 def engine_max_model_len(model: M.VideoLM, records: list[data.Record], sampling: video.FrameSampling, args) -> int:
     """The engine's max_model_len, settled before the first step: the longest prompt among the first
-    PROMPT_SCAN records plus --max-new-tokens must fit in --max-model-len, or the run is refused now with
-    the numbers (not mid-step, after the models and the engine have loaded). Without --max-model-len it
-    is that sum plus TEXT_SLACK. Lengths count tokens (the KV cache's unit), not positions, which M-RoPE
-    spaces differently. A 7B VILA prompt of 256 frames is 256 x (256 + 1) ~ 66k tokens.
+    PROMPT_SCAN records of each kind (video, image, text) plus --max-new-tokens must fit in --max-model-len,
+    or the run is refused now with the numbers (not mid-step, after the models and the engine have loaded).
+    Without --max-model-len it is that sum plus TEXT_SLACK. Lengths count tokens (the KV cache's unit), not
+    positions, which M-RoPE spaces differently. A 7B VILA prompt of 256 frames is 256 x (256 + 1) ~ 66k tokens.
 
     Example (tiny VILA model, 4 tokens per frame + 1 separator, 8 frames, 80 text tokens, 64 new tokens):
     needs 8 x 5 + 80 + 64 = 184; --max-model-len 150 raises, no flag gives 184 + 512 = 696.
     """
     longest = None
-    for record in records[:PROMPT_SCAN]:
+    # each kind's first records: a set that opens with text questions would otherwise miss its long video prompts
+    scan = [r for kind in data.DATA_TYPES for r in [r for r in records if r.data_type == kind][:PROMPT_SCAN]]
+    for record in scan:
         try:
             frames, tokens = prompt_length(model, record, sampling)
         except video.VideoError:

@@ -105,6 +105,13 @@ def main(argv=None):
             print(f"resumed from {resume_from} at step {start_step}")
 
     records = train.load_training_records(args, ps)
+    kinds = sorted({r.data_type for r in records})
+    if ps.world_size > 1 and not args.freeze_vision and len(kinds) > 1:
+        # a trained vision tower is sharded (FSDP): every rank must run it as often as the others, which a
+        # micro-batch of text questions (no run) beside one of videos (a run per 32 frames) would not
+        raise errors.UsageError(f"{args.data} mixes {' and '.join(kinds)} questions: with the vision tower training "
+                                f"over {ps.world_size} processes (--no-freeze-vision) every rank must run it as often "
+                                "as the others; use --freeze-vision, one process, or one kind of record")
     sampling = video.FrameSampling.from_args(args)
     mix = [video.FrameSampling(num_frames=n, max_frames=args.max_frames) for n in args.mix_num_frames or []]
     cache = train.embedding_cache(model, args, ps) if args.embed_cache else None

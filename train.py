@@ -383,7 +383,8 @@ def add_run_args(ap, save_every: int):
 class VideoPrompts:
     """Prompts (model.Prompt) for records: frames decoded (read ahead in `decode_workers` threads after
     `prefetch`), video encoded (through the MR-SP embedding cache when the vision tower is frozen), text
-    spliced around the video, positions given."""
+    spliced around the video, positions given. An image record's picture goes the same way as a one-frame
+    video (its cache key: the file and the family's `image_setting`); a text record skips the vision tower."""
 
     def __init__(self, model: M.VideoLM, sampling: video.FrameSampling, ps: mrsp.ParallelState,
                  cache: "mrsp.VideoEmbeddingCache | None", decode_workers: int = 0):
@@ -397,21 +398,33 @@ class VideoPrompts:
         self._srt_text: dict[tuple, str | None] = {}
         self._times: dict[tuple, np.ndarray] = {}
 
-    def video_embeds(self, record: data.Record) -> torch.Tensor:
-        read_fn = lambda: self._read_agreed(lambda: self.reader.load_frames(record.video, self.sampling))
-        if self.cache is not None:  # (this rank's frames, all timestamps) -> the whole video's embeddings
-            encode_fn = lambda read: mrsp.stage1_encode(self.model, read[0], self.ps.sp_group, num_frames=len(read[1]))
-            return self.cache.get(record.video, self.sampling, read_fn, encode_fn)
+    def media_embeds(self, record: data.Record) -> torch.Tensor | None:
+        """The embeddings of the record's video, or of its image as one frame; None for a text record."""
+        if record.data_type == "text":
+            return None
+        if record.video:
+            setting = self.sampling
+
+            def read():  # this rank's frames (with the cache; else all) and the video's frame count
+                frames, timestamps = self.reader.load_frames(record.video, self.sampling)
+                return frames, len(timestamps)
+        else:
+            setting = self.model.family.image_setting(self.model)
+            read = lambda: (self.model.image_frames(record.image), None)  # the one frame, whole on every rank
+        read_fn = lambda: self._read_agreed(read)
+        if self.cache is not None:
+            encode_fn = lambda got: mrsp.stage1_encode(self.model, got[0], self.ps.sp_group, num_frames=got[1])
+            return self.cache.get(record.media, setting, read_fn, encode_fn)
         # No cache: decode and encode again, with grad if the vision tower trains.
-        video_embeds = self.model.encode_video(read_fn()[0])
+        embeds = self.model.encode_video(read_fn()[0])
         self.uncached_runs += 1
-        return video_embeds
+        return embeds
 
     def prefetch(self, *batches: tuple[list[data.Record], video.FrameSampling]) -> None:
         """Start reading the videos of these (records, sampling) batches in the background, the current
         batch first, then the next: those whose embeddings the cache holds are not read at all."""
         self.reader.prefetch([(r.video, sampling) for recs, sampling in batches for r in recs
-                              if (r.video, r.subtitles) not in self.unreadable
+                              if r.video and (r.video, r.subtitles) not in self.unreadable
                               and not (self.cache is not None and self.cache.holds(r.video, sampling))])
 
     def subtitles(self, record: data.Record) -> str | None:
@@ -441,7 +454,7 @@ class VideoPrompts:
     def timestamps(self, record: data.Record) -> np.ndarray | None:
         """The sampled frames' times in seconds, where the family's positions use them (Qwen2.5-VL's M-RoPE
         time axis), read from the container (a cached video is not decoded again) and kept; else None."""
-        if not self.model.family.needs_timestamps:
+        if not self.model.family.needs_timestamps or not record.video:
             return None
         key = (record.video, self.sampling.key())
         if key not in self._times:
@@ -450,21 +463,22 @@ class VideoPrompts:
 
     def __call__(self, record: data.Record) -> M.Prompt:
         before, after = self.model.user_turn(record, self.subtitles(record))
-        return self.model.prompt(before, self.video_embeds(record), after, self.timestamps(record))
+        return self.model.prompt(before, self.media_embeds(record), after, self.timestamps(record),
+                                 media=record.data_type)
 
     def for_batch(self, recs: list[data.Record], records: list[data.Record]):
         """(records, their Prompts) for one step's batch.
 
-        A record whose video or subtitle file cannot be read is reported once and replaced by the next
-        readable record of `records` (counted in `self.skipped`); its files are remembered in
-        `self.unreadable` ((video, subtitles) -> reason) and not tried again. The batch keeps its size on
+        A record whose video, image or subtitle file cannot be read is reported once and replaced by the
+        next readable record of `records` (counted in `self.skipped`); its files are remembered in
+        `self.unreadable` ((video or image, subtitles) -> reason) and not tried again. The batch keeps its size on
         every rank, so the collectives stay in step, and a long run is not lost to one corrupt file. For a
         file that always fails, a resumed run makes the same replacement.
         """
         used, prompts = [], []
         for record in recs:
             for candidate in _this_then_next(record, records):
-                files = (candidate.video, candidate.subtitles)
+                files = (candidate.media, candidate.subtitles)
                 if files in self.unreadable:
                     continue
                 try:
@@ -577,39 +591,43 @@ def records_for_step(records, step: int, per_rank: int, ps: mrsp.ParallelState, 
 
 def load_training_records(args, ps: mrsp.ParallelState) -> list[data.Record]:
     """The records of --data that a run can train on. Bad rows are reported and skipped (with --strict the
-    first one stops the run). Then every video is opened once, each rank checking its share, and records
-    whose video is missing or unreadable are skipped too; the result is kept beside the data
-    (`video.video_check_file`), so a restarted run does not open every file again. Fewer usable records
-    than one batch (--batch-size on each data-parallel rank) stop the run, saying what was lost."""
+    first one stops the run). Then every video and image is opened once, each rank checking its share, and
+    records whose file is missing or unreadable (an image in a mode we do not read too) are skipped; the
+    videos' result is kept beside the data (`video.video_check_file`), so a restarted run does not open
+    every video again. Fewer usable records than one batch (--batch-size on each data-parallel rank) stop
+    the run, saying what was lost."""
     records, errors = data.load_records_report(args.data, **data.folder_args(args))
     if errors and args.strict:
         raise errors[0]
     if ps.rank == 0:
         print(data.summary(args.data, records, errors), file=sys.stderr, flush=True)
     cache_file = video.video_check_file(args.data)
-    videos = list(dict.fromkeys(r.video for r in records))
+    videos = list(dict.fromkeys(r.video for r in records if r.video))
+    images = list(dict.fromkeys(r.image for r in records if r.image))
     opened = video.check_videos_open(videos[ps.rank::ps.world_size], cache_file)
+    opened.update({path: video.image_problem(path) for path in images[ps.rank::ps.world_size]})
     if ps.world_size > 1:
         shares = [None] * ps.world_size
         dist.all_gather_object(shares, opened)
         opened = {path: problem for share in shares for path, problem in share.items()}
     if ps.rank == 0:
-        video.save_video_check(cache_file, opened)
+        video.save_video_check(cache_file, {path: opened[path] for path in videos})
     problems = [problem for problem in opened.values() if problem]
     if problems and args.strict:
         raise video.VideoError(problems[0])
-    usable = [r for r in records if not opened[r.video]]
-    missing = sum(not os.path.isfile(r.video) for r in records if opened[r.video])
+    usable = [r for r in records if r.media is None or not opened[r.media]]
+    missing = sum(not os.path.isfile(r.media) for r in records if r.media and opened[r.media])
     unreadable = len(records) - len(usable) - missing
     if ps.rank == 0 and problems:
         for problem in problems[:10]:
             logger.warning("skipped: %s", problem)
-        print(f"{args.data}: {len(usable):,} records with a readable video; skipped {missing:,} whose video is "
-              f"missing, {unreadable:,} whose video cannot be read", file=sys.stderr, flush=True)
+        print(f"{args.data}: {len(usable):,} records with a readable video or image (or none); skipped "
+              f"{missing:,} whose file is missing, {unreadable:,} whose file cannot be read", file=sys.stderr,
+              flush=True)
     if len(usable) < args.batch_size * ps.dp_size:
         raise data.RecordError(
             args.data, None, None,
             f"{len(usable)} usable records, fewer than one batch ({args.batch_size} on each of {ps.dp_size} "
-            f"data-parallel ranks): {len(errors)} bad rows, {missing} records whose video is missing, "
-            f"{unreadable} whose video cannot be read")
+            f"data-parallel ranks): {len(errors)} bad rows, {missing} records whose video or image is missing, "
+            f"{unreadable} whose video or image cannot be read")
     return usable

@@ -12,6 +12,8 @@ reading the next batch's videos while the current step runs.
 - `FramePrefetcher` reads the videos of the next batch in background threads (`--decode-workers`) while
   the current step runs, so the step does not wait for the CPU to decode.
 - `check_videos_open` finds the videos that are missing or cannot be read, before a run starts.
+- `load_image` reads an image record's picture as a one-frame video; `image_problem` says why one cannot be
+  read (missing, corrupt, or a pixel mode with no one way to RGB: CMYK, 16-bit, palette).
 
 Run `python data.py frames VIDEO` to see the frames a setting takes from a file, and which reader reads it.
 """
@@ -43,7 +45,8 @@ MAX_FRAMES = 8192  # the paper's maximum frames per video (at inference)
 
 
 class VideoError(errors.UserError, RuntimeError):
-    """A video (or its subtitle file) that cannot be read; the message names the file and what is wrong."""
+    """A video (or its subtitle file, or an image) that cannot be read; the message names the file and what
+    is wrong."""
 
 
 # ---- frame sampling ----
@@ -743,3 +746,45 @@ def save_video_check(cache_file, result: dict[str, str | None]) -> None:
         log.warning("cannot keep the video check in %s (%s); the next run checks every video again",
                     cache_file, e.strerror or e)
 
+
+
+# ---- images ----
+
+# Pixel modes read as RGB: RGBA loses its alpha and L (grey) repeats its channel, as the releases' convert("RGB")
+# does. Others are refused: CMYK needs a colour profile to become RGB, 16-bit values would be cut to 8 bits
+# ("I;16" clips at 255), a palette may carry transparency; convert such files to RGB first.
+IMAGE_MODES = ("RGB", "RGBA", "L")
+
+
+def _open_image(path: str):
+    """The decoded PIL image of `path`, in an RGB-able mode, or VideoError naming the file and why."""
+    from PIL import Image, UnidentifiedImageError
+    if not os.path.isfile(path):
+        raise VideoError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as image:
+            image.load()  # a truncated file opens lazily; decoding it is what fails
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise VideoError(f"{path}: cannot read the image ({e})") from e
+    if image.mode not in IMAGE_MODES:
+        raise VideoError(f"{path}: pixel mode {image.mode} is not read (only {', '.join(IMAGE_MODES)}); "
+                         "convert the image to 8-bit RGB")
+    return image
+
+
+def image_problem(path: str) -> str | None:
+    """Why an image cannot be read (missing, corrupt, an unsupported mode), or None."""
+    try:
+        _open_image(path)
+    except VideoError as e:
+        return str(e)
+    return None
+
+
+def load_image(path, image_size: int) -> np.ndarray:
+    """An image as a one-frame video: uint8 [1, image_size, image_size, 3] RGB, resized whole to the square
+    with bicubic interpolation (VILA's image_aspect_ratio "resize": PIL's resize, then the processor's x / 255
+    and normalisation, which the vision encoders do)."""
+    from PIL import Image
+    image = _open_image(str(path)).convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return np.array(image, dtype=np.uint8)[None]                                  # [1, S, S, 3]

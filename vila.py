@@ -6,6 +6,7 @@ become prompt rows. model.VideoLM calls this file through the family interface (
                                    the post-layernorm), every patch kept          [T, P, C]
       -> mm_projector              k x k patch blocks (zero-padded grid), then an MLP  [T, tokens_per_frame, D]
       -> video encoder             basic: "\n" after every frame; TSP: groups of frames mean-pooled first
+         (an image is one frame through the image encoder: its tokens, then "\n", never pooled)
       -> spliced into the chat prompt where the video placeholder is, then the causal LM (Qwen2), whose
          positions are plain 0..L-1 over text and video alike
 
@@ -60,7 +61,9 @@ PRESETS = {
     ),
 }
 VIDEO_TOKEN = "<vila/video>"  # where the prompt text holds the video
-MEDIA_TOKENS = ["[BOS]", "[PAD]", "<vila/sentinel>", "<image>", VIDEO_TOKEN]  # VILA appends these to the vocabulary
+IMAGE_TOKEN = "<image>"       # and an image
+MEDIA_TOKENS = ["[BOS]", "[PAD]", "<vila/sentinel>", IMAGE_TOKEN, VIDEO_TOKEN]  # VILA appends these to the vocabulary
+PLACEHOLDERS = {"video": VIDEO_TOKEN, "image": IMAGE_TOKEN, "text": ""}  # a prompt's media -> its token
 # ChatML as Qwen2's tokenizers write it: a default system turn when the conversation has none.
 CHATML_TEMPLATE = (
     "{% if messages[0]['role'] != 'system' %}"
@@ -88,6 +91,7 @@ class VilaConfig:
     select_layer: int = -2     # SigLIP hidden_states index (mm_vision_select_layer)
     temporal_pool: int = 1     # frames mean-pooled per step: 1 = basic video encoder, > 1 = TSP
     frame_separator: str = "\n"  # text whose embedding follows every frame (every pooled step)
+    image_separator: str = "\n"  # text whose embedding follows an image (the image encoder's end_tokens)
     family: str = "vila"
 
     @property
@@ -201,24 +205,57 @@ class VilaFamily:
         return x / 127.5 - 1.0
 
     @staticmethod
-    def prompt(model, text_before: str, video_embeds: torch.Tensor, text_after: str, timestamps=None):
-        """The chat prompt around the video -> (embeddings [L, D], positions [L] = 0..L-1, None: vLLM
-        takes the embeddings as they are). The video's rows are `video_rows`."""
-        before, after = VilaFamily.chat_text(model.tokenizer, text_before, text_after)
-        video = VilaFamily.video_rows(model, video_embeds)                        # [V, D]
+    def prompt(model, text_before: str, media_embeds: torch.Tensor | None, text_after: str, timestamps=None,
+               media: str = "video"):
+        """The chat prompt around the media -> (embeddings [L, D], positions [L] = 0..L-1, None: vLLM
+        takes the embeddings as they are). A video's rows are `video_rows`, an image's `image_rows`; a
+        text prompt (media "text", no embeddings) is the chat text alone."""
+        before, after = VilaFamily.chat_text(model.tokenizer, text_before, text_after, media)
+        rows = {"video": VilaFamily.video_rows, "image": VilaFamily.image_rows}
         before = model.embed_ids(model.encode_text(before))                       # [Lb, D]
         after = model.embed_ids(model.encode_text(after))                         # [La, D]
-        embeds = torch.cat([before, video.to(before.dtype), after])               # [L, D]
+        middle = rows[media](model, media_embeds).to(before.dtype) if media != "text" else before[:0]  # [V, D]
+        embeds = torch.cat([before, middle, after])                               # [L, D]
         return embeds, torch.arange(len(embeds), device=embeds.device), None
 
     @staticmethod
-    def prompt_length(model, text_before: str, text_after: str, num_frames: int) -> int:
+    def prompt_length(model, text_before: str, text_after: str, num_frames: int, media: str = "video") -> int:
         """Positions of the prompt `prompt` would build for `num_frames` frames, without building it:
-        text + frames / temporal_pool x (tokens_per_frame + separator)."""
+        text + frames / temporal_pool x (tokens_per_frame + separator); an image's tokens_per_frame +
+        its separator; text alone."""
         cfg = model.config
-        before, after = VilaFamily.chat_text(model.tokenizer, text_before, text_after)
-        per_step = cfg.tokens_per_frame + len(model.encode_text(cfg.frame_separator))
-        return len(model.encode_text(before)) + len(model.encode_text(after)) + num_frames // cfg.temporal_pool * per_step
+        before, after = VilaFamily.chat_text(model.tokenizer, text_before, text_after, media)
+        if media == "video":
+            per_step = cfg.tokens_per_frame + len(model.encode_text(cfg.frame_separator))
+            rows = num_frames // cfg.temporal_pool * per_step
+        else:
+            rows = (cfg.tokens_per_frame + len(model.encode_text(cfg.image_separator))) * (media == "image")
+        return len(model.encode_text(before)) + len(model.encode_text(after)) + rows
+
+    @staticmethod
+    def image_rows(model, image_embeds: torch.Tensor) -> torch.Tensor:
+        """One image's embeddings [tpf, D] -> its rows in the prompt: the tokens, then the embedding of
+        `image_separator` ("\\n"), as the release's image encoder (BasicImageEncoder) lays an image out: a
+        one-frame video's rows under the basic video encoder, never pooled by TSP -> [tpf + s, D]."""
+        cfg = model.config
+        if len(image_embeds) != cfg.tokens_per_frame:
+            raise ValueError(f"an image is {cfg.tokens_per_frame} rows, got {len(image_embeds)}")
+        sep = model.embed_ids(model.encode_text(cfg.image_separator)).to(image_embeds.dtype)   # [s, D]
+        return torch.cat([image_embeds, sep])                                     # [tpf + s, D]
+
+    @staticmethod
+    def image_setting(model) -> str:
+        """How an image becomes frames, for the embedding cache's key: "image-resize-448" (the picture
+        resized whole to the tower's size, config.json image_aspect_ratio "resize"). The release's "dynamic"
+        tiling (up to 12 448-px tiles and a thumbnail per image) is not implemented: refused here."""
+        aspect = model.release_config.get("image_aspect_ratio", "resize")
+        if aspect != "resize":
+            where = model.source / "config.json" if model.source is not None else "config.json"
+            raise CheckpointError(f"{where}: image_aspect_ratio {aspect!r}: images are read only as 'resize' (the "
+                                  "picture resized whole to the tower's size); this checkpoint's dynamic tiling of "
+                                  "images is not implemented. Set \"image_aspect_ratio\": \"resize\" in its "
+                                  "config.json to train or evaluate on image records (its videos read the same)")
+        return f"image-resize-{model.config.image_size}"
 
     @staticmethod
     def frame_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -260,21 +297,26 @@ class VilaFamily:
         return torch.cat([video, sep], dim=1).flatten(0, 1)                       # [T/p * (tpf + s), D]
 
     @staticmethod
-    def chat_text(tokenizer, text_before: str, text_after: str) -> tuple[str, str]:
-        """The chat-template text on either side of the video.
+    def chat_text(tokenizer, text_before: str, text_after: str, media: str = "video") -> tuple[str, str]:
+        """The chat-template text on either side of the media.
 
-        The user's turn is text_before + <vila/video> + text_after, stripped as VILA strips it; the
-        tokenizer's template renders it with the assistant's turn opened. With Qwen2's ChatML and
-        text_before = "":
+        The user's turn is text_before + <vila/video> (an image: <image>; text: nothing) + text_after,
+        stripped as VILA strips it; the tokenizer's template renders it with the assistant's turn opened.
+        With Qwen2's ChatML and text_before = "":
             "<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n"  | video |
             "You are a helpful ... Question: ...<|im_end|>\\n<|im_start|>assistant\\n"
+        A text prompt is all `before`, `after` empty.
         """
-        if VIDEO_TOKEN in text_before + text_after:
-            raise ValueError(f"the prompt text contains the video placeholder {VIDEO_TOKEN!r}")
-        user = (text_before + VIDEO_TOKEN + text_after).strip()
+        for token in (VIDEO_TOKEN, IMAGE_TOKEN):
+            if token in text_before + text_after:
+                raise ValueError(f"the prompt text contains the media placeholder {token!r}")
+        placeholder = PLACEHOLDERS[media]
+        user = (text_before + placeholder + text_after).strip()
         text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                              add_generation_prompt=True)
-        before, after = text.split(VIDEO_TOKEN)
+        if not placeholder:
+            return text, ""
+        before, after = text.split(placeholder)
         return before, after
 
     # ---- on disk ----
@@ -358,6 +400,7 @@ class VilaFamily:
                                   "('resize' or 'dynamic': each frame resized whole to the tower's image size)")
         _check_preprocessor(path / "vision_tower" / "preprocessor_config.json", image_size)
         pool, separator = _video_encoder(config.get("video_encoder"), where)
+        image_separator = _image_encoder(config.get("image_encoder"), where)
 
         for key, value, part in (("hidden_size", llm_cfg.get("hidden_size"), "llm/config.json"),
                                  ("mm_hidden_size", vision_cfg.get("hidden_size"), "vision_tower/config.json")):
@@ -365,7 +408,7 @@ class VilaFamily:
                 raise CheckpointError(f"{where}: {key} {config[key]} disagrees with {part} ({value})")
         return VilaConfig(image_size, patch_size, vision_cfg["hidden_size"], llm_cfg["hidden_size"],
                              projector=projector, block_order=order, select_layer=layer, temporal_pool=pool,
-                             frame_separator=separator)
+                             frame_separator=separator, image_separator=image_separator)
 
     @staticmethod
     def load(model_class: type, path: Path, config: dict, dtype, device, attn_implementation: str,
@@ -452,9 +495,13 @@ class VilaFamily:
             {"_target_": "llava.model.encoders.TSPVideoEncoder", "pool_sizes": [[cfg.temporal_pool, 1, 1]]}
         if cfg.frame_separator != "\n":
             encoder["end_tokens"] = cfg.frame_separator
+        image_encoder = {"_target_": "llava.model.encoders.BasicImageEncoder"}
+        if cfg.image_separator != "\n":
+            image_encoder["end_tokens"] = cfg.image_separator
         out.update(hidden_size=cfg.llm_hidden, mm_hidden_size=cfg.vision_hidden,
                    mm_vision_select_layer=cfg.select_layer, mm_vision_select_feature="cls_patch",
                    mm_projector_type=cfg.projector, video_encoder=json.dumps(encoder),
+                   image_encoder=json.dumps(image_encoder),
                    llm_cfg=model.llm.config.to_dict(), vision_tower_cfg=model.vision_tower.config.to_dict(),
                    mm_projector_cfg=projector_cfg, model_dtype=str(dtype))
         return out
@@ -481,6 +528,20 @@ def _video_encoder(value, where: Path) -> tuple[int, str]:
         return int(pools[0][0]), separator
     raise CheckpointError(f"{where}: video_encoder {value!r} is not supported (BasicVideoEncoder, or "
                           "TSPVideoEncoder with one temporal pool size [[p, 1, 1]])")
+
+
+def _image_encoder(value, where: Path) -> str:
+    """config.json's image_encoder (a dict, or that dict as a JSON string, or absent) -> the text after an
+    image: BasicImageEncoder's end_tokens, "\n" unless it says otherwise."""
+    if value is None:
+        return "\n"
+    try:
+        encoder = json.loads(value) if isinstance(value, str) else dict(value)
+    except (json.JSONDecodeError, TypeError, ValueError):
+        raise CheckpointError(f"{where}: image_encoder {value!r} is not a JSON object") from None
+    if not str(encoder.get("_target_", "")).endswith("BasicImageEncoder") or encoder.get("start_tokens") is not None:
+        raise CheckpointError(f"{where}: image_encoder {value!r} is not supported (BasicImageEncoder, no start_tokens)")
+    return encoder.get("end_tokens", "\n")
 
 
 def _check_preprocessor(path: Path, image_size: int) -> None:

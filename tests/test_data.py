@@ -334,7 +334,19 @@ HOSTILE = {
     "../ subtitles": ("a.jsonl", lvr_jsonl(dict(GOOD, subtitles="../x.srt")), [], [(1, "subtitles", "leads outside")]),
     "duplicate id": ("a.jsonl", lvr_jsonl(LVR_ROWS[0], LVR_ROWS[0]), ["0"],
                      [(2, "problem_id", "duplicate '0' (first on line 1)")]),
-    "not video": ("a.jsonl", lvr_jsonl(dict(GOOD, data_type="image")), [], [(1, "data_type", "only video")]),
+    "unknown data_type": ("a.jsonl", lvr_jsonl(dict(GOOD, data_type="audio")), [],
+                          [(1, "data_type", "'audio' is not one of text, image, video")]),
+    "data_type not the file's": ("a.jsonl", lvr_jsonl(dict(GOOD, data_type="image")), [],
+                                 [(1, "data_type", "'image', but the row has a video")]),
+    "video type, no video": ("a.jsonl", lvr_jsonl({k: v for k, v in GOOD.items() if k != "videos"}), [],
+                             [(1, "data_type", "'video', but the row has no videos and no images")]),
+    "images and videos": ("a.jsonl", lvr_jsonl(dict(GOOD, images="a.png"), LVR_ROWS[1]), ["1"],
+                          [(1, "images", "both images and videos is not supported")]),
+    "two images": ("a.jsonl", lvr_jsonl(dict(GOOD, videos=[], data_type="image", images=["a.png", "b.png"])), [],
+                   [(1, "images", "expected one path")]),
+    "subtitles on an image": ("a.jsonl", lvr_jsonl(dict(GOOD, videos=None, data_type="image", images="a.png",
+                                                        subtitles="hi")), [],
+                              [(1, "subtitles", "only a video record has subtitles")]),
 }
 
 
@@ -610,7 +622,7 @@ def test_sft_and_rl_train_on_the_release_skipping_bad_rows_and_missing_videos(re
     err = capsys.readouterr().err
     assert f"skipped: {path} row 6, field 'answer': 'E' is not one of the 4 options" in err
     assert f"{path}: 6 records, 1 skipped" in err
-    assert f"{path}: 5 records with a readable video; skipped 1 whose video is missing, 0 whose video cannot" in err
+    assert f"{path}: 5 records with a readable video or image (or none); skipped 1 whose file is missing, 0 whose file cannot" in err
     assert len((tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()) == 1
     assert video.video_check_file(path).is_file()
     rl.main(common + ["--out", str(tmp_path / "rl"), "--batch-size", "2", "--group-size", "2",
@@ -627,7 +639,76 @@ def test_a_run_with_fewer_usable_records_than_a_batch_stops_saying_what_was_lost
                               strict=False, batch_size=5)
     assert [r.problem_id for r in train.load_training_records(args, mrsp.ParallelState())] == ["0", "1", "2", "3", "4"]
     with pytest.raises(RecordError, match=r"5 usable records, fewer than one batch \(6 on each of 1 data-parallel "
-                                          r"ranks\): 1 bad rows, 1 records whose video is missing, 0 whose"):
+                                          r"ranks\): 1 bad rows, 1 records whose video or image is missing, 0 whose"):
         train.load_training_records(argparse.Namespace(**{**vars(args), "batch_size": 6}), mrsp.ParallelState())
     with pytest.raises(RecordError, match="row 6, field 'answer'"):
         train.load_training_records(argparse.Namespace(**{**vars(args), "strict": True}), mrsp.ParallelState())
+
+
+# ---- image and text records beside videos ----
+
+def write_image(path, mode: str, size=(40, 30), **save):
+    """An image file in a PIL mode: its pixels a gradient, so a resize has work to do."""
+    from PIL import Image
+    ramp = np.add.outer(np.arange(size[1]), np.arange(size[0])).astype(np.uint16) * 3
+    if mode == "I;16":
+        image = Image.fromarray((ramp * 257).astype(np.uint16))
+    else:
+        image = Image.fromarray(np.stack([ramp % 256, (2 * ramp) % 256, 255 - ramp % 256], -1).astype(np.uint8))
+        image = image.convert(mode) if mode != "P" else image.quantize(16)
+    image.save(path, **save)
+    return path
+
+
+MIXED = [  # a text question, an image question (release fields), and a video question with data_type absent
+    {"problem_id": "t1", "data_type": "text", "problem": "What is 3 + 4?", "problem_type": "numerical",
+     "reasoning": "3 + 4 = 7.", "answer": "<answer>7</answer>"},
+    {"problem_id": "i1", "data_type": "image", "images": ["pic.png"], "problem": "Which colour?\nA. red\nB. blue",
+     "problem_type": "multiple choice", "answer": "B"},
+    dict(LVR_ROWS[0], problem_id="v1"),
+]
+
+
+def test_text_image_and_video_records_are_read_with_their_kind(tmp_path):
+    (path := tmp_path / "mixed.jsonl").write_bytes(lvr_jsonl(*MIXED))
+    records, errors = load_records_report(path)
+    assert errors == []
+    assert [(r.problem_id, r.data_type) for r in records] == [("t1", "text"), ("i1", "image"), ("v1", "video")]
+    assert [r.video for r in records] == [None, None, str(tmp_path / "sports_1.mp4")]
+    assert [r.image for r in records] == [None, str(tmp_path / "pic.png"), None]
+    assert [r.media for r in records] == [None, str(tmp_path / "pic.png"), str(tmp_path / "sports_1.mp4")]
+    assert records[0].answer == "7" and records[1].options == ["red", "blue"] and records[1].answer == "B"
+
+
+def test_load_image_resizes_bicubic_as_pil_does(tmp_path):
+    from PIL import Image
+    path = write_image(tmp_path / "a.png", "RGB")
+    got = video.load_image(path, 32)
+    expected = np.asarray(Image.open(path).resize((32, 32), Image.Resampling.BICUBIC))   # [32, 32, 3]
+    assert got.shape == (1, 32, 32, 3) and got.dtype == np.uint8
+    assert np.array_equal(got[0], expected)
+    grey = write_image(tmp_path / "g.png", "L")  # one channel repeated three times
+    assert np.array_equal(video.load_image(grey, 8)[0], np.repeat(np.asarray(
+        Image.open(grey).resize((8, 8), Image.Resampling.BICUBIC))[..., None], 3, axis=-1))
+
+
+def test_check_names_images_that_cannot_be_read(tmp_path, capsys):
+    """Missing, corrupt (cut short), CMYK, 16-bit and palette images: each named, its record counted bad."""
+    write_image(tmp_path / "pic.png", "RGB")
+    write_image(tmp_path / "cmyk.jpg", "CMYK")
+    write_image(tmp_path / "deep.png", "I;16")
+    write_image(tmp_path / "palette.png", "P")
+    whole = write_image(tmp_path / "whole.png", "RGB", size=(64, 64)).read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[:len(whole) // 2])
+    rows = [MIXED[0], MIXED[1]] + [dict(MIXED[1], problem_id=name, images=name) for name in
+                                    ("gone.png", "cut.png", "cmyk.jpg", "deep.png", "palette.png")]
+    (path := tmp_path / "mixed.jsonl").write_bytes(lvr_jsonl(*rows))
+    assert data.main(["check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "7 good records, 0 bad" in out and "data_type image: 6" in out and "data_type text: 1" in out
+    for line in (f"{tmp_path / 'gone.png'}: image file not found", f"{tmp_path / 'cut.png'}: cannot read the image",
+                 f"{tmp_path / 'cmyk.jpg'}: pixel mode CMYK is not read", f"{tmp_path / 'deep.png'}: pixel mode I;16",
+                 f"{tmp_path / 'palette.png'}: pixel mode P is not read"):
+        assert f"unreadable         {line}" in out
+    assert "6 images: 5 missing or unreadable (5 records)" in out
+    assert data.main(["check", str(path), "--skip-bad"]) == 0

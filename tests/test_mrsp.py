@@ -97,7 +97,7 @@ def sp_job(checkpoint: str, cache_dir: str, clip: str) -> dict:
     prompts = train.VideoPrompts(model, FrameSampling(num_frames=7), ps,
                                  mrsp.VideoEmbeddingCache(model, None, sp_group=ps.sp_group))
     with torch.no_grad():
-        out["clip_embeds"] = prompts.video_embeds(data.Record("clip", clip, "Q?", [], "free_form", "", "x"))
+        out["clip_embeds"] = prompts.media_embeds(data.Record("clip", clip, "Q?", [], "free_form", "", "x"))
     out["clip_frames_read"] = prompts.reader.frames_read
 
     video = os.path.join(checkpoint, "config.json")  # any file stands in for a video

@@ -81,7 +81,7 @@ def test_a_video_whose_embeddings_are_cached_is_not_read_ahead(tiny_model, clips
     cache = mrsp.VideoEmbeddingCache(tiny_model)
     prompts = train.VideoPrompts(tiny_model, sampling, mrsp.ParallelState(), cache, decode_workers=2)
     records = [data.Record(f"q{k}", str(p), "?", [], "free_form", "", "x") for k, p in enumerate(paths)]
-    prompts.video_embeds(records[0])  # encoded once: now in the cache
+    prompts.media_embeds(records[0])  # encoded once: now in the cache
     prompts.prefetch((records, sampling))
     assert sorted(prompts.reader.pending) == [(str(p), sampling.key()) for p in paths[1:]]
 

@@ -265,7 +265,7 @@ def test_the_vllm_request_gives_vllm_the_same_positions(ours):
     ids, mm = request["prompt_token_ids"], request["multi_modal_data"]["video"]
     pad = ours.tokenizer.convert_tokens_to_ids("<|video_pad|>")
     offset = ids.index(pad)
-    t, h, w = mm["video_grid_thw"].tolist()
+    (t, h, w), = mm["video_grid_thw"].tolist()  # (videos, 3), as vLLM's Qwen2-VL video inputs declare it
     assert (t, h, w) == (3, 8, 8) and ids.count(pad) == t * (h // 2) * (w // 2) == len(mm["video_embeds"])
     torch.testing.assert_close(mm["video_embeds"], prompt.embeds[offset:offset + 48])
     assert mm["second_per_grid_ts"].dtype == torch.float32 and mm["second_per_grid_ts"].item() == pytest.approx(0.8)

@@ -85,7 +85,7 @@ def test_sft_run_skips_a_corrupt_video_found_before_training(easy_task, tmp_path
               "--num-frames", "4", "--save-every", "0"])
     row, = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert row["skipped_records"] == 0 and (tmp_path / "run" / "final" / "config.json").exists()
-    assert "skipped 0 whose video is missing, 1 whose video cannot be read" in capsys.readouterr().err
+    assert "skipped 0 whose file is missing, 1 whose file cannot be read" in capsys.readouterr().err
 
 
 def test_the_sft_target_is_the_formatted_response_then_eos(tiny_model):

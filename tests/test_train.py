@@ -45,7 +45,7 @@ def test_training_prompts_show_the_srt_cues_within_the_sampled_frames(tiny_model
     with torch.no_grad():
         first, second = prompts(record), prompts(record)              # the second from the cache
         before, after = data.build_prompt(record, subtitles="during")
-        expected = tiny_model.prompt(before, prompts.video_embeds(record), after)
+        expected = tiny_model.prompt(before, prompts.media_embeds(record), after)
     assert cache.vision_runs == 1
     for got in (first, second):
         torch.testing.assert_close(got.embeds, expected.embeds)

@@ -14,10 +14,13 @@ command line has `--debug`. Every script ends with
 
 Under torchrun every rank that loads the same damaged checkpoint fails the same way; the message is printed
 once, by the first rank to report (it takes a ticket from the job's key-value store; see `_print_once`).
+Ctrl-C ends every rank as interrupted (exit by SIGINT, a shell's 130; see `run_main`).
 """
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 
@@ -34,20 +37,42 @@ def run_main(main) -> None:
 
     A UserError prints `error: <message>` (one line, its notes appended) on stderr and exits 1. `--debug`
     anywhere on the command line is taken out before `main` parses it, and lets the traceback through instead.
+
+    An error after a Ctrl-C ends the run as the interrupt it follows. Python drops a KeyboardInterrupt
+    raised inside an object's `__del__` (it prints "Exception ignored in ..."): when Ctrl-C lands while, say,
+    decord closes a video, that rank goes on to its next collective, finds its peers gone and fails there
+    ("Connection closed by peer"). So SIGINT is also noted (`_note_ctrl_c`), and such an error re-raised as
+    KeyboardInterrupt: every rank of the job exits by SIGINT.
     """
     debug = "--debug" in sys.argv[1:]
     if debug:
         sys.argv.remove("--debug")
+    interrupted = _note_ctrl_c()
     try:
         code = main()
-    except UserError as e:
-        if debug:
+    except Exception as e:
+        if interrupted.is_set():
+            raise KeyboardInterrupt from e
+        if debug or not isinstance(e, UserError):
             raise
         message = "error: " + " ".join("; ".join([str(e), *getattr(e, "__notes__", [])]).splitlines())
         _tell_launcher(message)
         _print_once(message)
         sys.exit(1)
     sys.exit(code)
+
+
+def _note_ctrl_c() -> threading.Event:
+    """An Event that SIGINT sets, beside raising KeyboardInterrupt as Python's own handler does. Only where
+    that handler is in place (the main thread; SIGINT not ignored, as in a job started in the background)."""
+    interrupted = threading.Event()
+    if threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        def on_ctrl_c(signum, frame):
+            interrupted.set()
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGINT, on_ctrl_c)
+    return interrupted
 
 
 def _tell_launcher(message: str) -> None:

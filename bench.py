@@ -205,7 +205,7 @@ def _grpo_memory_rank(rank: int, world_size: int, settings: dict, checkpoint: st
 
     # ---- 6. the update, as rl.py runs it ----
     models = dataclasses.replace(models, policy_prompt=lambda r: prompt, reference_prompt=lambda r: prompt)
-    rl.update_policy(models, [episodes], args, ps, rl.PhaseTimer(ps.device))
+    rl.update_policy(models, [episodes], [len(prompt)], args, ps, rl.PhaseTimer(ps.device))
     optim_bytes = _local_bytes([v for state in models.optimizer.state.values() for v in state.values()])
     seconds = time.perf_counter() - start
     peak_rss = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) * 1024

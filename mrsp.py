@@ -99,6 +99,29 @@ def split_evenly(num_items: int, parts: int) -> list[range]:
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
+def balanced_split(costs: list[int], parts: int, max_items: int) -> list[list[int]]:
+    """The indices of `costs` dealt into `parts` lists of at most `max_items` each, with sums as even as a
+    greedy deal makes them: the costliest first, each onto the lightest list that still has room (LPT
+    scheduling); each list keeps its indices in order. Needs parts x max_items >= len(costs).
+    balanced_split([9, 8, 1, 1], 2, 2) -> [[0, 3], [1, 2]] (sums 10 and 9; in order: [9, 8], [1, 1])."""
+    lists, loads = [[] for _ in range(parts)], [0] * parts
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        b = min((b for b in range(parts) if len(lists[b]) < max_items), key=lambda b: (loads[b], b))
+        lists[b].append(i)
+        loads[b] += costs[i]
+    return [sorted(items) for items in lists]
+
+
+def largest_on_all(values: list[int], group, device) -> list[int]:
+    """Each of `values` replaced by its largest value on any rank of `group` (a MAX all-reduce). Ranks
+    that must run a collective the same number of times agree on the count with this."""
+    if group_size(group) == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.tolist()
+
+
 @dataclass
 class ParallelState:
     """Where this process sits in the (dp x sp) layout.

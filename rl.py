@@ -64,6 +64,10 @@ def parse_args(argv=None):
     ap.add_argument("--micro-batch-size", type=int, default=2,
                     help="sequences per forward/backward; with the shared prefix, whole groups (at least one). "
                          "Each carries a whole video, ~66k positions for a 7B model at 256 frames: keep it small there")
+    ap.add_argument("--micro-batch-tokens", type=int, default=0,
+                    help="most LLM positions per forward/backward (prompt + responses; a longer sequence or group "
+                         "goes alone); 0: no bound. Either way a mini-batch's positions are dealt evenly over its "
+                         "micro-batches, so text, image and video records mixed in a batch balance")
     ap.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
                     help="run each group's prompt once in the log-prob and update passes (P + G*R positions, not "
                          "G*(P + R)); --no-shared-prefix runs every response as its own sequence")
@@ -495,15 +499,38 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, engine_logprobs, advantages,
 
 # ---- 6. update: the passes ----
 
-def micro_batches_of(episodes_by_group, micro_batch_size: int, shared_prefix: bool) -> list[list]:
-    """The episodes of each forward/backward. --micro-batch-size counts sequences (responses); with the
-    shared prefix a micro-batch holds whole groups, as many as fit (at least one): G = 5 and 16 -> 3
-    groups, 15 responses, 3 prompts."""
-    if shared_prefix:
-        per = max(1, micro_batch_size // len(episodes_by_group[0]))
-        return [[e for g in episodes_by_group[i:i + per] for e in g] for i in range(0, len(episodes_by_group), per)]
-    episodes = [e for g in episodes_by_group for e in g]
-    return [episodes[i:i + micro_batch_size] for i in range(0, len(episodes), micro_batch_size)]
+def plan_passes(episodes_by_group, prompt_lens: list[int], args, ps: mrsp.ParallelState) -> tuple[list, int]:
+    """The update's passes: per mini-batch (--mini-batches near-equal runs of whole groups, in order) its
+    micro-batches, the episodes of each forward/backward.
+
+    A micro-batch holds at most --micro-batch-size sequences (with the shared prefix whole groups, as many
+    as fit, at least one) and, where a split can keep it so, at most --micro-batch-tokens LLM positions
+    (P + R per sequence; P + G*R per packed group). Each mini-batch takes the fewest micro-batches those
+    bounds allow and deals its positions evenly over them (mrsp.balanced_split): a batch that mixes text
+    questions (tens of positions) with hour-long videos (tens of thousands) does not put two videos in one
+    pass and the texts in another. Every data-parallel rank takes the largest count any rank needs (FSDP
+    runs its collectives once per pass on each rank). Returns [mini-batch][micro-batch][episode] and the
+    largest micro-batch's positions."""
+    def units(groups, lens):  # (episodes, positions) of each thing a micro-batch holds whole
+        if args.shared_prefix:    # a packed group: its prompt once, then its G responses
+            return [(g, P + sum(len(e.sample.token_ids) for e in g)) for g, P in zip(groups, lens)]
+        return [([e], P + len(e.sample.token_ids)) for g, P in zip(groups, lens) for e in g]  # [prompt; response]
+    per = max(1, args.micro_batch_size // len(episodes_by_group[0])) if args.shared_prefix else args.micro_batch_size
+    minis = [units(episodes_by_group[r.start:r.stop], prompt_lens[r.start:r.stop])
+             for r in mrsp.split_evenly(len(episodes_by_group), min(args.mini_batches, len(episodes_by_group)))]
+
+    def fewest(costs):
+        k = -(-len(costs) // per)
+        if args.micro_batch_tokens:
+            k = max(k, -(-sum(costs) // args.micro_batch_tokens))
+            while k < len(costs) and any(len(b) > 1 and sum(costs[i] for i in b) > args.micro_batch_tokens
+                                         for b in mrsp.balanced_split(costs, k, per)):
+                k += 1
+        return min(k, len(costs))
+    counts = mrsp.largest_on_all([fewest([c for _, c in mini]) for mini in minis], ps.dp_group, ps.device)
+    splits = [(mini, mrsp.balanced_split([c for _, c in mini], k, per)) for mini, k in zip(minis, counts)]
+    largest = max(sum(mini[i][1] for i in part) for mini, parts in splits for part in parts)
+    return [[[e for i in part for e in mini[i][0]] for part in parts] for mini, parts in splits], largest
 
 
 def batch_logprobs(model, prompt_fn, episodes, ps, temperature, shared_prefix: bool, group_size: int):
@@ -550,9 +577,10 @@ def micro_batch_weight(micro, mini_batch, loss_agg: str) -> float:
     return len(micro) / len(mini_batch)
 
 
-def update_policy(models: Models, episodes_by_group: list[list[Episode]], args, ps: mrsp.ParallelState,
-                  timer: PhaseTimer) -> dict:
-    """One GRPO update on a step's episodes: --mini-batches optimizer steps, each over its micro-batches.
+def update_policy(models: Models, episodes_by_group: list[list[Episode]], prompt_lens: list[int], args,
+                  ps: mrsp.ParallelState, timer: PhaseTimer) -> dict:
+    """One GRPO update on a step's episodes (prompt_lens: each group's prompt length): --mini-batches
+    optimizer steps, each over its micro-batches (plan_passes).
 
     Old-policy log-probs: with one mini-batch the update is on-policy, so they equal the current ones
     before the update and are taken (detached) from the update's own forward, as verl does; with more,
@@ -560,45 +588,45 @@ def update_policy(models: Models, episodes_by_group: list[list[Episode]], args, 
     before the first step. Reference log-probs come from a pass before it too. Each micro-batch's loss is
     grpo_loss; the micro-batches add up to their mini-batch's loss taken whole (micro_batch_weight).
     Returns the step's metrics: loss, kl, clip_frac (TIS: tis_*), grad_norm, logprob_gap_max (the largest
-    |engine - trainer old log-prob| of a sampled token: the rollout/training mismatch), old_logprobs_reused.
+    |engine - trainer old log-prob| of a sampled token: the rollout/training mismatch), old_logprobs_reused,
+    micro_batches and micro_positions_max (the passes, and the most LLM positions one of them held).
     """
-    micro_batches = micro_batches_of(episodes_by_group, args.micro_batch_size, args.shared_prefix)
-    mini_batches = mrsp.split_evenly(len(micro_batches), min(args.mini_batches, len(micro_batches)))
-    on_policy = len(mini_batches) == 1
+    passes, largest = plan_passes(episodes_by_group, prompt_lens, args, ps)     # [mini-batch][micro-batch]
+    on_policy = len(passes) == 1
     logprobs = lambda model, prompt_fn, micro: batch_logprobs(model, prompt_fn, micro, ps, args.temperature,
                                                               args.shared_prefix, args.group_size)
     with torch.no_grad(), train.autocast(ps, args.bf16):
-        old_lp = [None if on_policy else logprobs(models.policy, models.policy_prompt, micro)[0]
-                  for micro in micro_batches]
-        ref_lp = [None if models.reference is None else logprobs(models.reference, models.reference_prompt, micro)[0]
-                  for micro in micro_batches]
+        old_lp = [[None if on_policy else logprobs(models.policy, models.policy_prompt, micro)[0] for micro in mini]
+                  for mini in passes]
+        ref_lp = [[None if models.reference is None else logprobs(models.reference, models.reference_prompt, micro)[0]
+                   for micro in mini] for mini in passes]
     if models.reference is not None:
         train.reshard(models.reference)  # it has no backward to free its embedding and LM head
     timer.lap("logprobs")
 
     stats, gap = defaultdict(float), 0.0
-    for mini_batch in mini_batches:
-        mini_episodes = [e for k in mini_batch for e in micro_batches[k]]
-        for k in mini_batch:
-            micro = micro_batches[k]
+    for m, mini in enumerate(passes):
+        mini_episodes = [e for micro in mini for e in micro]
+        for k, micro in enumerate(mini):
             with train.autocast(ps, args.bf16):
                 lp, mask = logprobs(models.policy, models.policy_prompt, micro)      # [B, S] each
-                old = lp.detach() if on_policy else old_lp[k]                        # the old policy's log-probs
+                old = lp.detach() if on_policy else old_lp[m][k]                     # the old policy's log-probs
                 engine_lp = engine_logprobs(micro, mask)                             # [B, S]
                 adv = torch.tensor([e.advantage for e in micro], device=lp.device)[:, None].expand_as(lp)
-                loss, metrics = grpo_loss(lp, old, ref_lp[k], engine_lp, adv, mask, args)
+                loss, metrics = grpo_loss(lp, old, ref_lp[m][k], engine_lp, adv, mask, args)
             # The micro-batches add up to the mini-batch's loss taken whole (micro_batch_weight). FSDP
             # averages over all ranks; x sp_size makes that a sum over the SP group.
             weight = micro_batch_weight(micro, mini_episodes, args.loss_agg)
             (loss * weight * ps.sp_size).backward()
             for name, value in metrics.items():
-                stats[name] += value.item() * weight / len(mini_batches)
+                stats[name] += value.item() * weight / len(passes)
             gap = max(gap, ((old.float() - engine_lp).abs() * mask).max().item())
-        stats["grad_norm"] += train.clip_grad_norm(models.params, args.max_grad_norm) / len(mini_batches)
+        stats["grad_norm"] += train.clip_grad_norm(models.params, args.max_grad_norm) / len(passes)
         models.optimizer.step()
         models.optimizer.zero_grad(set_to_none=True)
     timer.lap("update")
-    return {**stats, "logprob_gap_max": gap, "old_logprobs_reused": float(on_policy)}
+    return {**stats, "logprob_gap_max": gap, "old_logprobs_reused": float(on_policy),
+            "micro_batches": sum(len(mini) for mini in passes), "micro_positions_max": largest}
 
 
 # ---- 7. sync, metrics ----
@@ -660,7 +688,7 @@ def step_metrics(step: int, episodes_by_group: list[list[Episode]], prompt_lens:
     """The step's row of metrics.jsonl, reduced over the data-parallel ranks (means, and sums of counts):
     reward, accuracy, format, response_len; no_signal_groups of groups (all G rewards equal: zero
     advantage) and their share; accuracy_<type> per --type-label value (from correct/<type> and
-    responses/<type>); loss, kl, clip_frac, grad_norm, tis_* (`update_policy`); time_<phase>; vision_runs
+    responses/<type>); loss, kl, clip_frac, grad_norm, tis_*, micro_* (`update_policy`); time_<phase>; vision_runs
     (tower runs in all passes); llm_positions (rollout and training passes); old_logprobs_reused (1: the
     on-policy update's forward gave them); logprob_gap_max (largest |engine - trainer| log-prob of a sampled
     token); skipped_records; the cache's bytes and entries (fullest rank) and hits and misses (since start);
@@ -681,7 +709,7 @@ def step_metrics(step: int, episodes_by_group: list[list[Episode]], prompt_lens:
     row = train.reduce_metrics(row, ps, sum_keys=("no_signal_groups", "groups", "vision_runs", "skipped_records",
                                                   "llm_positions", *train.CACHE_SUM_KEYS, *train.READER_SUM_KEYS,
                                                   *(k for k in row if k.startswith(("correct/", "responses/")))),
-                               max_keys=("logprob_gap_max", *train.CACHE_MAX_KEYS))
+                               max_keys=("logprob_gap_max", "micro_positions_max", *train.CACHE_MAX_KEYS))
     return type_accuracy(row, types)
 
 
@@ -729,7 +757,7 @@ def main(argv=None):
         set_advantages(episodes_by_group, args)
 
         # ---- 6. update: old-policy and reference log-probs, clipped ratio + k3 KL, sequences sharded over SP ----
-        stats = update_policy(models, episodes_by_group, args, ps, timer)
+        stats = update_policy(models, episodes_by_group, prompt_lens, args, ps, timer)
 
         # ---- 7. sync weights into the engine, log, checkpoint ----
         sync_engine(engine, models.policy, ps)

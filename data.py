@@ -550,6 +550,10 @@ THINKING_PROMPT = ("You are a helpful assistant. The user asks a question, and t
 PLAIN_PROMPT = "Question: {question}"
 QUESTION_PROMPTS = {"thinking": THINKING_PROMPT, "plain": PLAIN_PROMPT}  # model.py init --question-prompt
 SUBTITLES_INTRO = "This video's subtitles are listed below:\n"  # VideoMME's wording
+# The thinking prompt names the video; an image question names the image instead (as the release's image
+# evaluation template words it) and a text question nothing: "... think deeply about the question, and ...".
+MEDIA_WORDS = {"image": (" based on the given video", " based on the given image"),
+               "text": (" based on the given video", "")}
 
 
 def build_prompt(record: Record, subtitles: str | None = None, template: str | None = None) -> tuple[str, str]:
@@ -558,7 +562,8 @@ def build_prompt(record: Record, subtitles: str | None = None, template: str | N
     two pieces. The question is the record's problem with its options on lines "A. ...", as the
     LongVideo-Reason and VideoMME annotations write them. `subtitles` is the subtitle text (eval reads
     .srt files); None leaves it out. `template` holds "{question}": the checkpoint's `question_prompt`
-    (VideoLM.question_prompt); None is THINKING_PROMPT, what LongVILA-R1 was trained with.
+    (VideoLM.question_prompt); None is THINKING_PROMPT, what LongVILA-R1 was trained with, its "the given
+    video" changed for an image or a text question (MEDIA_WORDS).
 
     >>> before, after = build_prompt(record)   # a multiple-choice record with options red, green
     >>> print(before + "<video>" + after)
@@ -572,7 +577,8 @@ def build_prompt(record: Record, subtitles: str | None = None, template: str | N
     """
     question = record.problem + "".join(f"\n{option_letter(i)}. {o}" for i, o in enumerate(record.options))
     intro = f"{SUBTITLES_INTRO}{subtitles}\n\n" if subtitles else ""
-    return "", intro + (template or THINKING_PROMPT).replace("{question}", question)
+    template = (template or THINKING_PROMPT).replace(*MEDIA_WORDS.get(record.data_type, ("", "")))
+    return "", intro + template.replace("{question}", question)
 
 
 def format_response(reasoning: str, answer: str) -> str:

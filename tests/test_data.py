@@ -429,6 +429,15 @@ def test_build_prompt_free_form_with_subtitles():
                      + data.THINKING_PROMPT.format(question="What happens?"))
 
 
+def test_build_prompt_names_the_image_or_nothing_for_image_and_text_questions():
+    image = Record("q", None, "What colour?", [], "free_form", "", "red", image="/d/p.png")
+    text = Record("q", None, "What is 2 + 3?", [], "numerical", "", "5")
+    thinking = "Please first think deeply about the question{} and then provide the final answer."
+    assert thinking.format(" based on the given image,") in build_prompt(image)[1]
+    assert thinking.format(",") in build_prompt(text)[1] and "video" not in build_prompt(text)[1]
+    assert build_prompt(text, template="Question: {question}")[1] == "Question: What is 2 + 3?"
+
+
 # ---- subtitles ----
 
 SRT = ("\ufeff1\r\n00:00:01,000 --> 00:00:03,000\r\n<i>Hello</i> there\r\n\r\n"

@@ -29,19 +29,21 @@ def table_rows(out: str, header_start: str) -> list[list[str]]:
     return [rows[0]] + rows[2:]  # drop the |---| line
 
 
-def test_step_runs_rl_four_ways_and_prints_the_table(tmp_path):
+def test_step_runs_rl_three_ways_in_one_process_and_prints_the_table(tmp_path):
+    """bench.py step at --sp-size 1: (a), (b) and (d), each a real rl.py process; (c), the same rl.py under
+    torchrun with --sp-size, is left out here (rl.py under torchrun: test_rl.py's sp = 2 runs)."""
     out = run_bench("step", "--frames", "8", "--steps", "2", "--group-size", "2", "--max-new-tokens", "8",
-                    "--workdir", str(tmp_path))
+                    "--sp-size", "1", "--workdir", str(tmp_path))
     header, row = table_rows(out, "| frames | prompt tokens")
-    assert header[2:6] == ["(a) no cache s", "(b) stage 1 s", "(c) stage 1+2 s", "(d) shared prefix s"]
-    assert header[6:9] == ["(a)/(b)", "(a)/(c)", "(a)/(d)"]
-    assert row[0] == "8" and all(float(c) > 0 for c in row[2:6])
-    positions = [float(p.replace(",", "")) for p in row[10].split("/")]
-    assert positions[0] == positions[1] == positions[2] > positions[3]  # the prompt once per group in (d)
-    no_cache, stage1, stage12, shared = (float(r) for r in row[11].split("/"))
+    assert header[2:5] == ["(a) no cache s", "(b) stage 1 s", "(d) shared prefix s"]
+    assert header[5:7] == ["(a)/(b)", "(a)/(d)"]
+    assert row[0] == "8" and all(float(c) > 0 for c in row[2:5])
+    positions = [float(p.replace(",", "")) for p in row[8].split("/")]
+    assert positions[0] == positions[1] > positions[2]  # the prompt once per group in (d)
+    no_cache, stage1, shared = (float(r) for r in row[9].split("/"))
     assert no_cache > stage1 == shared == 2  # re-encoded for every sequence vs once per video (2 prompts per step)
     phases = table_rows(out, "| frames | config")
-    assert [r[1] for r in phases[1:]] == ["(a) no cache", "(b) stage 1", "(c) stage 1+2", "(d) shared prefix"]
+    assert [r[1] for r in phases[1:]] == ["(a) no cache", "(b) stage 1", "(d) shared prefix"]
     assert "command: `python bench.py step --frames 8 --steps 2 --group-size 2" in out
 
 

@@ -279,17 +279,6 @@ def test_ctrl_c_ends_both_ranks_within_seconds_and_leaves_only_complete_checkpoi
         assert M.is_complete_checkpoint(checkpoint) and (checkpoint / runs.TRAINER_STATE).exists(), checkpoint
 
 
-def test_two_mini_batches_make_the_ratio_clip_bite(easy_task, tmp_path):
-    """With the rollout batch split into two updates, the second one scores samples of an older policy:
-    ratios move away from 1 and at this learning rate some get clipped. With one update they stay at 1."""
-    base = ["--init", str(easy_task["init"]), "--data", str(easy_task["data"]), "--steps", "1",
-            "--save-every", "0", *RL_ARGS]
-    rl.main(base + ["--out", str(tmp_path / "one"), "--mini-batches", "1", "--micro-batch-size", "8"])
-    rl.main(base + ["--out", str(tmp_path / "two"), "--mini-batches", "2", "--micro-batch-size", "8"])
-    assert rows_of(tmp_path / "one")[0]["clip_frac"] == 0
-    assert rows_of(tmp_path / "two")[0]["clip_frac"] > 0
-
-
 def test_embed_cache_dir_keeps_the_embeddings_for_a_later_run(tiny_checkpoint, tmp_path):
     """--embed-cache-dir through rl.py: the first run encodes its step's 2 videos and writes one file each;
     a later run over the same records reads both back, never runs the vision tower, and samples the same."""

@@ -380,7 +380,7 @@ def cmd_step(args):
     # ---- a synthetic dataset with enough frames per video, and a fresh checkpoint ----
     scenes = 8
     num_records = max(16, args.batch_size * args.steps)  # a new video in every step: stage 1 encodes once per step
-    _run([sys.executable, "data.py", "synth", "--out", work / "data", "--answers", "open", "--n", num_records,
+    _run([sys.executable, "synth.py", "--out", work / "data", "--answers", "open", "--n", num_records,
           "--min-scenes", scenes, "--max-scenes", scenes, "--frames-per-scene", math.ceil(max(args.frames) / scenes),
           "--size", preset.get("image_size") or preset["frame_size"], "--test-frac", 0, "--seed", args.seed],
          work / "synth.log")

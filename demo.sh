@@ -27,7 +27,7 @@ fi
 export VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
 RUN="torchrun --standalone --nproc-per-node $NPROC"
 
-python data.py synth --out "$OUT/data" --n "$N_VIDEOS" --seed "$SEED" --answers open --images "$N_IMAGES" \
+python synth.py --out "$OUT/data" --n "$N_VIDEOS" --seed "$SEED" --answers open --images "$N_IMAGES" \
     --texts "$N_TEXTS"
 # --question-prompt plain: the question alone. Behind LongVILA-R1's 80-token thinking prompt the tiny model,
 # trained from scratch, does not learn in 600 steps to read the question (it answers "first" to "last").

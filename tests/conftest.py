@@ -16,6 +16,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 import data  # noqa: E402
 import model as M  # noqa: E402
+import synth  # noqa: E402
 
 # Text of the shape the task uses, enough for a small byte-level BPE vocabulary.
 CORPUS = [
@@ -49,7 +50,7 @@ def easy_task(tmp_path_factory):
     """Synthetic videos whose correct option is always A, and a tiny model briefly SFT-ed on them
     (so it writes the think/answer format and answers some letter). Used by test_rl.py and test_sft.py."""
     root = tmp_path_factory.mktemp("easy")
-    data.main(["synth", "--out", str(root / "data"), "--n", "12", "--seed", "3", "--max-scenes", "4",
+    synth.main(["--out", str(root / "data"), "--n", "12", "--seed", "3", "--max-scenes", "4",
                "--test-frac", "0.01"])
     rows = [json.loads(line) for line in (root / "data" / "train.jsonl").read_text().splitlines()]
     for row in rows:  # move the correct option to the front (the release format: options in the problem)

@@ -1,4 +1,4 @@
-"""Tests for data.py and for video.py's frame sampling: real mp4 files written with data.write_mp4 and read back.
+"""Tests for data.py and for video.py's frame sampling: real mp4 files written with synth.write_mp4 and read back.
 
 The test videos count: frame i is solid gray at level 8 * i, so a frame read one index off is 8 levels
 away, far outside the few levels H.264 moves a flat gray.
@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 
 import data
+import synth
 import video
-from data import (PALETTE, Cue, Record, RecordError, build_prompt, format_response, load_records, load_records_report,
-                  option_letter, parse_srt, subtitle_text, subtitles_for_window, write_mp4)
+from data import (Cue, Record, RecordError, build_prompt, format_response, load_records, load_records_report,
+                  option_letter, parse_srt, subtitle_text, subtitles_for_window)
+from synth import PALETTE, write_mp4
 from video import MAX_FRAMES, FrameSampling, VideoError, frame_timestamps, load_frames, sample_indices
 
 VIDEO_FPS = 4.0
@@ -499,12 +501,12 @@ def test_format_response_round_trip():
 @pytest.fixture(scope="module")
 def synth_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    assert data.main(["synth", "--out", str(out), "--n", "6", "--seed", "1"]) == 0
+    assert synth.main(["--out", str(out), "--n", "6", "--seed", "1"]) == 0
     return out
 
 
 def expected_answer(category: str, problem: str, scenes: list[str]) -> str:
-    """The answer worked out again from the scene list, independently of data.ask."""
+    """The answer worked out again from the scene list, independently of synth.ask."""
     colour = re.search(r"\b(" + "|".join(PALETTE) + r")\b", problem)
     if category == "count":
         return str(scenes.count(colour.group(1)))
@@ -514,8 +516,8 @@ def expected_answer(category: str, problem: str, scenes: list[str]) -> str:
 
 
 def test_synth_is_deterministic_by_seed(synth_dir, tmp_path):
-    data.main(["synth", "--out", str(tmp_path / "again"), "--n", "6", "--seed", "1"])
-    data.main(["synth", "--out", str(tmp_path / "other"), "--n", "6", "--seed", "2"])
+    synth.main(["--out", str(tmp_path / "again"), "--n", "6", "--seed", "1"])
+    synth.main(["--out", str(tmp_path / "other"), "--n", "6", "--seed", "2"])
     for name in ("train.jsonl", "test.jsonl"):
         assert (tmp_path / "again" / name).read_bytes() == (synth_dir / name).read_bytes()
     assert (tmp_path / "other" / "train.jsonl").read_bytes() != (synth_dir / "train.jsonl").read_bytes()
@@ -525,7 +527,7 @@ def test_synth_records_answers_and_videos_agree(synth_dir):
     train, test = load_records(synth_dir / "train.jsonl"), load_records(synth_dir / "test.jsonl")
     assert (len(train), len(test)) == (5, 1)
     assert not {r.video for r in train} & {r.video for r in test}
-    assert {r.labels["category"] for r in train + test} == set(data.QUESTION_TYPES)
+    assert {r.labels["category"] for r in train + test} == set(synth.QUESTION_TYPES)
     for r in train + test:
         scenes = re.findall(r"Scene \d+ is (\w+)\.", r.reasoning)
         truth = r.options[ord(r.answer) - ord("A")]
@@ -582,7 +584,7 @@ def test_frames_command(counting_video, capsys):
 
 
 def test_synth_open_answers_ask_the_same_questions_without_options(synth_dir, tmp_path):
-    data.main(["synth", "--out", str(tmp_path / "open"), "--n", "6", "--seed", "1", "--answers", "open"])
+    synth.main(["--out", str(tmp_path / "open"), "--n", "6", "--seed", "1", "--answers", "open"])
     choice = data.load_records(synth_dir / "train.jsonl") + data.load_records(synth_dir / "test.jsonl")
     open_ = data.load_records(tmp_path / "open" / "train.jsonl") + data.load_records(tmp_path / "open" / "test.jsonl")
     for c, o in zip(choice, open_):

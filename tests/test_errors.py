@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-import data
 import model as M
+import synth
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,9 +185,8 @@ def shard_map(llm: Path) -> dict:
 
 
 def test_a_sharded_checkpoint_trains_and_is_saved_in_its_shards(sharded_checkpoint, tmp_path):
-    import data
     import sft
-    data.main(["synth", "--out", str(tmp_path / "data"), "--n", "4", "--max-scenes", "3", "--test-frac", "0.01"])
+    synth.main(["--out", str(tmp_path / "data"), "--n", "4", "--max-scenes", "3", "--test-frac", "0.01"])
     sft.main(["--init", str(sharded_checkpoint), "--data", str(tmp_path / "data" / "train.jsonl"),
               "--out", str(tmp_path / "sft"), "--steps", "2", "--batch-size", "2", "--num-frames", "4",
               "--lr", "1e-3", "--save-every", "0"])
@@ -262,7 +261,7 @@ def cut_projector(tiny_checkpoint, tmp_path_factory) -> tuple[Path, str]:
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("records") / "train.jsonl"
-    data.write_mp4(path.parent / "v.mp4", np.zeros((4, 32, 32, 3), dtype=np.uint8), fps=2.0)  # a readable video
+    synth.write_mp4(path.parent / "v.mp4", np.zeros((4, 32, 32, 3), dtype=np.uint8), fps=2.0)  # a readable video
     path.write_text(json.dumps({"problem_id": 1, "videos": "v.mp4", "problem": "Which colour?",
                                 "options": ["red", "blue"], "problem_type": "multiple_choice",
                                 "reasoning": "It is red.", "answer": "A"}) + "\n")
@@ -293,7 +292,7 @@ def script_runs(tiny_checkpoint, cut_projector, records, bad_inputs, tmp_path_fa
         "model --debug": ["model.py", "info", path, "--debug"],
         "frames": ["data.py", "frames", video],
         "sft bad records": ["sft.py", "--init", tiny_checkpoint, "--data", bad, "--out", out / "sft-bad"],
-        "synth size": ["data.py", "synth", "--out", out / "synth", "--size", "63"],
+        "synth size": ["synth.py", "--out", out / "synth", "--size", "63"],
     }, out)
 
 

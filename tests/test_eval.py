@@ -13,7 +13,9 @@ import torch
 import data
 import eval as evaluation
 import model as M
-from data import Record, load_records_report, write_mp4
+import synth
+from data import Record, load_records_report
+from synth import write_mp4
 from eval import build_report, read_predictions
 from rollout import Sample
 from video import FrameSampling, VideoError, load_frames
@@ -66,7 +68,7 @@ def eval_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalset")
     (root / "videos").mkdir()
     frames = np.zeros((8, 32, 32, 3), dtype=np.uint8)
-    frames[4:] = data.PALETTE["red"]
+    frames[4:] = synth.PALETTE["red"]
     write_mp4(root / "videos" / "clip.mp4", frames, fps=4.0)
     (root / "videos" / "broken.mp4").write_bytes(b"\x00not a video" * 100)
     lines = []

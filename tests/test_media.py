@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2VLImageProces
 
 import model as M
 import mrsp
+import synth
 from checkpoint import CheckpointError
 from dist import allreduce_gradients, run_ranks
 from test_qwen_vl import hf_model, hub_folder  # noqa: F401  (module fixtures: a Qwen2.5-VL written by transformers)
@@ -252,17 +253,16 @@ def test_sequence_parallel_image_and_text_equal_one_process(vila_folder, hub_fol
 # ---- one loop for all kinds ----
 
 def test_mixed_sft_rl_eval_with_bad_images_skipped(tmp_path, capsys, caplog):
-    """The mixed task (data.py synth --images --texts) through SFT, GRPO and eval on a tiny VILA, as the
+    """The mixed task (synth.py --images --texts) through SFT, GRPO and eval on a tiny VILA, as the
     command lines run them: a CMYK and a missing image are named and skipped; in RL's step (all 9 good
     records once) the vision tower runs once per video and per image and never for a text question; eval
     reports accuracy per kind."""
     import json
-    import data
     import eval as evaluation
     import rl
     import sft
     root = tmp_path / "data"
-    data.main(["synth", "--out", str(root), "--n", "4", "--images", "4", "--texts", "4", "--seed", "1",
+    synth.main(["--out", str(root), "--n", "4", "--images", "4", "--texts", "4", "--seed", "1",
                "--max-scenes", "3", "--test-frac", "0.25", "--answers", "open"])
     Image.new("CMYK", (16, 16)).save(root / "images" / "cmyk.jpg")
     bad = [{"problem_id": f"bad-{name}", "images": f"images/{name}", "problem": "What colour is the picture?",
@@ -300,8 +300,7 @@ def test_sharded_vision_training_refuses_mixed_kinds(tiny_checkpoint, tmp_path):
     """Two processes training the vision tower (FSDP shards it): a rank whose micro-batch held only text
     questions would skip the tower's all-gathers the other makes (without the check: SIGABRT), so a run
     on mixed kinds is refused up front."""
-    import data
-    data.main(["synth", "--out", str(tmp_path / "data"), "--n", "2", "--texts", "2", "--test-frac", "0"])
+    synth.main(["--out", str(tmp_path / "data"), "--n", "2", "--texts", "2", "--test-frac", "0"])
     argv = ["--init", str(tiny_checkpoint), "--data", str(tmp_path / "data" / "train.jsonl"), "--out",
             str(tmp_path / "sft"), "--steps", "1", "--batch-size", "1", "--no-freeze-vision", "--num-frames", "2"]
     with pytest.raises(Exception, match="mixes text and video questions: with the vision tower training over 2"):

@@ -12,6 +12,7 @@ import torch
 import data
 import model as M
 import mrsp
+import synth
 import train
 from video import FrameSampling, load_frames
 from dist import allreduce_gradients, run_ranks
@@ -148,7 +149,7 @@ def sp_runs(tiny_checkpoint, clip, tmp_path_factory):
 def clip(tmp_path_factory):
     """A 7-frame mp4 of random frames: each frame encodes to different rows."""
     path = tmp_path_factory.mktemp("clip") / "clip.mp4"
-    data.write_mp4(path, example_frames(7), fps=7.0)
+    synth.write_mp4(path, example_frames(7), fps=7.0)
     return path
 
 

@@ -11,6 +11,7 @@ import torch
 import data
 import mrsp
 import rl
+import synth
 import train
 import video
 from conftest import ROOT
@@ -24,7 +25,7 @@ def clips(tmp_path):
     paths = []
     for k in range(3):
         paths.append(tmp_path / f"clip{k}.mp4")
-        data.write_mp4(paths[-1], np.full((10, 32, 32, 3), 40 * k + 20, np.uint8), fps=5.0)
+        synth.write_mp4(paths[-1], np.full((10, 32, 32, 3), 40 * k + 20, np.uint8), fps=5.0)
     (broken := tmp_path / "broken.mp4").write_bytes(b"not a video\n" * 40)
     return paths, broken
 
@@ -89,7 +90,7 @@ def test_a_video_whose_embeddings_are_cached_is_not_read_ahead(tiny_model, clips
 def test_rl_with_two_decode_workers_logs_the_rows_of_inline_reading(tiny_checkpoint, tmp_path):
     # 6 synthetic videos and one that opens but whose last frames' bytes are gone (its sampled frame 56 of
     # 60 does not decode): the run skips that record and counts it, with or without workers.
-    data.main(["synth", "--out", str(tmp_path / "data"), "--n", "6", "--seed", "0", "--test-frac", "0"])
+    synth.main(["--out", str(tmp_path / "data"), "--n", "6", "--seed", "0", "--test-frac", "0"])
     (tmp_path / "data" / "videos" / "cut.webm").write_bytes(cut_webm(tmp_path, "libvpx-vp9", keep=0.97))
     rows = [json.loads(line) for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()]
     rows.append(dict(rows[0], problem_id=99, videos="videos/cut.webm"))

@@ -17,6 +17,7 @@ import model as M
 import mrsp
 import qwen_vl
 import rollout
+import synth
 from conftest import CORPUS
 from dist import allreduce_gradients, run_ranks
 
@@ -348,12 +349,11 @@ def test_the_embedding_cache_holds_qwen_entries(ours, hub_folder):
 def test_sft_rl_eval_on_the_tiny_preset(tmp_path):
     """The main job's stages on a tiny Qwen2.5-VL made by `model.py init --family qwen2_5_vl` (in this
     process: each script's main, as its command line runs it)."""
-    import data
     import eval as evaluation
     import rl
     import sft
     data_dir = tmp_path / "data"
-    data.main(["synth", "--out", str(data_dir), "--n", "6", "--seed", "1", "--max-scenes", "3", "--test-frac", "0.34"])
+    synth.main(["--out", str(data_dir), "--n", "6", "--seed", "1", "--max-scenes", "3", "--test-frac", "0.34"])
     M.main(["init", "--family", "qwen2_5_vl", "--out", str(tmp_path / "init"), "--data", str(data_dir / "train.jsonl")])
     init = M.VideoLM.load(tmp_path / "init")
     assert init.family.name == "qwen2_5_vl" and init.config.image_size == 56

@@ -18,6 +18,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, Sigl
 
 import data
 import model as M
+import synth
 import vila
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=1)
@@ -341,7 +342,7 @@ def test_sft_rl_and_eval_start_from_a_release_checkpoint(tmp_path, tiny_tokenize
     import eval as evaluation
     import rl
     import sft
-    data.main(["synth", "--out", str(tmp_path / "data"), "--n", "6", "--seed", "1", "--max-scenes", "3",
+    synth.main(["--out", str(tmp_path / "data"), "--n", "6", "--seed", "1", "--max-scenes", "3",
                "--test-frac", "0.34"])
     train, test = tmp_path / "data" / "train.jsonl", tmp_path / "data" / "test.jsonl"
     start = write_release_checkpoint(tmp_path / "LongVILA-tiny", tiny_tokenizer, projector="mlp_downsample", grid=7,

@@ -18,6 +18,7 @@ import model as M
 import rl
 import rollout
 import runs
+import synth
 import video
 import vila
 
@@ -243,7 +244,7 @@ def test_ctrl_c_ends_both_ranks_within_seconds_and_leaves_only_complete_checkpoi
     checkpoint every step. Both end within seconds, by SIGINT (a shell's 130), and every checkpoint
     folder left is complete: one interrupted mid-write is never renamed into place."""
     from dist import free_port
-    data.main(["synth", "--out", str(tmp_path / "data"), "--n", "4", "--seed", "0", "--test-frac", "0"])
+    synth.main(["--out", str(tmp_path / "data"), "--n", "4", "--seed", "0", "--test-frac", "0"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "WORLD_SIZE": "2"}
     out = tmp_path / "run"
@@ -282,7 +283,7 @@ def test_ctrl_c_ends_both_ranks_within_seconds_and_leaves_only_complete_checkpoi
 def test_embed_cache_dir_keeps_the_embeddings_for_a_later_run(tiny_checkpoint, tmp_path):
     """--embed-cache-dir through rl.py: the first run encodes its step's 2 videos and writes one file each;
     a later run over the same records reads both back, never runs the vision tower, and samples the same."""
-    data.main(["synth", "--out", str(tmp_path / "data"), "--n", "2", "--seed", "0", "--test-frac", "0"])
+    synth.main(["--out", str(tmp_path / "data"), "--n", "2", "--seed", "0", "--test-frac", "0"])
     run = ["--init", str(tiny_checkpoint), "--data", str(tmp_path / "data" / "train.jsonl"), "--steps", "1",
            "--save-every", "0", *RL_ARGS, "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "8",
            "--embed-cache-dir", str(tmp_path / "embeds")]

@@ -13,6 +13,7 @@ import data
 import errors
 import model as M
 import mrsp
+import synth
 import train
 import video
 
@@ -55,7 +56,7 @@ def test_training_prompts_show_the_srt_cues_within_the_sampled_frames(tiny_model
 def srt_record(folder) -> data.Record:
     """A record over a 10 s video (1 fps) whose subtitles are an .srt file of three cues: "before" (0-1 s),
     "during" (4-5 s) and "after" (20-21 s, past the end)."""
-    data.write_mp4(Path(folder) / "v.mp4", np.zeros((10, 32, 32, 3), np.uint8), fps=1.0)
+    synth.write_mp4(Path(folder) / "v.mp4", np.zeros((10, 32, 32, 3), np.uint8), fps=1.0)
     (Path(folder) / "v.srt").write_text("1\n00:00:00,000 --> 00:00:01,000\nbefore\n\n"
                                         "2\n00:00:04,000 --> 00:00:05,000\nduring\n\n"
                                         "3\n00:00:20,000 --> 00:00:21,000\nafter\n")
@@ -83,7 +84,7 @@ def test_unreadable_videos_are_replaced_by_the_next_readable_record(tiny_model, 
 def write_abc(folder):
     """Videos a, b, c (b is corrupt) and one record for each: the records, in order."""
     for name in ("a", "c"):
-        data.write_mp4(Path(folder) / f"{name}.mp4", np.zeros((4, 32, 32, 3), np.uint8), fps=2.0)
+        synth.write_mp4(Path(folder) / f"{name}.mp4", np.zeros((4, 32, 32, 3), np.uint8), fps=2.0)
     (Path(folder) / "b.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 then garbage")
     (Path(folder) / "r.jsonl").write_text("".join(json.dumps(
         {"problem_id": name, "videos": f"{name}.mp4", "problem": "?", "problem_type": "free_form", "answer": "x"})
@@ -125,7 +126,7 @@ def test_the_checkpoints_question_prompt_reaches_training_rollout_and_eval(tmp_p
     LongVILA-R1's thinking prompt."""
     import eval as evaluation
     import rl
-    data.main(["synth", "--out", str(tmp_path / "data"), "--n", "2", "--seed", "0", "--test-frac", "0"])
+    synth.main(["--out", str(tmp_path / "data"), "--n", "2", "--seed", "0", "--test-frac", "0"])
     records = data.load_records(tmp_path / "data" / "train.jsonl")
     sampling = video.FrameSampling(num_frames=4)
     lengths = {}

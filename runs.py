@@ -284,6 +284,9 @@ def plot_metrics(metrics_path, keys: list[str], png_path, title: str):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
+    # fixed margins (inches): matplotlib's tight_layout measured every label and took ~0.8 s of a ~2 s plot
+    width, height = 4 * n_cols, 3 * n_rows
+    fig.subplots_adjust(left=0.6 / width, right=1 - 0.2 / width, bottom=0.55 / height, top=1 - 0.6 / height,
+                        wspace=0.3, hspace=0.6)
     fig.savefig(png_path, dpi=100)
     plt.close(fig)

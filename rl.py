@@ -60,7 +60,8 @@ def parse_args(argv=None):
                          "so a step trains on batch-size x group-size x data-parallel ranks responses")
     ap.add_argument("--group-size", type=int, default=5, help="responses sampled per prompt (G)")
     ap.add_argument("--mini-batches", type=int, default=1,
-                    help="optimizer updates per rollout batch (the batch is split; >1 makes the clip matter)")
+                    help="optimizer updates per rollout batch (the batch is split into runs of whole groups; >1 "
+                         "makes the clip matter)")
     ap.add_argument("--micro-batch-size", type=int, default=2,
                     help="sequences per forward/backward; with the shared prefix, whole groups (at least one). "
                          "Each carries a whole video, ~66k positions for a 7B model at 256 frames: keep it small there")

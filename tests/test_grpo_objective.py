@@ -176,21 +176,22 @@ def test_mini_batches_take_whole_groups_in_order():
     assert [sorted({e.sample.token_ids[0] // 100 for m in mini for e in m}) for mini in minis] == [[0, 1, 2], [3, 4]]
 
 
-def plan_on_ranks(prompt_lens_by_rank: list[list[int]]) -> int:
-    """rl.plan_passes on one rank of a 2-rank data-parallel run: the number of passes it takes."""
+def plan_on_ranks(cases: list[list[list[int]]]) -> list[int]:
+    """rl.plan_passes on one rank of a 2-rank data-parallel run, per case (each rank's prompt lengths): the
+    number of passes this rank takes."""
     ps = mrsp.init_distributed(sp_size=1)
-    (mini,), _ = rl.plan_passes(episodes_of([[4, 4]] * 4), prompt_lens_by_rank[ps.rank],
-                                pass_args("--group-size", "2", "--micro-batch-size", "8", "--micro-batch-tokens", "1000"),
-                                ps)
-    return len(mini)
+    args = pass_args("--group-size", "2", "--micro-batch-size", "8", "--micro-batch-tokens", "1000")
+    return [len(rl.plan_passes(episodes_of([[4, 4]] * 4), lens_by_rank[ps.rank], args, ps)[0][0])
+            for lens_by_rank in cases]
 
 
 def test_data_parallel_ranks_agree_on_the_number_of_passes():
     """FSDP runs its collectives once per pass on every rank: a rank of text questions (one pass would do)
-    takes as many as a rank of videos (four)."""
+    takes as many as a rank of videos (four, each group 900+ positions under a bound of 1,000); two ranks
+    that each need two take two."""
     from dist import run_ranks
-    assert run_ranks(plan_on_ranks, 2, [[20, 30, 20, 30], [900, 950, 900, 950]]) == [4, 4]
-    assert run_ranks(plan_on_ranks, 2, [[20, 30, 20, 30], [20, 30, 900, 30]]) == [2, 2]
+    cases = [[[20, 30, 20, 30], [900, 950, 900, 950]], [[20, 30, 20, 30], [20, 30, 900, 30]]]
+    assert run_ranks(plan_on_ranks, 2, cases) == [[4, 2], [4, 2]]
 
 
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
@@ -209,6 +210,7 @@ def test_micro_batches_16_16_8_add_up_to_one_micro_batch_of_40(loss_agg):
     (got,) = torch.autograd.grad(split, per_token)
     torch.testing.assert_close(split, whole)
     torch.testing.assert_close(got, expected)
+
 
 # ---- one update computed twice: rl.update_policy vs the formulas written out here ----
 

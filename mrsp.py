@@ -99,17 +99,26 @@ def split_evenly(num_items: int, parts: int) -> list[range]:
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-def balanced_split(costs: list[int], parts: int, max_items: int) -> list[list[int]]:
-    """The indices of `costs` dealt into `parts` lists of at most `max_items` each, with sums as even as a
-    greedy deal makes them: the costliest first, each onto the lightest list that still has room (LPT
-    scheduling); each list keeps its indices in order. Needs parts x max_items >= len(costs).
-    balanced_split([9, 8, 1, 1], 2, 2) -> [[0, 3], [1, 2]] (sums 10 and 9; in order: [9, 8], [1, 1])."""
-    lists, loads = [[] for _ in range(parts)], [0] * parts
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        b = min((b for b in range(parts) if len(lists[b]) < max_items), key=lambda b: (loads[b], b))
-        lists[b].append(i)
-        loads[b] += costs[i]
-    return [sorted(items) for items in lists]
+def length_runs(costs: list[int], max_items: int, max_tokens: int = 0, parts: int | None = None) -> list[list[int]]:
+    """The indices of `costs` (a sequence's length each) in runs of similar length, for batches whose rows
+    are padded to their longest: a run costs len(run) x its longest. Longest first, each run takes the
+    next index while it holds fewer than `max_items` and, with `max_tokens`, while its padded cost stays
+    within it (an index that alone exceeds it runs alone). In that order this is the fewest runs the
+    bounds allow. `parts` (at least that many, at most len(costs)) halves the costliest runs until there
+    are that many. Each run lists its indices in order.
+    length_runs([30, 900, 40, 950], 2) -> [[1, 3], [0, 2]] (padded 1,900 and 80; in order 1,800 and 1,900)."""
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    runs = []
+    for i in order:  # a run's longest is its first
+        if runs and len(runs[-1]) < max_items and (not max_tokens or (len(runs[-1]) + 1) * costs[runs[-1][0]] <= max_tokens):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    while parts is not None and len(runs) < parts:
+        j = max((r for r in range(len(runs)) if len(runs[r]) > 1), key=lambda r: len(runs[r]) * costs[runs[r][0]])
+        run = runs.pop(j)
+        runs[j:j] = [run[:(len(run) + 1) // 2], run[(len(run) + 1) // 2:]]
+    return [sorted(run) for run in runs]
 
 
 def largest_on_all(values: list[int], group, device) -> list[int]:

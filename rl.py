@@ -63,12 +63,12 @@ def parse_args(argv=None):
                     help="optimizer updates per rollout batch (the batch is split into runs of whole groups; >1 "
                          "makes the clip matter)")
     ap.add_argument("--micro-batch-size", type=int, default=2,
-                    help="sequences per forward/backward; with the shared prefix, whole groups (at least one). "
+                    help="most sequences per forward/backward; with the shared prefix, whole groups (at least one). "
                          "Each carries a whole video, ~66k positions for a 7B model at 256 frames: keep it small there")
     ap.add_argument("--micro-batch-tokens", type=int, default=0,
-                    help="most LLM positions per forward/backward (prompt + responses; a longer sequence or group "
-                         "goes alone); 0: no bound. Either way a mini-batch's positions are dealt evenly over its "
-                         "micro-batches, so text, image and video records mixed in a batch balance")
+                    help="most padded LLM positions per forward/backward: rows x the longest row (prompt + "
+                         "responses; a longer row runs alone); 0: no bound. Either way rows of similar length "
+                         "share a pass, so a text question is not padded to a video's length")
     ap.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
                     help="run each group's prompt once in the log-prob and update passes (P + G*R positions, not "
                          "G*(P + R)); --no-shared-prefix runs every response as its own sequence")
@@ -104,7 +104,11 @@ def parse_args(argv=None):
                     help="vLLM sleep mode: free the engine's GPU memory while training (GPU only)")
     train.add_cache_args(ap, default=True)
     train.add_run_args(ap, save_every=10)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.mini_batches > args.batch_size:
+        ap.error(f"--mini-batches {args.mini_batches} is more than --batch-size {args.batch_size}: a mini-batch is a "
+                 "run of whole groups")
+    return args
 
 
 # ---- set-up: the models of a run ----
@@ -504,34 +508,26 @@ def plan_passes(episodes_by_group, prompt_lens: list[int], args, ps: mrsp.Parall
     """The update's passes: per mini-batch (--mini-batches near-equal runs of whole groups, in order) its
     micro-batches, the episodes of each forward/backward.
 
-    A micro-batch holds at most --micro-batch-size sequences (with the shared prefix whole groups, as many
-    as fit, at least one) and, where a split can keep it so, at most --micro-batch-tokens LLM positions
-    (P + R per sequence; P + G*R per packed group). Each mini-batch takes the fewest micro-batches those
-    bounds allow and deals its positions evenly over them (mrsp.balanced_split): a batch that mixes text
-    questions (tens of positions) with hour-long videos (tens of thousands) does not put two videos in one
-    pass and the texts in another. Every data-parallel rank takes the largest count any rank needs (FSDP
-    runs its collectives once per pass on each rank). Returns [mini-batch][micro-batch][episode] and the
-    largest micro-batch's positions."""
-    def units(groups, lens):  # (episodes, positions) of each thing a micro-batch holds whole
+    A pass's rows are padded to its longest (P + R per sequence; P + G*R per packed group), so sequences
+    of similar length share a pass (mrsp.length_runs): a text question is not padded to an hour of video
+    beside it. A micro-batch holds at most --micro-batch-size sequences (with the shared prefix whole
+    groups, as many as fit, at least one) and, with --micro-batch-tokens, at most that many padded
+    positions (rows x longest row; a longer row runs alone); each mini-batch takes the fewest passes
+    those bounds allow. Every data-parallel rank takes the largest count any rank needs (FSDP runs its
+    collectives once per pass on each rank). Returns [mini-batch][micro-batch][episode] and the largest
+    pass's padded positions."""
+    def units(groups, lens):  # (episodes, row length) of each thing a micro-batch holds whole
         if args.shared_prefix:    # a packed group: its prompt once, then its G responses
             return [(g, P + sum(len(e.sample.token_ids) for e in g)) for g, P in zip(groups, lens)]
         return [([e], P + len(e.sample.token_ids)) for g, P in zip(groups, lens) for e in g]  # [prompt; response]
     per = max(1, args.micro_batch_size // len(episodes_by_group[0])) if args.shared_prefix else args.micro_batch_size
     minis = [units(episodes_by_group[r.start:r.stop], prompt_lens[r.start:r.stop])
              for r in mrsp.split_evenly(len(episodes_by_group), min(args.mini_batches, len(episodes_by_group)))]
-
-    def fewest(costs):
-        k = -(-len(costs) // per)
-        if args.micro_batch_tokens:
-            k = max(k, -(-sum(costs) // args.micro_batch_tokens))
-            while k < len(costs) and any(len(b) > 1 and sum(costs[i] for i in b) > args.micro_batch_tokens
-                                         for b in mrsp.balanced_split(costs, k, per)):
-                k += 1
-        return min(k, len(costs))
-    counts = mrsp.largest_on_all([fewest([c for _, c in mini]) for mini in minis], ps.dp_group, ps.device)
-    splits = [(mini, mrsp.balanced_split([c for _, c in mini], k, per)) for mini, k in zip(minis, counts)]
-    largest = max(sum(mini[i][1] for i in part) for mini, parts in splits for part in parts)
-    return [[[e for i in part for e in mini[i][0]] for part in parts] for mini, parts in splits], largest
+    runs = lambda mini, parts=None: mrsp.length_runs([c for _, c in mini], per, args.micro_batch_tokens, parts)
+    counts = mrsp.largest_on_all([len(runs(mini)) for mini in minis], ps.dp_group, ps.device)
+    splits = [(mini, runs(mini, k)) for mini, k in zip(minis, counts)]
+    largest = max(len(run) * max(mini[i][1] for i in run) for mini, parts in splits for run in parts)
+    return [[[e for i in run for e in mini[i][0]] for run in parts] for mini, parts in splits], largest
 
 
 def batch_logprobs(model, prompt_fn, episodes, ps, temperature, shared_prefix: bool, group_size: int):
@@ -590,7 +586,7 @@ def update_policy(models: Models, episodes_by_group: list[list[Episode]], prompt
     grpo_loss; the micro-batches add up to their mini-batch's loss taken whole (micro_batch_weight).
     Returns the step's metrics: loss, kl, clip_frac (TIS: tis_*), grad_norm, logprob_gap_max (the largest
     |engine - trainer old log-prob| of a sampled token: the rollout/training mismatch), old_logprobs_reused,
-    micro_batches and micro_positions_max (the passes, and the most LLM positions one of them held).
+    micro_batches and micro_positions_max (the passes, and the most padded LLM positions one of them held).
     """
     passes, largest = plan_passes(episodes_by_group, prompt_lens, args, ps)     # [mini-batch][micro-batch]
     on_policy = len(passes) == 1

@@ -2,6 +2,7 @@
 against hand values; rl.update_policy, the function the loop calls, against the same update written out
 here from the formulas, per token and per flag; and the passes it runs (micro-batches balanced by
 positions, their weights). No rl.py run: the fixed rollouts are built here."""
+import itertools
 import math
 
 import pytest
@@ -115,7 +116,7 @@ def test_huge_logprob_gaps_give_a_finite_loss_and_finite_gradients(dtype):
     assert rl.kl_k3(logp, ref).max() <= 10
 
 
-# ---- the passes: micro-batches balanced by positions, their weights ----
+# ---- the passes: micro-batches of similar lengths, their weights ----
 
 def episodes_of(response_lens: list[list[int]]) -> list[list[rl.Episode]]:
     """Groups of episodes whose responses have these lengths (token ids count their group and place)."""
@@ -128,45 +129,68 @@ def pass_args(*flags):
     return rl.parse_args(["--init", "i", "--data", "d.jsonl", "--out", "o", *flags])
 
 
-def positions(micro, prompt_of, shared_prefix):
-    """LLM positions of a micro-batch, from its episodes: P + R per sequence, P once per group when packed."""
-    group_of = [e.sample.token_ids[0] // 100 for e in micro]
-    prompts = sum(prompt_of[n] for n in (set(group_of) if shared_prefix else group_of))
-    return prompts + sum(len(e.sample.token_ids) for e in micro)
+def padded_positions(micro, prompt_of, shared_prefix):
+    """A pass's positions as its batch is built: each row padded to the longest. A row is [prompt; response]
+    per sequence, [prompt][response 1]...[response G] per group with the shared prefix."""
+    rows = {}
+    for e in micro:
+        n = e.sample.token_ids[0] // 100
+        key = n if shared_prefix else id(e)
+        rows[key] = rows.get(key, prompt_of[n]) + len(e.sample.token_ids)
+    return len(rows) * max(rows.values())
+
+
+def fewest_passes(rows: list[int], max_rows: int, bound: int) -> tuple[int, int]:
+    """By brute force over every split of the rows: the fewest passes of at most max_rows rows, each within
+    `bound` padded positions unless it holds one row (0: no bound); and, with that many, the least total."""
+    n = len(rows)
+    for k in range(1, n + 1):
+        totals = []
+        for assign in itertools.product(range(k), repeat=n):
+            passes = [[rows[i] for i in range(n) if assign[i] == p] for p in range(k)]
+            if all(p and len(p) <= max_rows and (not bound or len(p) == 1 or len(p) * max(p) <= bound) for p in passes):
+                totals.append(sum(len(p) * max(p) for p in passes))
+        if totals:
+            return k, min(totals)
 
 
 @pytest.mark.parametrize("shared_prefix", [True, False])
-def test_a_batch_of_videos_then_texts_is_dealt_evenly_over_its_micro_batches(shared_prefix):
-    """Three video prompts (2,000 positions), then three text questions (30), G = 2, responses of 10 tokens,
-    passes of at most 4 sequences. In order the first pass would hold the videos; balanced, each of the
-    fewest passes (3) holds a third of the positions, and each episode is in exactly one."""
-    prompt_lens = [2000, 2000, 2000, 30, 30, 30]
+def test_rows_of_similar_length_share_a_pass(shared_prefix):
+    """Video prompts (2,000 positions) and text questions (30) alternating, G = 2, responses of 10 tokens,
+    passes of at most 4 sequences. In order every pass would pad texts to a video's length; grouped by
+    length the passes are the fewest and hold the fewest padded positions any split of them can."""
+    prompt_lens = [2000, 30, 2000, 30, 2000, 30]
     groups = episodes_of([[10, 10]] * 6)
     flags = ["--group-size", "2", "--micro-batch-size", "4"] + ([] if shared_prefix else ["--no-shared-prefix"])
     (mini,), largest = rl.plan_passes(groups, prompt_lens, pass_args(*flags), mrsp.ParallelState())
-    assert len(mini) == 3                                             # 12 sequences, 4 a pass
     assert sorted(id(e) for m in mini for e in m) == sorted(id(e) for g in groups for e in g)
-    loads = [positions(m, prompt_lens, shared_prefix) for m in mini]
-    per_pass = ((2000 + 2 * 10) + (30 + 2 * 10) if shared_prefix       # a video group and a text group, packed
-                else 2 * (2000 + 10) + 2 * (30 + 10))                 # two video and two text sequences
-    assert loads == [per_pass] * 3 and largest == per_pass, loads
+    rows = ([P + 2 * 10 for P in prompt_lens] if shared_prefix            # a packed group
+            else [P + 10 for P in prompt_lens for _ in range(2)])           # a sequence
+    loads = [padded_positions(m, prompt_lens, shared_prefix) for m in mini]
+    assert (len(mini), sum(loads)) == fewest_passes(rows, 2 if shared_prefix else 4, 0), loads
+    assert largest == max(loads)
+    in_order = [rows[i:i + (2 if shared_prefix else 4)] for i in range(0, len(rows), 2 if shared_prefix else 4)]
+    assert sum(loads) < sum(len(p) * max(p) for p in in_order)
     for m in mini:                                                    # packed groups stay whole, in order
         ids = [e.sample.token_ids[0] for e in m]
-        assert all(len(m) % 2 == 0 and ids[i + 1] == ids[i] + 1 for i in range(0, len(ids), 2)) or not shared_prefix
+        assert not shared_prefix or all(ids[i + 1] == ids[i] + 1 for i in range(0, len(ids), 2))
 
 
 def test_micro_batch_tokens_takes_the_fewest_passes_that_keep_under_it():
-    """Groups of 1,000, 1,000, 1,000 and 100 prompt positions (+ 2 x 5 response tokens each): under 2,100 two
-    passes do ([1,010 + 1,010], [1,010 + 110]); under 1,500 three; under 500 each group alone, over the
-    bound where one group alone exceeds it."""
+    """Groups of 1,000, 1,000, 1,000 and 100 prompt positions (+ 2 x 5 response tokens each): the fewest
+    passes whose padded positions stay under the bound (brute force), a group that alone exceeds it alone."""
     prompt_lens, groups = [1000, 1000, 1000, 100], episodes_of([[5, 5]] * 4)
-    for bound, passes in ((2100, 2), (1500, 3), (500, 4), (0, 1)):
+    rows = [P + 10 for P in prompt_lens]
+    for bound in (2100, 1500, 500, 0):
         flags = ["--group-size", "2", "--micro-batch-size", "8", "--micro-batch-tokens", str(bound)]
         (mini,), largest = rl.plan_passes(groups, prompt_lens, pass_args(*flags), mrsp.ParallelState())
-        loads = [positions(m, prompt_lens, True) for m in mini]
-        assert len(mini) == passes, (bound, loads)
+        loads = [padded_positions(m, prompt_lens, True) for m in mini]
+        assert len(mini) == fewest_passes(rows, 8, bound)[0], (bound, loads)
         assert all(load <= bound or len(m) == 2 for m, load in zip(mini, loads)) or not bound, (bound, loads)
         assert largest == max(loads)
+    assert [len(rl.plan_passes(groups, prompt_lens, pass_args("--group-size", "2", "--micro-batch-size", "8",
+                                                              "--micro-batch-tokens", str(b)), mrsp.ParallelState())[0][0])
+            for b in (2100, 1500, 0)] == [2, 4, 1]   # [1,010 + 1,010], [1,010 + 110]: 2 x 1,010 padded each
 
 
 def test_mini_batches_take_whole_groups_in_order():
@@ -422,19 +446,26 @@ def test_one_update_raises_the_rewarded_responses_and_lowers_the_others(tiny_che
     assert moved[0] > 0.01 and moved[1] < -0.01 and moved[2] > 0.01, moved
 
 
-def test_balanced_micro_batches_give_the_update_of_the_formulas(update_models, monkeypatch):
-    """Each sequence its own row, passes of at most 2: the first group's sequences (9, 8, 10 positions) are
-    dealt [10] and [9, 8], the second's (7-token prompt; 4, 7 and 3 response tokens: 11, 14, 10 positions)
-    [14] and [11, 10], not in order. Their advantages,
-    engine log-probs and weights follow them: the loss and the gradients equal the formulas' (per mini-batch,
-    summed over its passes)."""
+@pytest.mark.parametrize("layout", ["per sequence", "packed"])
+def test_passes_out_of_order_give_the_update_of_the_formulas(update_models, monkeypatch, layout):
+    """Passes grouped by length reorder the episodes; their advantages, engine log-probs (TIS on) and weights
+    follow them: the loss and the gradients equal the formulas' (per mini-batch, summed over its passes).
+    Per sequence, passes of at most 2: the first group's rows (9, 8, 10 positions) run as [9, 10] and [8],
+    the second's (11, 14, 10) as [11, 14] and [10]. Packed, one mini-batch of both groups, a group a pass:
+    the second group (21 positions) runs before the first (17)."""
     policy, reference = update_models
     records, prompts, groups = fixed_rollouts(policy)
-    flags = BASE_FLAGS + ["--no-shared-prefix", "--micro-batch-size", "2"]
-    stats, seen, _ = run_update_policy(policy, reference, prompts, records, groups, flags, SGD_LR, monkeypatch)
-    expected = expected_update(policy, reference, prompts, records, groups, BASE, SGD_LR, mini_batches=2)
-    assert stats["micro_batches"] == 4 and [len(d) for d in seen["dlogp"]] == [1, 2, 1, 2]
-    assert stats["loss"] == pytest.approx((expected[0]["loss"] + expected[1]["loss"]) / 2, rel=1e-4, abs=1e-6)
+    flags, mini_batches, rows = {"per sequence": (["--no-shared-prefix", "--micro-batch-size", "2"], 2, [2, 1, 2, 1]),
+                                 "packed": (["--mini-batches", "1", "--micro-batch-size", "3"], 1, [3, 3])}[layout]
+    stats, seen, _ = run_update_policy(policy, reference, prompts, records, groups,
+                                       BASE_FLAGS + ["--tis-cap", "2"] + flags, SGD_LR, monkeypatch)
+    expected = expected_update(policy, reference, prompts, records, groups, {**BASE, "tis_cap": 2.0}, SGD_LR,
+                               mini_batches=mini_batches)
+    assert stats["micro_batches"] == len(rows) and [len(d) for d in seen["dlogp"]] == rows
+    if layout == "packed":  # the first pass holds the second group (its first response: 4 tokens)
+        assert (seen["dlogp"][0][0] != 0).sum() == 4
+    assert stats["loss"] == pytest.approx(sum(e["loss"] for e in expected) / len(expected), rel=1e-4, abs=1e-6)
+    assert len(seen["grads"]) == len(expected)
     for got, want in zip(seen["grads"], expected):
         for key in ("lm_head.weight", "model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"):
             torch.testing.assert_close(got[key], want["grads"][key], rtol=1e-3, atol=1e-6, msg=key)

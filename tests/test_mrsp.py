@@ -291,27 +291,29 @@ def test_head_split_rules():
 
 
 
-def test_balanced_split_is_within_a_third_of_the_best_split():
-    """mrsp.balanced_split against every possible split (brute force) of random mixes of text (20-60
-    positions), image (300-400) and video (2,000-9,000) prompts: each index once, at most max_items a list,
-    and the fullest list within 4/3 of the best possible (the bound of largest-first greedy scheduling).
-    Split in order, the same mixes reach twice the best."""
+def test_length_runs_are_the_fewest_padded_runs_any_split_allows():
+    """mrsp.length_runs against every possible split (brute force) of random mixes of text (20-60
+    positions), image (300-400) and video (2,000-9,000) rows, a run costing len x its longest: each index
+    once, at most max_items a run, within max_tokens unless alone, and no split has fewer runs. Given
+    `parts`, exactly that many."""
     import itertools
     import random
     rng = random.Random(0)
+    cost = lambda costs, run: len(run) * max(costs[i] for i in run)
     for _ in range(300):
-        n = rng.randint(2, 7)
-        parts = rng.randint(1, min(4, n))
-        max_items = rng.randint(-(-n // parts), n)
+        n = rng.randint(1, 6)
+        max_items = rng.randint(1, n)
+        bound = rng.choice([0, rng.randint(100, 20000)])
         costs = [rng.choice([rng.randint(20, 60), rng.randint(300, 400), rng.randint(2000, 9000)]) for _ in range(n)]
-        best = min(max(sum(c for c, a in zip(costs, assign) if a == b) for b in range(parts))
-                   for assign in itertools.product(range(parts), repeat=n)
-                   if max(assign.count(b) for b in range(parts)) <= max_items)
-        lists = mrsp.balanced_split(costs, parts, max_items)
-        assert sorted(i for items in lists for i in items) == list(range(n)) and len(lists) == parts
-        assert all(len(items) <= max_items and items == sorted(items) for items in lists)
-        assert max(sum(costs[i] for i in items) for items in lists) <= 4 / 3 * best, (costs, parts, max_items, lists)
-    assert mrsp.balanced_split([9, 8, 1, 1], 2, 2) == [[0, 3], [1, 2]]
+        fits = lambda run: len(run) <= max_items and (not bound or len(run) == 1 or cost(costs, run) <= bound)
+        fewest = next(k for k in range(1, n + 1) for assign in itertools.product(range(k), repeat=n)
+                      if all(run and fits(run) for run in [[i for i in range(n) if assign[i] == r] for r in range(k)]))
+        runs = mrsp.length_runs(costs, max_items, bound)
+        assert sorted(i for run in runs for i in run) == list(range(n)) and all(run == sorted(run) for run in runs)
+        assert all(fits(run) for run in runs) and len(runs) == fewest, (costs, max_items, bound, runs)
+        parts = rng.randint(len(runs), n)
+        assert len(mrsp.length_runs(costs, max_items, bound, parts)) == parts
+    assert mrsp.length_runs([30, 900, 40, 950], 2) == [[1, 3], [0, 2]]
 
 
 # ---- the video-embedding cache ----

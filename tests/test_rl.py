@@ -336,8 +336,9 @@ def test_rollout_share_splits_the_groups_prompts_among_its_engines():
 
 def test_shared_prefix_step_updates_weights_like_per_sequence(easy_task, tmp_path):
     """One rl.py step (torch engine, fixed seed), groups packed with their prompt once vs every response its
-    own sequence: the same samples, rewards and updated weights. Micro-batches of 6 sequences split the 16
-    differently in the two layouts (whole groups of 4: 4/4/4/4; 6/6/4), which the token weights absorb."""
+    own sequence: the same samples, rewards and updated weights. Micro-batches of at most 6 sequences split
+    the 16 differently in the two layouts (whole groups of 4; 6/6/4 sequences grouped by length), which the
+    token weights absorb."""
     base = ["--init", str(easy_task["init"]), "--data", str(easy_task["data"]), "--steps", "1",
             "--save-every", "0", *RL_ARGS, "--micro-batch-size", "6"]   # after RL_ARGS: the last one counts
     rl.main(base + ["--out", str(tmp_path / "packed")])

@@ -51,7 +51,8 @@ def check_settings(path, settings: dict, ignore=(), holds: str = "results",
     changed = [k for k in [*before, *(k for k in settings if k not in before)]
                if k not in ignore and before.get(k) != settings.get(k)]
     if changed:
-        diff = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+        was = lambda k: repr(before[k]) if k in before else "(a setting this code did not have then)"
+        diff = ", ".join(f"{k}: {was(k)} -> {settings.get(k)!r}" for k in changed)
         raise errors.UsageError(f"{path.parent} holds {holds} made with other settings ({diff}); {remedy}")
 
 

@@ -266,3 +266,14 @@ def test_rng_state_round_trips_through_json():
     draws()                                                   # move every generator on
     train.set_rng_state(state)
     assert draws() == expected
+
+
+def test_a_setting_the_earlier_run_did_not_have_is_named_as_such(tmp_path):
+    """A run folder written before a flag existed: the refusal says so rather than showing None."""
+    import json
+    import runs
+    (tmp_path / "settings.json").write_text(json.dumps({"steps": 30, "lr": 1e-6}))
+    runs.check_settings(tmp_path / "settings.json", {"steps": 30, "lr": 1e-6})      # the same: nothing raised
+    with pytest.raises(ValueError) as refused:
+        runs.check_settings(tmp_path / "settings.json", {"steps": 30, "lr": 1e-6, "micro_batch_tokens": 0})
+    assert "(micro_batch_tokens: (a setting this code did not have then) -> 0)" in str(refused.value)

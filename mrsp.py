@@ -108,9 +108,10 @@ def length_runs(costs: list[int], max_items: int, max_tokens: int = 0, parts: in
     are that many. Each run lists its indices in order.
     length_runs([30, 900, 40, 950], 2) -> [[1, 3], [0, 2]] (padded 1,900 and 80; in order 1,800 and 1,900)."""
     order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
-    runs = []
-    for i in order:  # a run's longest is its first
-        if runs and len(runs[-1]) < max_items and (not max_tokens or (len(runs[-1]) + 1) * costs[runs[-1][0]] <= max_tokens):
+    runs = []  # a run's longest is its first
+    fits = lambda run: len(run) < max_items and (not max_tokens or (len(run) + 1) * costs[run[0]] <= max_tokens)
+    for i in order:
+        if runs and fits(runs[-1]):
             runs[-1].append(i)
         else:
             runs.append([i])

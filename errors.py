@@ -99,6 +99,10 @@ def _print_once(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
         return
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    # On a new line: the ranks share the terminal, and another may be halfway through a progress bar
+    # (transformers' "Loading weights" writes "\r..." with no newline until it ends); one write, so
+    # nothing lands inside it.
+    message = "\n" + message
     try:
         if store.add(f"error-ticket-{attempt}", 1) == 1:
             print(message, file=sys.stderr, flush=True)

@@ -320,6 +320,40 @@ def test_debug_shows_the_traceback(script_runs):
     assert error_lines(run["stderr"]) == []
 
 
+PARTIAL_LINE_JOB = """
+import os, sys
+from datetime import timedelta
+sys.path.insert(0, {root!r})
+import errors
+import torch.distributed as dist
+
+def main():  # rank 1 is halfway through a progress bar when rank 0 reports its error
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=60))
+    if os.environ["RANK"] == "1":
+        sys.stderr.write("\\rLoading weights:  50%|#####     | 1/2")
+        sys.stderr.flush()
+        store.set("bar drawn", "1")
+        store.wait(["error-printed-0"])
+    else:
+        store.wait(["bar drawn"])
+    raise errors.UserError("a.safetensors: 10 bytes, its header says 20 (cut short): re-download this file")
+
+errors.run_main(main)
+"""
+
+
+def test_under_torchrun_the_error_starts_its_own_line_beside_another_ranks_progress_bar(tmp_path):
+    """CI saw no error line at all: a rank was drawing transformers' "Loading weights" bar ("\\r..." with no
+    newline yet) when the other printed, so the error went on the end of the bar's line."""
+    job = tmp_path / "job.py"
+    job.write_text(PARTIAL_LINE_JOB.format(root=str(ROOT)))
+    run = run_script(job, torchrun=True)
+    assert run.returncode != 0
+    assert error_lines(run.stderr) == ["error: a.safetensors: 10 bytes, its header says 20 (cut short): re-download "
+                                       "this file"], run.stderr[-3000:]
+
+
 def test_under_torchrun_the_error_is_printed_once(cut_projector, records, tmp_path):
     path, line = cut_projector
     run = run_script("sft.py", "--init", path, "--data", records, "--out", tmp_path / "out", torchrun=True)

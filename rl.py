@@ -323,14 +323,15 @@ def rollout_share(num_prompts: int, ps: mrsp.ParallelState, engines: int) -> ran
 def rollout_groups(engine, prompts: list[torch.Tensor], step: int, args, ps: mrsp.ParallelState) -> list[list]:
     """G = --group-size samples (rollout.Sample) for each prompt, one prefill each, in prompt order on
     every rank of the SP group: its engines generate a contiguous share of the prompts each, then the
-    group gathers them. Seeds differ per step and rank (vLLM derives the G samples' seeds from a
-    request's seed). The engine then sleeps, giving its memory to training (a no-op without sleep mode)."""
+    group gathers them. Seeds differ per step and DP rank; within an SP group each prompt keeps the seed of
+    its place in the group's batch (vLLM derives the G samples' seeds from a request's), so the samples do
+    not depend on --sp-size. The engine then sleeps, giving its memory to training (a no-op without sleep mode)."""
     groups = []
     share = rollout_share(len(prompts), ps, engines_per_group(args, ps))
     if len(share):
-        seed = args.seed + 100_003 * (step * ps.dp_size + ps.dp_rank) + 7_919 * ps.sp_rank
+        seed = args.seed + 100_003 * (step * ps.dp_size + ps.dp_rank)
         groups = engine.generate([prompts[i] for i in share], n=args.group_size, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_p=args.top_p, seed=seed)
+                                 temperature=args.temperature, top_p=args.top_p, seed=seed, first=share.start)
     if engine is not None:
         engine.sleep()
     if ps.sp_size == 1:

@@ -204,10 +204,14 @@ class TorchEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[M.Prompt], n: int, max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int = 0, progress: bool = False) -> list[list[Sample]]:
+                 top_p: float = 1.0, seed: int = 0, progress: bool = False, first: int = 0) -> list[list[Sample]]:
         """Prompts [L_i tokens] -> n Samples per prompt. Reproducible for the same seed, batch and
-        `max_batch_tokens`."""
+        `max_batch_tokens`. One generator samples the whole batch, so a share of a batch does not sample as
+        the batch would: `first` (see VLLMEngine.generate) must be 0."""
         check_generate_args(prompts, n, max_new_tokens, temperature, top_p, self.max_model_len)
+        if first:
+            raise ValueError("the torch engine samples a batch from one generator: it cannot take a share of one "
+                             f"(first={first}); split a batch over vLLM engines")
         llm = self.model.llm
         was_training = llm.training
         llm.eval()  # no dropout; gradient checkpointing (active only in training) would turn the cache off
@@ -292,15 +296,16 @@ def import_vllm():
     return vllm
 
 
-def request_seeds(seed: int, num_prompts: int) -> list[int]:
-    """One sampling seed per prompt, drawn at random from `seed`.
+def request_seeds(seed: int, num_prompts: int, first: int = 0) -> list[int]:
+    """One sampling seed per prompt, drawn at random from `seed`: those of prompts first .. first +
+    num_prompts - 1 of the batch (a prompt's seed depends on its place in the batch, not on the share).
 
     vLLM gives sample j of a request the seed `request_seed + j`, so seeds seed+0, seed+1, ... per prompt
     would hand prompt 1's first sample the noise of prompt 0's second one (and a call with seed+1 the noise
     of this one). Random 31-bit seeds make such overlaps vanishingly unlikely, and stay reproducible.
     """
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 2**31 - 2**16, (num_prompts,), generator=generator).tolist()  # + j stays < 2**31
+    return torch.randint(0, 2**31 - 2**16, (first + num_prompts,), generator=generator)[first:].tolist()  # + j < 2**31
 
 
 def checkpoint_weight_names(llm_path) -> set[str]:
@@ -395,15 +400,17 @@ class VLLMEngine:
         self.weight_names = {n for n in checkpoint_weight_names(llm_path) if not n.startswith("visual.")}
 
     def generate(self, prompts: list[M.Prompt], n: int, max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int = 0, progress: bool = False) -> list[list[Sample]]:
-        """Prompts -> n Samples per prompt; one vLLM request (n samples) per prompt (`video_requests`)."""
+                 top_p: float = 1.0, seed: int = 0, progress: bool = False, first: int = 0) -> list[list[Sample]]:
+        """Prompts -> n Samples per prompt; one vLLM request (n samples) per prompt (`video_requests`).
+        Prompt i samples with the seed of prompt `first + i` of the batch `seed` is for (`request_seeds`): a
+        batch split over several engines (prompts[first:first + k] on each) samples as one engine would."""
         from vllm import SamplingParams
         check_generate_args(prompts, n, max_new_tokens, temperature, top_p, self.max_model_len)
         if not prompts:
             return []
         params = [SamplingParams(n=n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                  seed=request_seed, logprobs=0, stop_token_ids=self.stop.all, detokenize=False)
-                  for request_seed in request_seeds(seed, len(prompts))]
+                  for request_seed in request_seeds(seed, len(prompts), first)]
         outputs = self.llm.generate(video_requests(prompts), params, use_tqdm=progress)
         return [[self._to_sample(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
 

@@ -180,62 +180,39 @@ def assert_same_adamw_updates(one: dict, two: dict):
     assert diff.max() < 1e-4 and (diff > 1e-6).float().mean() < 1e-3, (diff.max(), (diff > 1e-6).sum())
 
 
-def test_sp2_training_steps_update_weights_like_one_process(easy_task, tmp_path):
-    """torchrun, 2 ranks, --sp-size 2: FSDP2 + Ulysses. Two steps, so step 2's rollouts come from the weights
-    gathered tensor by tensor into SP-rank 0's engine after step 1; they must match one process's."""
-    args = ["--init", str(easy_task["init"]), "--data", str(easy_task["data"]), "--steps", "2",
-            "--save-every", "0", *RL_ARGS]
+def test_sp2_with_the_vllm_engine_updates_weights_like_one_process(easy_task, tmp_path):
+    """rl.py with the real vLLM engine (the default), two steps, in this process and under torchrun with 2
+    ranks and --sp-size 2 (FSDP2 + Ulysses). Step 2 samples from the weights synced into the engine after
+    step 1 (under torchrun gathered tensor by tensor into SP-rank 0's engine); both runs must give the same
+    rewards and AdamW updates.
+
+    In step, engine and trainer agree to the top-p renormalisation (-log 0.99 ~ 0.01): without the sync, a
+    step at this learning rate moves log-probs far more than that; with --tis-cap 2 the importance weights
+    pi_old / pi_engine are then within [0.99, 1], none capped. Under torchrun vLLM builds its process groups
+    from the training group, so every rank builds an engine (rank 1's stays idle: built on SP rank 0 alone,
+    it hung here), and the run ends with no traceback (before, every rank printed one at exit, where vLLM's
+    engine tore down its process groups after the training's group was gone; train.shutdown closes the
+    engine first)."""
+    args = ["--init", str(easy_task["init"]), "--data", str(easy_task["data"]), "--steps", "2", "--save-every", "0",
+            "--max-model-len", "1024", "--tis-cap", "2", *[a if a != "torch" else "vllm" for a in RL_ARGS]]
     rl.main(args + ["--out", str(tmp_path / "sp1")])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "rl.py", *args, "--out", str(tmp_path / "sp2"), "--sp-size", "2"],
-                          cwd=ROOT, check=True, env=env, capture_output=True, text=True)
+                          cwd=ROOT, check=True, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert "Traceback" not in done.stderr, done.stderr  # a run that ended well ends quietly
+    one_rows, two_rows = rows_of(tmp_path / "sp1"), rows_of(tmp_path / "sp2")
+    assert [r["step"] for r in one_rows] == [1, 2] and one_rows[0]["grad_norm"] > 0
+    for r in one_rows + two_rows:
+        assert r["logprob_gap_max"] < 0.011, r  # the engine decodes with the trainer's current weights
+        assert 0.989 < r["tis_weight_mean"] <= 1.0 + 1e-6 and r["tis_capped_share"] == 0, r
+    for a, b in zip(one_rows, two_rows, strict=True):
+        assert (b["reward"], b["response_len"]) == pytest.approx((a["reward"], a["response_len"])), a["step"]
     before = load_file(str(easy_task["init"] / "llm" / "model.safetensors"))
     one = load_file(str(tmp_path / "sp1" / "final" / "llm" / "model.safetensors"))
     two = load_file(str(tmp_path / "sp2" / "final" / "llm" / "model.safetensors"))
-    moved = max((one[k] - before[k]).abs().max().item() for k in one)
-    assert moved > 1e-5  # the steps did change the weights
+    assert max((one[k] - before[k]).abs().max().item() for k in one) > 1e-5  # the steps did change the weights
     assert_same_adamw_updates(one, two)
-    for a, b in zip(rows_of(tmp_path / "sp1"), rows_of(tmp_path / "sp2"), strict=True):
-        assert (b["reward"], b["response_len"]) == pytest.approx((a["reward"], a["response_len"])), a["step"]
-        assert b["logprob_gap_max"] < 0.011, b  # the engine decodes with the trainer's current weights
-
-
-def test_rl_with_vllm_engine_keeps_engine_and_trainer_in_step(easy_task, tmp_path):
-    """Two steps with the real vLLM engine: after the first update the weights are synced into the engine,
-    so in step 2 its log-probs still match the trainer's (to the top-p renormalisation, -log 0.99 ~ 0.01).
-    Without the sync, a step at this learning rate moves log-probs far more than that. With --tis-cap 2 the
-    importance weights pi_old / pi_engine are then within [0.99, 1]: none capped."""
-    args = [a if a != "torch" else "vllm" for a in RL_ARGS]
-    rl.main(["--init", str(easy_task["init"]), "--data", str(easy_task["data"]), "--out", str(tmp_path),
-             "--steps", "2", "--save-every", "0", "--max-model-len", "1024", "--tis-cap", "2", *args])
-    rows = rows_of(tmp_path)
-    assert [r["step"] for r in rows] == [1, 2]
-    assert rows[0]["grad_norm"] > 0
-    for r in rows:
-        assert r["logprob_gap_max"] < 0.011, r
-        assert 0.989 < r["tis_weight_mean"] <= 1.0 + 1e-6 and r["tis_capped_share"] == 0, r
-
-
-def test_torchrun_sp2_with_the_vllm_engine(easy_task, tmp_path):
-    """The default engine under torchrun with --sp-size 2. vLLM builds its process groups from the
-    training group, so every rank must build an engine (rank 1's stays idle); building it on SP rank 0
-    alone hung here. Two steps: step 2 samples from the weights synced after step 1. The run ends with no
-    traceback: before, every rank printed one at exit, where vLLM's engine tore down its process groups
-    after the training's group was gone (now train.shutdown closes the engine first)."""
-    args = [a if a != "torch" else "vllm" for a in RL_ARGS]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "rl.py", "--init", str(easy_task["init"]), "--data", str(easy_task["data"]),
-                           "--out", str(tmp_path), "--steps", "2", "--save-every", "0", "--max-model-len", "1024",
-                           "--sp-size", "2", *args],
-                          cwd=ROOT, check=True, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert "Traceback" not in done.stderr, done.stderr
-    rows = rows_of(tmp_path)
-    assert [r["step"] for r in rows] == [1, 2]
-    for r in rows:
-        assert r["logprob_gap_max"] < 0.011, r
 
 
 def test_ctrl_c_ends_both_ranks_within_seconds_and_leaves_only_complete_checkpoints(tiny_checkpoint, tmp_path):

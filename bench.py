@@ -12,6 +12,7 @@
     python bench.py decode --sizes 640x360 1280x720 1920x1080 --codecs h264 vp9 av1 --frames 16 256 1024
 """
 import argparse
+import contextlib
 import gc
 import itertools
 import json
@@ -385,8 +386,8 @@ def cmd_step(args):
           "--size", preset.get("image_size") or preset["frame_size"], "--test-frac", 0, "--seed", args.seed],
          work / "synth.log")
     records_file, init = work / "data" / "train.jsonl", work / "init"
-    _run([sys.executable, "model.py", "init", "--family", args.family, "--preset", args.preset, "--data", records_file,
-          "--out", init], work / "init.log")
+    with open(work / "init.log", "w") as log, contextlib.redirect_stdout(log):  # here: a process costs ~7 s of imports
+        M.main(["init", "--family", args.family, "--preset", args.preset, "--data", str(records_file), "--out", str(init)])
     # ---- rl.py per frame count and configuration ----
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", sp_size, "rl.py"]
     sharded = (torchrun, ["--sp-size", sp_size]) if sp_size > 1 else ([sys.executable, "rl.py"], [])

@@ -324,8 +324,9 @@ def rollout_groups(engine, prompts: list[torch.Tensor], step: int, args, ps: mrs
     """G = --group-size samples (rollout.Sample) for each prompt, one prefill each, in prompt order on
     every rank of the SP group: its engines generate a contiguous share of the prompts each, then the
     group gathers them. Seeds differ per step and DP rank; within an SP group each prompt keeps the seed of
-    its place in the group's batch (vLLM derives the G samples' seeds from a request's), so the samples do
-    not depend on --sp-size. The engine then sleeps, giving its memory to training (a no-op without sleep mode)."""
+    its place in the group's batch (vLLM derives the G samples' seeds from a request's), so for one DP layout
+    the engines sample with the seeds one engine would use, whatever --sp-size. The engine then sleeps, giving
+    its memory to training (a no-op without sleep mode)."""
     groups = []
     share = rollout_share(len(prompts), ps, engines_per_group(args, ps))
     if len(share):

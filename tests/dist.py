@@ -4,13 +4,15 @@
 
 Each process gets the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a
 free local port) and one CPU thread, calls `fn(*args)`, and returns its result through a torch.save
-file. `fn` must be importable by name (a module-level function), because processes are spawned.
+file. `fn` must be importable by name (a module-level function), because each rank imports it afresh.
 A rank that raises fails the whole run with its traceback; a run that hangs is killed after `timeout`.
 
 The ranks are forked from a server process (multiprocessing's "forkserver", started at the first call) that
 has imported torch, transformers' model classes and this project's modules once. Each rank is still a new
 process with its own process group and nothing from earlier runs; it starts in about a second instead of
-the ~8 s a fresh interpreter spends importing all that again (the suite starts ~40 ranks).
+the ~8 s a fresh interpreter spends importing all that again (the suite starts ~30 ranks). A rank's
+environment is the server's (the test process's when the first run began) plus the torchrun variables:
+set anything else a job needs inside the job.
 """
 import os
 import socket
@@ -27,7 +29,8 @@ PRELOAD = ["torch", "torch.distributed.fsdp", "torch.distributed.checkpoint", "p
            "transformers.models.qwen2.modeling_qwen2", "transformers.models.siglip.modeling_siglip",
            "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
            "data", "model", "vila", "qwen_vl", "mrsp", "train", "runs", "rollout", "rl", "sft"]
-mp.get_context("forkserver").set_forkserver_preload(PRELOAD)
+if Path.cwd() == Path(__file__).resolve().parents[1]:  # the server finds the project's modules on its working
+    mp.get_context("forkserver").set_forkserver_preload(PRELOAD)  # folder; from elsewhere each rank imports them
 
 
 def free_port() -> int:

@@ -83,11 +83,14 @@ def test_fsdp_bf16_policy_and_reference_agree_exactly_at_step_0_and_compute_in_b
 def test_torchrun_bf16_rl_step_has_zero_kl_at_step_1(easy_task, tmp_path):
     """rl.py end to end as an 8-GPU run takes it (FSDP2 mixed precision over gloo, Ulysses, the torch
     engine's own bf16 LLM on SP rank 0): the first update's KL to the reference is exactly 0."""
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "rl.py",
-                    "--init", str(easy_task["init"]), "--data", str(easy_task["data"]), "--out", str(tmp_path / "run"),
-                    "--steps", "1", "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "8",
-                    "--num-frames", "8", "--engine", "torch", "--sp-size", "2", "--bf16", "--save-every", "0"],
-                   cwd=ROOT, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "rl.py", "--init", str(easy_task["init"]), "--data", str(easy_task["data"]),
+                           "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", "--group-size", "2",
+                           "--max-new-tokens", "8", "--num-frames", "8", "--engine", "torch", "--sp-size", "2",
+                           "--bf16", "--save-every", "0"],
+                          cwd=ROOT, check=True, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "Traceback" not in done.stderr, done.stderr  # a run that ended well ends quietly
     row, = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert row["kl"] == 0.0
 

@@ -182,17 +182,17 @@ def assert_same_adamw_updates(one: dict, two: dict):
 
 def test_sp2_with_the_vllm_engine_updates_weights_like_one_process(easy_task, tmp_path):
     """rl.py with the real vLLM engine (the default), two steps, in this process and under torchrun with 2
-    ranks and --sp-size 2 (FSDP2 + Ulysses). Step 2 samples from the weights synced into the engine after
-    step 1 (under torchrun gathered tensor by tensor into SP-rank 0's engine); both runs must give the same
+    ranks and --sp-size 2 (FSDP2 + Ulysses). Under torchrun each SP rank's engine samples half the prompts,
+    each prompt with the seed of its place in the batch, so both runs sample alike; step 2 samples from the
+    weights synced into the engines after step 1 (gathered tensor by tensor); both runs must give the same
     rewards and AdamW updates.
 
     In step, engine and trainer agree to the top-p renormalisation (-log 0.99 ~ 0.01): without the sync, a
     step at this learning rate moves log-probs far more than that; with --tis-cap 2 the importance weights
     pi_old / pi_engine are then within [0.99, 1], none capped. Under torchrun vLLM builds its process groups
-    from the training group, so every rank builds an engine (rank 1's stays idle: built on SP rank 0 alone,
-    it hung here), and the run ends with no traceback (before, every rank printed one at exit, where vLLM's
-    engine tore down its process groups after the training's group was gone; train.shutdown closes the
-    engine first)."""
+    from the training group, so every rank must build an engine (built on SP rank 0 alone, it hung here), and
+    the run ends with no traceback (before, every rank printed one at exit, where vLLM's engine tore down its
+    process groups after the training's group was gone; train.shutdown closes the engine first)."""
     args = ["--init", str(easy_task["init"]), "--data", str(easy_task["data"]), "--steps", "2", "--save-every", "0",
             "--max-model-len", "1024", "--tis-cap", "2", *[a if a != "torch" else "vllm" for a in RL_ARGS]]
     rl.main(args + ["--out", str(tmp_path / "sp1")])
@@ -202,7 +202,7 @@ def test_sp2_with_the_vllm_engine_updates_weights_like_one_process(easy_task, tm
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert "Traceback" not in done.stderr, done.stderr  # a run that ended well ends quietly
     one_rows, two_rows = rows_of(tmp_path / "sp1"), rows_of(tmp_path / "sp2")
-    assert [r["step"] for r in one_rows] == [1, 2] and one_rows[0]["grad_norm"] > 0
+    assert [r["step"] for r in one_rows] == [r["step"] for r in two_rows] == [1, 2] and one_rows[0]["grad_norm"] > 0
     for r in one_rows + two_rows:
         assert r["logprob_gap_max"] < 0.011, r  # the engine decodes with the trainer's current weights
         assert 0.989 < r["tis_weight_mean"] <= 1.0 + 1e-6 and r["tis_capped_share"] == 0, r
@@ -219,7 +219,10 @@ def test_ctrl_c_ends_both_ranks_within_seconds_and_leaves_only_complete_checkpoi
     """Ctrl-C sends SIGINT to every process of the terminal's job at once. The two ranks are started as torchrun starts them
     (its environment), so that each one's own exit status shows; SIGINT reaches both while they step and
     checkpoint every step. Both end within seconds, by SIGINT (a shell's 130), and every checkpoint
-    folder left is complete: one interrupted mid-write is never renamed into place."""
+    folder left is complete: one interrupted mid-write is never renamed into place. The run uses the torch
+    engine, which under torchrun decodes with a copy of the LLM of its own on SP rank 0: its log-probs are the
+    trainer's. (A fresh model earns no reward, so no weight moves here: the sync after an update is checked
+    by test_train_memory.py's sync_job, the weights the engine holds against the trainer's.)"""
     from dist import free_port
     synth.main(["--out", str(tmp_path / "data"), "--n", "4", "--seed", "0", "--test-frac", "0"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
@@ -255,6 +258,10 @@ def test_ctrl_c_ends_both_ranks_within_seconds_and_leaves_only_complete_checkpoi
     assert not list(out.glob("*.tmp-*")) and not list(out.glob("*.old-*"))
     for checkpoint in out.glob("checkpoint-*"):
         assert M.is_complete_checkpoint(checkpoint) and (checkpoint / runs.TRAINER_STATE).exists(), checkpoint
+    rows = rows_of(out)
+    assert rows and [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    for r in rows:
+        assert r["logprob_gap_max"] < 0.011, r
 
 
 def test_embed_cache_dir_keeps_the_embeddings_for_a_later_run(tiny_checkpoint, tmp_path):

@@ -143,18 +143,22 @@ def test_samples_differ_and_repeat_with_the_same_seed(engine, prompts):
     assert run(seed=8) != first
 
 
-def test_a_share_of_a_batch_samples_as_the_whole_batch_in_vllm(vllm_engine, torch_engine, prompts):
+def test_a_share_of_a_batch_samples_as_the_whole_batch_in_vllm(vllm_engine, prompts):
     """rl.py splits an SP group's prompts over its vLLM engines, each with `first` = its share's start: a
     prompt keeps the seed of its place in the batch, so the samples do not depend on how many engines share
-    it. The torch engine samples a batch from one generator and refuses a share."""
+    it."""
     batch = [prompts[0], prompts[1], prompts[0]]
     kw = dict(n=3, max_new_tokens=8, temperature=1.0, seed=5)
     ids = lambda groups: [[s.token_ids for s in g] for g in groups]
     whole = ids(vllm_engine.generate(batch, **kw))
     assert ids(vllm_engine.generate(batch[:1], **kw)) + ids(vllm_engine.generate(batch[1:], first=1, **kw)) == whole
     assert ids(vllm_engine.generate(batch[2:], first=2, **kw)) == whole[2:] != whole[:1]  # same prompt, own seed
+
+
+def test_the_torch_engine_refuses_a_share_of_a_batch(torch_engine, prompts):
+    """One generator samples the torch engine's whole batch: a share would not sample as the batch."""
     with pytest.raises(ValueError, match="cannot take a share"):
-        torch_engine.generate(batch[1:], first=1, **kw)
+        torch_engine.generate(prompts[1:], n=2, max_new_tokens=4, first=1)
 
 
 # ---- weight sync ----

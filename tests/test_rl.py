@@ -215,22 +215,20 @@ def test_sp2_with_the_vllm_engine_updates_weights_like_one_process(easy_task, tm
     assert_same_adamw_updates(one, two)
 
 
-def test_ctrl_c_ends_both_ranks_within_seconds_and_leaves_only_complete_checkpoints(tiny_checkpoint, tmp_path):
+def test_ctrl_c_ends_both_ranks_within_seconds_and_leaves_only_complete_checkpoints(easy_task, tmp_path):
     """Ctrl-C sends SIGINT to every process of the terminal's job at once. The two ranks are started as torchrun starts them
     (its environment), so that each one's own exit status shows; SIGINT reaches both while they step and
     checkpoint every step. Both end within seconds, by SIGINT (a shell's 130), and every checkpoint
     folder left is complete: one interrupted mid-write is never renamed into place. The run uses the torch
-    engine, which under torchrun decodes with a copy of the LLM of its own on SP rank 0: its log-probs are the
-    trainer's. (A fresh model earns no reward, so no weight moves here: the sync after an update is checked
-    by test_train_memory.py's sync_job, the weights the engine holds against the trainer's.)"""
+    engine, which under torchrun decodes with a copy of the LLM of its own on SP rank 0, synced after each
+    update: signalled after step 2, the run has sampled from updated weights, and its log-probs are still the
+    trainer's (a step at this learning rate moves them far more than 0.011)."""
     from dist import free_port
-    synth.main(["--out", str(tmp_path / "data"), "--n", "4", "--seed", "0", "--test-frac", "0"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "WORLD_SIZE": "2"}
     out = tmp_path / "run"
-    cmd = [sys.executable, "rl.py", "--init", str(tiny_checkpoint), "--data", str(tmp_path / "data" / "train.jsonl"),
-           "--out", str(out), "--steps", "1000", "--save-every", "1", "--sp-size", "2", *RL_ARGS,
-           "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "16", "--kl-coef", "0"]
+    cmd = [sys.executable, "rl.py", "--init", str(easy_task["init"]), "--data", str(easy_task["data"]),
+           "--out", str(out), "--steps", "1000", "--save-every", "1", "--sp-size", "2", *RL_ARGS]
     # SIGINT as a terminal delivers it: a test run started in the background inherits it ignored
     as_in_a_terminal = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
     logs = [open(tmp_path / f"rank{rank}.log", "w") for rank in (0, 1)]
@@ -241,9 +239,10 @@ def test_ctrl_c_ends_both_ranks_within_seconds_and_leaves_only_complete_checkpoi
                                       process_group=ranks[0].pid if ranks else 0))
     try:
         deadline = time.monotonic() + 240
-        while runs.latest_checkpoint(out) is None and time.monotonic() < deadline:
+        past_step_2 = lambda: (latest := runs.latest_checkpoint(out)) is not None and latest.name != "checkpoint-1"
+        while not past_step_2() and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert runs.latest_checkpoint(out) is not None, (tmp_path / "rank0.log").read_text()[-3000:]
+        assert past_step_2(), (tmp_path / "rank0.log").read_text()[-3000:]
         # one kill for the group, as the terminal does: signalled one after the other, rank 0 could end and
         # break rank 1's collective before rank 1 had its own SIGINT (CI saw rank 1 end by the broken link)
         os.killpg(ranks[0].pid, signal.SIGINT)
@@ -259,7 +258,8 @@ def test_ctrl_c_ends_both_ranks_within_seconds_and_leaves_only_complete_checkpoi
     for checkpoint in out.glob("checkpoint-*"):
         assert M.is_complete_checkpoint(checkpoint) and (checkpoint / runs.TRAINER_STATE).exists(), checkpoint
     rows = rows_of(out)
-    assert rows and [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) >= 2
+    assert rows[0]["grad_norm"] > 0  # step 1 updated the weights step 2 sampled from
     for r in rows:
         assert r["logprob_gap_max"] < 0.011, r
 
